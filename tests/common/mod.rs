@@ -1,0 +1,51 @@
+//! Shared fixtures for the end-to-end tests: a small demo lake and a pipeline file over it.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use pipeline::demo::{DemoOptions, generate};
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub pipeline: PathBuf,
+    /// photo → (defect, expected)
+    pub truth: BTreeMap<String, (String, String)>,
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A small demo lake (photos 1200×500, so tests stay fast) and a copy of the repository's
+/// ingest → usable → clean pipeline pointed at it, with the lake inside the temp dir.
+pub fn demo(individuals: usize, photos_per: usize, seed: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo-lake");
+    generate(&DemoOptions { out: out.clone(), individuals, photos_per, seed, width: 1200, height: 500 }).unwrap();
+    let truth = read_truth(&out.join("ground_truth.csv"));
+    let text = std::fs::read_to_string(repo().join("pipelines/ingest-to-submission.toml")).unwrap();
+    let text = text
+        .replace("file://../data/lake", "file://lake")
+        .replace("file://../data/demo-lake/", "file://demo-lake/")
+        .replace("\"../sql/", &format!("\"{}/sql/", repo().display()));
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(&pipeline, text).unwrap();
+    Fixture { dir, pipeline, truth }
+}
+
+pub fn read_truth(p: &Path) -> BTreeMap<String, (String, String)> {
+    let mut r = csv::Reader::from_path(p).unwrap();
+    let h = r.headers().unwrap().clone();
+    let col = |n: &str| h.iter().position(|x| x == n).unwrap_or_else(|| panic!("ground truth lacks {n}"));
+    let (p, d, e) = (col("photo"), col("defect"), col("expected"));
+    r.records().map(|rec| {
+        let rec = rec.unwrap();
+        (rec[p].to_string(), (rec[d].to_string(), rec[e].to_string()))
+    }).collect()
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pipeline")
+}
