@@ -7,7 +7,7 @@
 
 use tch::{Tensor, nn};
 
-use super::{KAIMING_FAN_OUT, batch_norm, conv, drop_path, silu_};
+use super::{ConvBn, KAIMING_FAN_OUT, drop_path, silu_};
 
 const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
@@ -24,25 +24,6 @@ const STAGES: [(i64, i64, i64, i64, i64, i64); 7] = [
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
 ];
-
-/// torchvision's `Conv2dNormActivation` with SiLU (or none): the conv is `<p>.0`, the BN `<p>.1`.
-struct ConvBn {
-    conv: nn::Conv2D,
-    bn: nn::BatchNorm,
-}
-
-impl ConvBn {
-    fn new(p: &nn::Path, cin: i64, cout: i64, k: i64, stride: i64, groups: i64) -> ConvBn {
-        ConvBn {
-            conv: conv(p / "0", cin, cout, k, stride, groups, KAIMING_FAN_OUT),
-            bn: batch_norm(p / "1", cout, EPS, MOMENTUM),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        x.apply(&self.conv).apply_t(&self.bn, train)
-    }
-}
 
 /// Squeeze-and-excitation with biased 1×1 convs `fc1`, `fc2`.
 struct SqueezeExcitation {
@@ -91,14 +72,14 @@ impl MBConv {
     ) -> MBConv {
         let p = p / "block";
         let hidden = cin * expansion;
-        let expand = (expansion != 1).then(|| ConvBn::new(&(&p / "0"), cin, hidden, 1, 1, 1));
+        let expand = (expansion != 1).then(|| ConvBn::new(&(&p / "0"), cin, hidden, 1, 1, 1, EPS, MOMENTUM));
         let i = i64::from(expand.is_some());
         MBConv {
             expand,
-            depthwise: ConvBn::new(&(&p / i), hidden, hidden, k, stride, hidden),
+            depthwise: ConvBn::new(&(&p / i), hidden, hidden, k, stride, hidden, EPS, MOMENTUM),
             // torchvision squeezes to a quarter of the block's input channels, not the expanded ones.
             se: SqueezeExcitation::new(&(&p / (i + 1)), hidden, (cin / 4).max(1)),
-            project: ConvBn::new(&(&p / (i + 2)), hidden, cout, 1, 1, 1),
+            project: ConvBn::new(&(&p / (i + 2)), hidden, cout, 1, 1, 1, EPS, MOMENTUM),
             residual: stride == 1 && cin == cout,
             drop,
         }
@@ -128,7 +109,7 @@ pub(super) struct EfficientNet {
 impl EfficientNet {
     pub(super) fn b0(p: &nn::Path) -> EfficientNet {
         let p = p / "features";
-        let stem = ConvBn::new(&(&p / 0), 3, 32, 3, 2, 1);
+        let stem = ConvBn::new(&(&p / 0), 3, 32, 3, 2, 1, EPS, MOMENTUM);
         let total: i64 = STAGES.iter().map(|s| s.5).sum();
         let mut blocks = Vec::new();
         for (stage, (expansion, k, stride, cin, cout, repeats)) in STAGES.into_iter().enumerate() {
@@ -147,7 +128,7 @@ impl EfficientNet {
                 ));
             }
         }
-        let head = ConvBn::new(&(&p / (STAGES.len() + 1)), 320, 1280, 1, 1, 1);
+        let head = ConvBn::new(&(&p / (STAGES.len() + 1)), 320, 1280, 1, 1, 1, EPS, MOMENTUM);
         EfficientNet { stem, blocks, head }
     }
 

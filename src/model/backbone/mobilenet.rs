@@ -6,7 +6,7 @@
 
 use tch::{Tensor, nn};
 
-use super::{KAIMING_FAN_OUT, batch_norm, conv, relu6_};
+use super::{ConvBn, KAIMING_FAN_OUT, batch_norm, conv, relu6_};
 
 const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
@@ -22,25 +22,6 @@ const SETTINGS: [(i64, i64, i64, i64); 7] = [
     (6, 320, 1, 1),
 ];
 
-/// torchvision's `Conv2dNormActivation`: the conv is `<p>.0`, the BN `<p>.1`.
-struct ConvBn {
-    conv: nn::Conv2D,
-    bn: nn::BatchNorm,
-}
-
-impl ConvBn {
-    fn new(p: &nn::Path, cin: i64, cout: i64, k: i64, stride: i64, groups: i64) -> ConvBn {
-        ConvBn {
-            conv: conv(p / "0", cin, cout, k, stride, groups, KAIMING_FAN_OUT),
-            bn: batch_norm(p / "1", cout, EPS, MOMENTUM),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        relu6_(x.apply(&self.conv).apply_t(&self.bn, train))
-    }
-}
-
 struct InvertedResidual {
     expand: Option<ConvBn>,
     depthwise: ConvBn,
@@ -54,11 +35,11 @@ impl InvertedResidual {
     fn new(p: &nn::Path, cin: i64, cout: i64, stride: i64, expansion: i64) -> InvertedResidual {
         let p = p / "conv";
         let hidden = cin * expansion;
-        let expand = (expansion != 1).then(|| ConvBn::new(&(&p / "0"), cin, hidden, 1, 1, 1));
+        let expand = (expansion != 1).then(|| ConvBn::new(&(&p / "0"), cin, hidden, 1, 1, 1, EPS, MOMENTUM));
         let i = i64::from(expand.is_some());
         InvertedResidual {
             expand,
-            depthwise: ConvBn::new(&(&p / i), hidden, hidden, 3, stride, hidden),
+            depthwise: ConvBn::new(&(&p / i), hidden, hidden, 3, stride, hidden, EPS, MOMENTUM),
             project: conv(&p / (i + 1), hidden, cout, 1, 1, 1, KAIMING_FAN_OUT),
             project_bn: batch_norm(&p / (i + 2), cout, EPS, MOMENTUM),
             residual: stride == 1 && cin == cout,
@@ -67,12 +48,10 @@ impl InvertedResidual {
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let y = match &self.expand {
-            Some(e) => e.forward(x, train),
+            Some(e) => relu6_(e.forward(x, train)),
             None => x.shallow_clone(),
         };
-        let mut y = self
-            .depthwise
-            .forward(&y, train)
+        let mut y = relu6_(self.depthwise.forward(&y, train))
             .apply(&self.project)
             .apply_t(&self.project_bn, train);
         if self.residual {
@@ -91,7 +70,7 @@ pub(super) struct MobileNetV2 {
 impl MobileNetV2 {
     pub(super) fn new(p: &nn::Path) -> MobileNetV2 {
         let p = p / "features";
-        let stem = ConvBn::new(&(&p / 0), 3, 32, 3, 2, 1);
+        let stem = ConvBn::new(&(&p / 0), 3, 32, 3, 2, 1, EPS, MOMENTUM);
         let mut blocks = Vec::new();
         let mut cin = 32;
         for (t, c, n, s) in SETTINGS {
@@ -107,15 +86,15 @@ impl MobileNetV2 {
                 cin = c;
             }
         }
-        let head = ConvBn::new(&(&p / (blocks.len() + 1)), cin, 1280, 1, 1, 1);
+        let head = ConvBn::new(&(&p / (blocks.len() + 1)), cin, 1280, 1, 1, 1, EPS, MOMENTUM);
         MobileNetV2 { stem, blocks, head }
     }
 
     pub(super) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut x = self.stem.forward(x, train);
+        let mut x = relu6_(self.stem.forward(x, train));
         for block in &self.blocks {
             x = block.forward(&x, train);
         }
-        self.head.forward(&x, train)
+        relu6_(self.head.forward(&x, train))
     }
 }

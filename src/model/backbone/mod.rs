@@ -343,6 +343,27 @@ fn conv(
 
 /// BatchNorm initialised as PyTorch does (weight 1, bias 0; tch's default draws the weight
 /// uniformly from [0,1]).
+/// torchvision's `Conv2dNormActivation` without its activation (the caller applies the
+/// family's own, in place): the conv is `<p>.0`, the BN `<p>.1`.
+struct ConvBn {
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)] // the conv's shape plus the family's BN constants
+    fn new(p: &nn::Path, cin: i64, cout: i64, k: i64, stride: i64, groups: i64, eps: f64, momentum: f64) -> ConvBn {
+        ConvBn {
+            conv: conv(p / "0", cin, cout, k, stride, groups, KAIMING_FAN_OUT),
+            bn: batch_norm(p / "1", cout, eps, momentum),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        x.apply(&self.conv).apply_t(&self.bn, train)
+    }
+}
+
 fn batch_norm(p: nn::Path, c: i64, eps: f64, momentum: f64) -> nn::BatchNorm {
     let config = nn::BatchNormConfig {
         eps,
