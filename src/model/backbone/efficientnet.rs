@@ -72,7 +72,8 @@ impl MBConv {
     ) -> MBConv {
         let p = p / "block";
         let hidden = cin * expansion;
-        let expand = (expansion != 1).then(|| ConvBn::new(&(&p / "0"), cin, hidden, 1, 1, 1, EPS, MOMENTUM));
+        let expand =
+            (expansion != 1).then(|| ConvBn::new(&(&p / "0"), cin, hidden, 1, 1, 1, EPS, MOMENTUM));
         let i = i64::from(expand.is_some());
         MBConv {
             expand,
@@ -128,7 +129,16 @@ impl EfficientNet {
                 ));
             }
         }
-        let head = ConvBn::new(&(&p / (STAGES.len() + 1)), 320, 1280, 1, 1, 1, EPS, MOMENTUM);
+        let head = ConvBn::new(
+            &(&p / (STAGES.len() + 1)),
+            320,
+            1280,
+            1,
+            1,
+            1,
+            EPS,
+            MOMENTUM,
+        );
         EfficientNet { stem, blocks, head }
     }
 

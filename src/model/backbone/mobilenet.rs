@@ -35,7 +35,8 @@ impl InvertedResidual {
     fn new(p: &nn::Path, cin: i64, cout: i64, stride: i64, expansion: i64) -> InvertedResidual {
         let p = p / "conv";
         let hidden = cin * expansion;
-        let expand = (expansion != 1).then(|| ConvBn::new(&(&p / "0"), cin, hidden, 1, 1, 1, EPS, MOMENTUM));
+        let expand =
+            (expansion != 1).then(|| ConvBn::new(&(&p / "0"), cin, hidden, 1, 1, 1, EPS, MOMENTUM));
         let i = i64::from(expand.is_some());
         InvertedResidual {
             expand,
@@ -86,7 +87,16 @@ impl MobileNetV2 {
                 cin = c;
             }
         }
-        let head = ConvBn::new(&(&p / (blocks.len() + 1)), cin, 1280, 1, 1, 1, EPS, MOMENTUM);
+        let head = ConvBn::new(
+            &(&p / (blocks.len() + 1)),
+            cin,
+            1280,
+            1,
+            1,
+            1,
+            EPS,
+            MOMENTUM,
+        );
         MobileNetV2 { stem, blocks, head }
     }
 
