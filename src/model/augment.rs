@@ -32,7 +32,7 @@ use tch::{Device, Kind, Tensor};
 
 /// One augmentation and its parameter ranges. Each image draws its own values uniformly in the
 /// stated range.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum AugOp {
     /// Mirror left–right. Note that a mirrored fluke shows a mirrored pattern: if the labels
     /// treat a mirrored fluke as another individual, leave this op out.
@@ -78,7 +78,7 @@ pub enum AugOp {
 }
 
 /// An op and the probability that each image gets it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Aug {
     pub op: AugOp,
     pub p: f64,

@@ -8,7 +8,7 @@ use std::f64::consts::PI;
 
 use tch::{Kind, Tensor, nn};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum LossSpec {
     /// Additive angular margin (Deng et al., ArcFace). Usual values: s = 30, m = 0.5.
     ArcFace { s: f64, m: f64, easy_margin: bool },

@@ -41,7 +41,7 @@ const QUERY_BLOCK: usize = 16;
 /// block sweeps over it.
 const GALLERY_TILE: usize = 64;
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RetrievalMetrics {
     /// Queries scored: those with at least one other gallery photo of their label.
     pub queries: usize,

@@ -3,6 +3,13 @@
 
 pub mod augment;
 pub mod backbone;
+pub mod data;
 pub mod loss;
 pub mod metrics;
+pub mod neck;
+pub mod net;
+pub mod optim;
 pub mod sampler;
+pub mod schedule;
+pub mod tensorboard;
+pub mod train;

@@ -254,7 +254,20 @@ pub fn load_weights(vs: &nn::VarStore, prefix: &str, file: &Path) -> Result<usiz
         })?
         .into_iter()
         .collect();
+    load_weights_from(vs, prefix, "", &source, file)
+}
 
+/// [`load_weights`] from tensors already read. Each variable `prefix.K` is looked up as
+/// `key_prefix` + `K` in `source` (a checkpoint written by `VarStore::save` keeps the prefix in
+/// its keys: pass the same prefix as `key_prefix`). `file` only names the source in errors.
+pub fn load_weights_from(
+    vs: &nn::VarStore,
+    prefix: &str,
+    key_prefix: &str,
+    source: &HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<usize, WeightsError> {
+    let file_buf = || file.to_path_buf();
     let prefix = if prefix.is_empty() || prefix.ends_with('.') {
         prefix.to_string()
     } else {
@@ -277,6 +290,7 @@ pub fn load_weights(vs: &nn::VarStore, prefix: &str, file: &Path) -> Result<usiz
     let mut pairs = Vec::with_capacity(targets.len());
     let mut missing = Vec::new();
     for (key, var) in targets {
+        let key = format!("{key_prefix}{key}");
         match source.get(&key) {
             Some(src) => pairs.push((key, var, src)),
             None => missing.push(key),

@@ -1,0 +1,159 @@
+//! Photos into model inputs: fetched from their object store, decoded and resized to the model
+//! input on the blocking pool, kept in a bounded in-memory cache of decoded pixels (so the
+//! second epoch decodes nothing when the set fits), and handed to the training or embedding
+//! thread a few batches ahead so the model never waits for I/O.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, path::Path as ObjectPath};
+use tch::Tensor;
+use tokio::sync::{Semaphore, mpsc};
+use url::Url;
+
+use crate::lake::store;
+use crate::vision::{self, DecodeLimits};
+use crate::{Error, Result};
+
+/// One photo to load: where it is and (for training) whose it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Photo {
+    pub photo_id: String,
+    pub uri: String,
+    pub label: Option<String>,
+}
+
+/// Object stores by root (`s3://bucket`, `file://`), opened once.
+#[derive(Default)]
+struct Stores {
+    by_root: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+}
+
+impl Stores {
+    fn get(&self, uri: &str, options: &HashMap<String, String>) -> Result<(Arc<dyn ObjectStore>, ObjectPath)> {
+        let url = Url::parse(uri).map_err(|e| Error::Location { uri: uri.into(), reason: e.to_string() })?;
+        let root = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+        let path = ObjectPath::from_url_path(url.path())
+            .map_err(|e| Error::Location { uri: uri.into(), reason: e.to_string() })?;
+        let mut map = self.by_root.lock().expect("store map poisoned");
+        if let Some(s) = map.get(&root) {
+            return Ok((s.clone(), path));
+        }
+        let (s, _) = store::open(uri, options)?;
+        map.insert(root, s.clone());
+        Ok((s, path))
+    }
+}
+
+/// Decoded pixels by URI, up to a byte budget; first come, first kept (a training set visits
+/// every photo each epoch, so any photo kept saves the same work).
+struct Cache {
+    map: HashMap<String, Arc<Vec<u8>>>,
+    bytes: usize,
+    budget: usize,
+}
+
+/// Fetches and decodes photos to `side`×`side` RGB (stretched, as the model sees them).
+pub struct Loader {
+    stores: Stores,
+    options: HashMap<String, String>,
+    side: u32,
+    limits: DecodeLimits,
+    decode_slots: Arc<Semaphore>,
+    cache: Mutex<Cache>,
+}
+
+impl Loader {
+    /// `threads` photos decode at once; `cache_bytes` of decoded pixels are kept (0: none).
+    pub fn new(side: u32, threads: usize, cache_bytes: usize, options: HashMap<String, String>) -> Loader {
+        Loader {
+            stores: Stores::default(),
+            options,
+            side: side.max(1),
+            limits: DecodeLimits::default(),
+            decode_slots: Arc::new(Semaphore::new(threads.max(1))),
+            cache: Mutex::new(Cache { map: HashMap::new(), bytes: 0, budget: cache_bytes }),
+        }
+    }
+
+    pub fn side(&self) -> u32 {
+        self.side
+    }
+
+    /// Pixels of one photo, `side*side*3` bytes, HWC.
+    pub async fn pixels(&self, uri: &str) -> Result<Arc<Vec<u8>>> {
+        if let Some(p) = self.cache.lock().expect("cache poisoned").map.get(uri) {
+            return Ok(p.clone());
+        }
+        let (store, path) = self.stores.get(uri, &self.options)?;
+        let bytes = async { store.get(&path).await?.bytes().await }
+            .await
+            .map_err(|e| Error::ObjectStore { uri: uri.into(), source: e })?;
+        let _permit = self.decode_slots.acquire().await.map_err(|e| Error::Other(e.to_string()))?;
+        let (limits, side) = (self.limits.clone(), self.side);
+        let img = tokio::task::spawn_blocking(move || vision::decode_square(&bytes, &limits, side))
+            .await
+            .map_err(|e| Error::Other(format!("decoder panicked on {uri}: {e}")))?
+            .map_err(|e| Error::Location { uri: uri.into(), reason: format!("cannot decode: {e}") })?;
+        let px = Arc::new(img.into_raw());
+        let mut cache = self.cache.lock().expect("cache poisoned");
+        if cache.bytes + px.len() <= cache.budget {
+            cache.bytes += px.len();
+            cache.map.insert(uri.to_string(), px.clone());
+        }
+        Ok(px)
+    }
+
+    /// A batch as `[N, side, side, 3]` u8, in the order of `uris`. Each photo loads in its own
+    /// task (decoding is bounded by the loader's thread count).
+    pub async fn batch(self: &Arc<Self>, uris: Vec<String>) -> Result<Tensor> {
+        let n = uris.len();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, u) in uris.into_iter().enumerate() {
+            let me = self.clone();
+            set.spawn(async move { me.pixels(&u).await.map(|p| (i, p)) });
+        }
+        let mut parts: Vec<(usize, Arc<Vec<u8>>)> = Vec::with_capacity(n);
+        while let Some(r) = set.join_next().await {
+            parts.push(r.map_err(|e| Error::Other(format!("photo loader task failed: {e}")))??);
+        }
+        parts.sort_by_key(|(i, _)| *i);
+        let s = self.side as usize;
+        let mut buf = Vec::with_capacity(n * s * s * 3);
+        for (_, p) in &parts {
+            buf.extend_from_slice(p);
+        }
+        Ok(Tensor::from_slice(&buf).view([n as i64, s as i64, s as i64, 3]))
+    }
+}
+
+/// Loads `batches` (lists of indices into `photos`) in order on the runtime behind `handle`,
+/// at most `depth` batches ahead of the consumer. The consumer (a blocking thread running the
+/// model) reads with `blocking_recv`; dropping the receiver stops the loading.
+pub fn prefetch(
+    loader: Arc<Loader>,
+    photos: Arc<Vec<Photo>>,
+    batches: Vec<Vec<usize>>,
+    depth: usize,
+    handle: &tokio::runtime::Handle,
+) -> mpsc::Receiver<Result<(Vec<usize>, Tensor)>> {
+    let (tx, rx) = mpsc::channel(depth.max(1));
+    handle.spawn(async move {
+        // Two batches in flight at once keep the decoders busy across batch boundaries.
+        let mut stream = futures::stream::iter(batches)
+            .map(move |b| {
+                let uris: Vec<String> = b.iter().map(|&i| photos[i].uri.clone()).collect();
+                let loader = loader.clone();
+                async move { loader.batch(uris).await.map(|t| (b, t)) }
+            })
+            .buffered(2);
+        while let Some(item) = stream.next().await {
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    rx
+}
