@@ -1,0 +1,239 @@
+//! Stage kind `evaluate`: retrieval quality of an embeddings table on its labelled photos —
+//! precision@1, mAP@20, recall@5/10/20 and MAP@R ([`crate::model::metrics`]) — for each query
+//! set the split of the model allows, written to a table (one row per query set and gallery)
+//! and summarised in the run report.
+//!
+//! | queries | gallery | what it measures |
+//! |---|---|---|
+//! | `val_unseen` | `queries` | held-out individuals among themselves (the usual re-id protocol) |
+//! | `val_unseen` | `all` | the same queries against the whole collection |
+//! | `val_seen` | `all` | held-out photos of trained individuals against the whole collection |
+//! | `all` | `all` | every labelled photo (optimistic: includes training photos) |
+//!
+//! ```toml
+//! [stages.evaluate]
+//! kind = "evaluate"
+//! inputs = ["embed"]
+//! embeddings = "embeddings"
+//! splits = "train"      # the train stage's table; without it only all/all is computed
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Float32Type, SchemaRef};
+use futures::TryStreamExt;
+
+use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use crate::config::{Keys, Loc, Reporter};
+use crate::dag::StageCtx;
+use crate::lake::{Catalog, Lake, WriteKind};
+use crate::model::metrics::{RetrievalMetrics, retrieval_metrics};
+use crate::{Error, Result};
+
+const KEYS: &[&str] = &["embeddings", "splits", "output"];
+
+#[derive(Debug, Clone)]
+pub struct EvaluateStage {
+    pub embeddings: String,
+    pub splits: Option<String>,
+    pub output: Option<String>,
+}
+
+/// Every embedding of a table, in memory.
+pub struct EmbeddingSet {
+    pub model_id: String,
+    pub photo_ids: Vec<String>,
+    pub uris: Vec<String>,
+    pub labels: Vec<Option<String>>,
+    pub values: Vec<f32>,
+    pub dim: usize,
+}
+
+impl EmbeddingSet {
+    pub fn len(&self) -> usize {
+        self.photo_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.photo_ids.is_empty()
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// Reads a whole embeddings table.
+pub async fn read_embeddings(lake: &Lake, table: &str) -> Result<EmbeddingSet> {
+    let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist in the lake")))?;
+    let mut scan = ds.scan();
+    scan.project(&["photo_id", "uri", "individual_id", "model_id", "embedding"]).map_err(|e| Error::lance(table, e))?;
+    let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
+    let mut set = EmbeddingSet { model_id: String::new(), photo_ids: vec![], uris: vec![], labels: vec![], values: vec![], dim: 0 };
+    while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
+        let (pid, uri, lab, mid) =
+            (b.column(0).as_string::<i32>(), b.column(1).as_string::<i32>(), b.column(2).as_string::<i32>(), b.column(3).as_string::<i32>());
+        let emb = b.column(4).as_fixed_size_list_opt().ok_or_else(|| Error::Schema {
+            table: table.into(),
+            column: "embedding".into(),
+            detail: format!("is {}, not a fixed-size list of float32", b.column(4).data_type()),
+        })?;
+        if !matches!(emb.value_type(), DataType::Float32) {
+            return Err(Error::Schema { table: table.into(), column: "embedding".into(), detail: "items are not float32".into() });
+        }
+        set.dim = emb.value_length() as usize;
+        let values = emb.values().as_primitive::<Float32Type>();
+        for i in 0..b.num_rows() {
+            if set.model_id.is_empty() {
+                set.model_id = mid.value(i).to_string();
+            }
+            set.photo_ids.push(pid.value(i).to_string());
+            set.uris.push(uri.value(i).to_string());
+            set.labels.push((lab.is_valid(i) && !lab.value(i).is_empty()).then(|| lab.value(i).to_string()));
+            let start = emb.value_offset(i) as usize;
+            set.values.extend_from_slice(&values.values()[start..start + set.dim]);
+        }
+    }
+    Ok(set)
+}
+
+/// Split of each photo (by URI) from a train stage's table.
+pub async fn read_splits(lake: &Lake, table: &str) -> Result<HashMap<String, String>> {
+    let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist in the lake")))?;
+    let mut scan = ds.scan();
+    scan.project(&["uri", "split"]).map_err(|e| Error::lance(table, e))?;
+    let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
+    let mut out = HashMap::new();
+    while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
+        let (u, s) = (b.column(0).as_string::<i32>(), b.column(1).as_string::<i32>());
+        for i in 0..b.num_rows() {
+            out.insert(u.value(i).to_string(), s.value(i).to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// One evaluation: `(queries, gallery, metrics, gallery size)`.
+pub type Evaluation = (String, String, RetrievalMetrics, usize);
+
+/// The evaluations of the module table on `set`, given the split of each photo (by URI).
+pub fn evaluate(set: &EmbeddingSet, splits: &HashMap<String, String>) -> Vec<Evaluation> {
+    let subset = |rows: &[usize]| -> (Vec<f32>, Vec<String>, Vec<String>) {
+        let mut v = Vec::with_capacity(rows.len() * set.dim);
+        for &i in rows {
+            v.extend_from_slice(set.row(i));
+        }
+        (
+            v,
+            rows.iter().map(|&i| set.labels[i].clone().unwrap_or_else(|| format!("\u{0}unlabelled:{}", set.uris[i]))).collect(),
+            rows.iter().map(|&i| set.uris[i].clone()).collect(),
+        )
+    };
+    let all: Vec<usize> = (0..set.len()).collect();
+    let labelled: Vec<usize> = all.iter().copied().filter(|&i| set.labels[i].is_some()).collect();
+    let in_split = |name: &str| -> Vec<usize> {
+        labelled.iter().copied().filter(|&i| splits.get(&set.uris[i]).is_some_and(|s| s == name)).collect()
+    };
+    let (gv, gl, gi) = subset(&all);
+    let ks = [5, 10, 20];
+    let mut out = Vec::new();
+    let unseen = in_split("val_unseen");
+    if !unseen.is_empty() {
+        let (qv, ql, qi) = subset(&unseen);
+        out.push(("val_unseen".into(), "queries".into(), retrieval_metrics(&qv, &ql, &qi, &qv, &ql, &qi, set.dim, &ks), unseen.len()));
+        out.push(("val_unseen".into(), "all".into(), retrieval_metrics(&qv, &ql, &qi, &gv, &gl, &gi, set.dim, &ks), all.len()));
+    }
+    let seen = in_split("val_seen");
+    if !seen.is_empty() {
+        let (qv, ql, qi) = subset(&seen);
+        out.push(("val_seen".into(), "all".into(), retrieval_metrics(&qv, &ql, &qi, &gv, &gl, &gi, set.dim, &ks), all.len()));
+    }
+    if !labelled.is_empty() {
+        let (qv, ql, qi) = subset(&labelled);
+        out.push(("all".into(), "all".into(), retrieval_metrics(&qv, &ql, &qi, &gv, &gl, &gi, set.dim, &ks), all.len()));
+    }
+    out
+}
+
+impl EvaluateStage {
+    pub fn parse(k: &mut Keys) -> Option<EvaluateStage> {
+        let s = EvaluateStage {
+            embeddings: k.str("embeddings").unwrap_or_else(|| "embeddings".into()),
+            splits: k.str("splits"),
+            output: k.str("output"),
+        };
+        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
+        k.finish(&all);
+        Some(s)
+    }
+
+    pub fn output(&self, stage: &str) -> String {
+        self.output.clone().unwrap_or_else(|| stage.to_string())
+    }
+
+    pub fn check(&self, stage: &str, at: &Loc, visible: &HashMap<String, SchemaRef>, broken: bool, rep: &mut Reporter) -> Checked {
+        let mut reads = Vec::new();
+        let ins = Inputs { stage, at, visible, broken };
+        ins.need(rep, &mut reads, &self.embeddings, &["uri", "individual_id", "embedding"]);
+        if let Some(s) = &self.splits {
+            ins.need(rep, &mut reads, s, &["uri", "split"]);
+        }
+        Checked { reads, writes: vec![(self.output(stage), Catalog::builtin("evaluations"))], hash_extra: String::new() }
+    }
+
+    pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        let set = read_embeddings(&ctx.lake, &self.embeddings).await?;
+        let splits = match &self.splits {
+            Some(t) => read_splits(&ctx.lake, t).await?,
+            None => HashMap::new(),
+        };
+        let evals = tokio::task::spawn_blocking({
+            let set = Arc::new(set);
+            let s2 = set.clone();
+            move || (evaluate(&s2, &splits), s2)
+        })
+        .await
+        .map_err(|e| Error::Other(format!("evaluation panicked: {e}")))?;
+        let (evals, set) = evals;
+        if evals.is_empty() {
+            return Err(Error::Other(format!("table `{}` has no labelled photo to evaluate", self.embeddings)));
+        }
+        let n = evals.len();
+        let recall = |m: &RetrievalMetrics, k: usize| m.recall_at.iter().find(|(kk, _)| *kk == k).map(|(_, r)| *r).unwrap_or(0.0);
+        let now = chrono::Utc::now().timestamp_micros();
+        let batch = RecordBatch::try_new(
+            Catalog::builtin("evaluations"),
+            vec![
+                Arc::new(StringArray::from(vec![set.model_id.as_str(); n])),
+                Arc::new(StringArray::from_iter_values(evals.iter().map(|e| e.0.as_str()))),
+                Arc::new(StringArray::from_iter_values(evals.iter().map(|e| e.1.as_str()))),
+                Arc::new(Int64Array::from_iter_values(evals.iter().map(|e| e.2.queries as i64))),
+                Arc::new(Int64Array::from_iter_values(evals.iter().map(|e| e.3 as i64))),
+                Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| e.2.precision_at_1))),
+                Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| e.2.map_at_20))),
+                Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| e.2.map_at_r))),
+                Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| recall(&e.2, 5)))),
+                Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| recall(&e.2, 10)))),
+                Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| recall(&e.2, 20)))),
+                Arc::new(StringArray::from(vec![ctx.run_id.as_str(); n])),
+                Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC")),
+            ],
+        )?;
+        let out = self.output(&ctx.name);
+        let mut sink = ctx.lake.sink(&out, Catalog::builtin("evaluations"), WriteKind::Overwrite);
+        sink.send(batch).await?;
+        let committed = sink.finish().await?;
+        let lines: Vec<String> = evals
+            .iter()
+            .map(|(q, g, m, _)| format!("{q}/{g}: P@1 {:.3} mAP@20 {:.3} ({} queries)", m.precision_at_1, m.map_at_20, m.queries))
+            .collect();
+        Ok(Outcome {
+            rows_in: set.len() as u64,
+            rows_out: n as u64,
+            written: BTreeMap::from([(out, committed.version)]),
+            summary: format!("{}: {}", set.model_id, lines.join("; ")),
+        })
+    }
+}
