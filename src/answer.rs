@@ -1,0 +1,347 @@
+//! Answers for users: the neighbours of one photo (`pipeline similar`, `pipeline serve`) and
+//! the HTML report (`pipeline report`).
+//!
+//! A photo of the collection is looked up by photo id or URI and searched with its stored
+//! embedding. A new photo (a path, a URI or bytes) is decoded, embedded with the model that
+//! made the table's embeddings (loaded once, on one worker thread that batches concurrent
+//! requests) and searched the same way.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Float64Type, Int64Type};
+use object_store::ObjectStoreExt;
+use tch::{Device, Tensor};
+use tokio::sync::oneshot;
+
+use crate::lake::{Lake, store};
+use crate::model::net::{Net, to_input};
+use crate::report::{self, ImageRef, ReportData};
+use crate::stages::embed::{model_files, resolve_model};
+use crate::vector::{self, Hit, SearchParams};
+use crate::vision::{self, DecodeLimits};
+use crate::{Error, Result};
+
+/// The model of an embeddings table, on a worker thread that embeds batches of photos.
+pub struct Embedder {
+    pub model_id: String,
+    pub input_size: u32,
+    pub flip_tta: bool,
+    tx: std::sync::mpsc::Sender<(Vec<u8>, oneshot::Sender<Result<Vec<f32>>>)>,
+}
+
+/// Largest number of queued photos embedded in one forward pass.
+const MAX_BATCH: usize = 16;
+
+impl Embedder {
+    /// Loads the model whose embeddings fill `table` (from its `model_id` and `tta` columns).
+    pub async fn for_table(lake: &Lake, table: &str, device: Device) -> Result<Embedder> {
+        let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist")))?;
+        let mut scan = ds.scan();
+        scan.project(&["model_id", "tta"]).map_err(|e| Error::lance(table, e))?;
+        scan.limit(Some(1), None).map_err(|e| Error::lance(table, e))?;
+        let b = scan.try_into_batch().await.map_err(|e| Error::lance(table, e))?;
+        if b.num_rows() == 0 {
+            return Err(Error::Other(format!("table `{table}` is empty")));
+        }
+        let model_id = b.column(0).as_string::<i32>().value(0).to_string();
+        let flip_tta = b.column(1).as_string::<i32>().value(0) == "flip";
+        let (id, dir) = resolve_model(lake, &model_id).await?;
+        let (spec, best) = model_files(&dir, &id).map_err(|e| {
+            Error::Other(format!("{e} (an ensemble's embeddings cannot embed new photos: ask by photo id, or embed with a member model)"))
+        })?;
+        let net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+        let input_size = spec.input_size;
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, oneshot::Sender<Result<Vec<f32>>>)>();
+        std::thread::Builder::new()
+            .name("embedder".into())
+            .spawn(move || {
+                let _keep = dir;
+                let s = input_size as i64;
+                while let Ok(first) = rx.recv() {
+                    // Whatever else is already waiting goes in the same forward pass.
+                    let mut batch = vec![first];
+                    std::thread::sleep(Duration::from_millis(2));
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(item) => batch.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut buf = Vec::with_capacity(batch.len() * (s * s * 3) as usize);
+                    for (px, _) in &batch {
+                        buf.extend_from_slice(px);
+                    }
+                    let x = Tensor::from_slice(&buf).view([batch.len() as i64, s, s, 3]);
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let e = net.embed(&to_input(&x, net.device()), flip_tta).to_device(Device::Cpu).contiguous();
+                        Vec::<f32>::try_from(e.flatten(0, -1)).unwrap_or_default()
+                    }));
+                    let dim = net.spec.neck.embedding_dim as usize;
+                    for (i, (_, reply)) in batch.into_iter().enumerate() {
+                        let r = match &out {
+                            Ok(v) if v.len() >= (i + 1) * dim => Ok(v[i * dim..(i + 1) * dim].to_vec()),
+                            _ => Err(Error::Other("the model failed on this batch".into())),
+                        };
+                        let _ = reply.send(r);
+                    }
+                }
+            })
+            .map_err(|e| Error::Other(format!("cannot start the embedding thread: {e}")))?;
+        Ok(Embedder { model_id: id, input_size, flip_tta, tx })
+    }
+
+    /// Decodes `bytes` (JPEG, PNG, TIFF) and embeds it. A bad image is an error saying why.
+    pub async fn embed_bytes(&self, bytes: Vec<u8>) -> Result<Vec<f32>> {
+        let side = self.input_size;
+        let px = tokio::task::spawn_blocking(move || vision::decode_square(&bytes, &DecodeLimits::default(), side))
+            .await
+            .map_err(|e| Error::Other(format!("decoder panicked: {e}")))?
+            .map_err(|e| Error::BadImage(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.tx.send((px.into_raw(), tx)).map_err(|_| Error::Other("the embedding thread has stopped".into()))?;
+        rx.await.map_err(|_| Error::Other("the embedding thread has stopped".into()))?
+    }
+}
+
+/// What `similar` found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Similar {
+    pub query: String,
+    /// Whether the query is a photo of the table (searched with its stored embedding).
+    pub in_collection: bool,
+    pub model_id: String,
+    pub neighbours: Vec<Neighbour>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Neighbour {
+    pub rank: usize,
+    pub photo_id: String,
+    pub individual_id: Option<String>,
+    pub similarity: f32,
+    pub distance: f32,
+    pub uri: String,
+}
+
+fn neighbours(hits: Vec<Hit>) -> Vec<Neighbour> {
+    hits.into_iter()
+        .enumerate()
+        .map(|(i, h)| Neighbour {
+            rank: i + 1,
+            similarity: h.similarity(),
+            distance: h.distance,
+            photo_id: h.photo_id,
+            individual_id: h.individual_id,
+            uri: h.uri,
+        })
+        .collect()
+}
+
+/// The `k` nearest photos of `table` to the photo with this id or URI, itself excluded; None
+/// when no photo has that id.
+pub async fn similar_to_id(ds: &lance::Dataset, id: &str, k: usize, p: &SearchParams) -> Result<Option<Similar>> {
+    let Some((v, me)) = vector::embedding_of(ds, id).await? else { return Ok(None) };
+    let hits = vector::nearest(ds, &v, k + 1, p).await?;
+    let model_id = model_of(ds).await?;
+    Ok(Some(Similar {
+        query: me.photo_id.clone(),
+        in_collection: true,
+        model_id,
+        neighbours: neighbours(hits.into_iter().filter(|h| h.uri != me.uri).take(k).collect()),
+    }))
+}
+
+/// The `k` nearest photos to an embedding.
+pub async fn similar_to_vector(ds: &lance::Dataset, label: &str, v: &[f32], k: usize, p: &SearchParams) -> Result<Similar> {
+    let hits = vector::nearest(ds, v, k, p).await?;
+    Ok(Similar { query: label.to_string(), in_collection: false, model_id: model_of(ds).await?, neighbours: neighbours(hits) })
+}
+
+async fn model_of(ds: &lance::Dataset) -> Result<String> {
+    let mut scan = ds.scan();
+    scan.project(&["model_id"]).map_err(|e| Error::Other(e.to_string()))?;
+    scan.limit(Some(1), None).map_err(|e| Error::Other(e.to_string()))?;
+    let b = scan.try_into_batch().await.map_err(|e| Error::Other(e.to_string()))?;
+    Ok(if b.num_rows() > 0 { b.column(0).as_string::<i32>().value(0).to_string() } else { String::new() })
+}
+
+/// Reads a photo given as a local path or an object-store URI.
+pub async fn read_photo(target: &str, options: &HashMap<String, String>) -> Result<Vec<u8>> {
+    if !target.contains("://") {
+        let p = PathBuf::from(target);
+        return std::fs::read(&p).map_err(|e| Error::io(&p, e));
+    }
+    let (store, path) = store::open(target, options)?;
+    let bytes = async { store.get(&path).await?.bytes().await }.await.map_err(|e| Error::ObjectStore { uri: target.into(), source: e })?;
+    Ok(bytes.to_vec())
+}
+
+/// A small JPEG of a photo (longest side `side`), for reports and the HTTP API.
+pub fn thumbnail(bytes: &[u8], side: u32) -> Result<Vec<u8>> {
+    let (_, rgb) = vision::decode_rgb(bytes, &DecodeLimits::default(), (side, side)).map_err(|e| Error::BadImage(e.to_string()))?;
+    let mut out = Vec::new();
+    let enc = jpeg_encoder::Encoder::new(&mut out, 82);
+    enc.encode(rgb.as_raw(), rgb.width() as u16, rgb.height() as u16, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| Error::Other(format!("thumbnail: {e}")))?;
+    Ok(out)
+}
+
+/// What `pipeline report` shows.
+pub struct ReportOptions {
+    pub embeddings: String,
+    pub submissions: String,
+    pub evaluations: String,
+    /// Query photos shown (the first by photo id).
+    pub queries: usize,
+    pub thumb_side: u32,
+}
+
+/// Reads the lake's evaluation, training history and submission and renders the report.
+pub async fn report(lake: &Lake, title: &str, o: &ReportOptions) -> Result<String> {
+    let tables = lake.tables().await?;
+    let session = lake.session().await?;
+    let q = |sql: String| {
+        let session = session.clone();
+        async move { Ok::<_, Error>(session.sql(&sql).await?.collect().await?) }
+    };
+    let mut data = ReportData {
+        title: title.to_string(),
+        generated_at: chrono::Utc::now().to_rfc3339(),
+        model_id: String::new(),
+        metrics: Vec::new(),
+        curves: Vec::new(),
+        queries: Vec::new(),
+        notes: vec![
+            format!("lake: {}", lake.root()),
+            "regenerate: pipeline report --out report.html".into(),
+            "neighbours: pipeline similar <photo id or path>".into(),
+        ],
+    };
+    if tables.contains(&o.evaluations) {
+        for b in q(format!(
+            "SELECT queries, gallery, n_queries, precision_at_1, map_at_20, recall_at_20, model_id FROM \"{}\" ORDER BY queries, gallery",
+            o.evaluations
+        ))
+        .await?
+        {
+            for i in 0..b.num_rows() {
+                data.model_id = b.column(6).as_string::<i32>().value(i).to_string();
+                data.metrics.push(report::MetricRow {
+                    queries: b.column(0).as_string::<i32>().value(i).to_string(),
+                    gallery: b.column(1).as_string::<i32>().value(i).to_string(),
+                    n_queries: b.column(2).as_primitive::<Int64Type>().value(i),
+                    precision_at_1: b.column(3).as_primitive::<Float64Type>().value(i),
+                    map_at_20: b.column(4).as_primitive::<Float64Type>().value(i),
+                    recall_at_20: b.column(5).as_primitive::<Float64Type>().value(i),
+                });
+            }
+        }
+    }
+    if tables.contains(&"models".to_string()) {
+        // Training curves of the model that made the embeddings (or the latest trained one).
+        let emb_model = if tables.contains(&o.embeddings) {
+            let ds = lake.open(&o.embeddings).await?.ok_or_else(|| Error::Other("embeddings vanished".into()))?;
+            model_of(&ds).await?
+        } else {
+            String::new()
+        };
+        let batches = q("SELECT model_id, history FROM models WHERE kind = 'trained' ORDER BY created_at DESC".into()).await?;
+        let mut chosen = None;
+        for b in &batches {
+            for i in 0..b.num_rows() {
+                let id = b.column(0).as_string::<i32>().value(i);
+                if chosen.is_none() || id == emb_model {
+                    chosen = Some((id.to_string(), b.column(1).as_string::<i32>().value(i).to_string()));
+                }
+            }
+        }
+        if let Some((id, history)) = chosen {
+            if data.model_id.is_empty() {
+                data.model_id = id;
+            }
+            let h: Vec<crate::model::train::EpochRecord> = serde_json::from_str(&history).unwrap_or_default();
+            let curve = |name: &str, f: &dyn Fn(&crate::model::train::EpochRecord) -> Option<f64>| report::Curve {
+                name: name.into(),
+                points: h.iter().filter_map(|r| f(r).map(|v| (r.epoch as f64 + 1.0, v))).collect(),
+            };
+            data.curves = vec![
+                curve("loss", &|r| Some(r.loss)),
+                curve("lr", &|r| Some(r.lr)),
+                curve("val mAP@20", &|r| r.val.as_ref().map(|m| m.map_at_20)),
+                curve("val P@1", &|r| r.val.as_ref().map(|m| m.precision_at_1)),
+            ];
+        }
+    }
+    if tables.contains(&o.submissions) && tables.contains(&o.embeddings) {
+        let sql = format!(
+            "WITH picked AS (SELECT DISTINCT query FROM \"{s}\" ORDER BY query LIMIT {n}) \
+             SELECT s.query AS query, qe.uri AS query_uri, qe.individual_id AS query_individual, s.rank AS rank, \
+             s.neighbour AS neighbour, ne.uri AS neighbour_uri, s.neighbour_individual AS neighbour_individual, \
+             s.distance AS distance \
+             FROM \"{s}\" s JOIN picked p ON p.query = s.query \
+             JOIN \"{e}\" qe ON qe.photo_id = s.query JOIN \"{e}\" ne ON ne.photo_id = s.neighbour \
+             ORDER BY s.query, s.rank",
+            s = o.submissions,
+            e = o.embeddings,
+            n = o.queries
+        );
+        let mut thumbs: HashMap<String, ImageRef> = HashMap::new();
+        for b in q(sql).await? {
+            let s = |c: usize, i: usize| {
+                let a = b.column(c).as_string::<i32>();
+                (a.is_valid(i) && !a.value(i).is_empty()).then(|| a.value(i).to_string())
+            };
+            for i in 0..b.num_rows() {
+                let query = s(0, i).unwrap_or_default();
+                if data.queries.last().is_none_or(|r| r.photo.photo_id != query) {
+                    let image = thumb_of(&mut thumbs, &s(1, i).unwrap_or_default(), lake, o.thumb_side).await;
+                    data.queries.push(report::QueryRow {
+                        photo: report::Photo { photo_id: query.clone(), individual_id: s(2, i), image },
+                        neighbours: Vec::new(),
+                        new_individual: None,
+                    });
+                }
+                let row = data.queries.last_mut().expect("pushed above");
+                let nind = s(6, i);
+                let correct = match (&row.photo.individual_id, &nind) {
+                    (Some(a), Some(b)) => Some(a == b),
+                    _ => None,
+                };
+                let image = thumb_of(&mut thumbs, &s(5, i).unwrap_or_default(), lake, o.thumb_side).await;
+                let dist = b.column(7).as_primitive::<arrow::datatypes::Float32Type>().value(i) as f64;
+                let row = data.queries.last_mut().expect("pushed above");
+                row.neighbours.push(report::Neighbour {
+                    photo: report::Photo { photo_id: s(4, i).unwrap_or_default(), individual_id: nind, image },
+                    similarity: 1.0 - dist,
+                    correct,
+                });
+            }
+        }
+    }
+    Ok(report::render(&data))
+}
+
+async fn thumb_of(cache: &mut HashMap<String, ImageRef>, uri: &str, lake: &Lake, side: u32) -> ImageRef {
+    if let Some(t) = cache.get(uri) {
+        return t.clone();
+    }
+    let img = match read_photo(uri, lake.options()).await.and_then(|b| thumbnail(&b, side)) {
+        Ok(bytes) => ImageRef::Embedded { mime: "image/jpeg".into(), bytes },
+        Err(_) => ImageRef::Missing,
+    };
+    cache.insert(uri.to_string(), img.clone());
+    img
+}
+
+/// Shared state of the HTTP API.
+pub struct Service {
+    pub lake: Lake,
+    pub table: String,
+    pub ds: Arc<lance::Dataset>,
+    pub embedder: Option<Embedder>,
+    pub search: SearchParams,
+}

@@ -1,0 +1,385 @@
+//! Stage kind `submit`: for each query photo, the 20 most similar photos of the whole
+//! collection (itself excluded), found through the embeddings table's vector index — as a CSV
+//! in the seed's format and as table `submissions` — and a per-individual answer: the best
+//! distinct individuals by their best match, with `new_individual` inserted where the best
+//! similarity falls under a threshold chosen on the validation split.
+//!
+//! ```toml
+//! [stages.submit]
+//! kind = "submit"
+//! inputs = ["index"]
+//! embeddings = "embeddings"
+//! splits = "train"                 # queries = "val" needs it, and the threshold is fitted on it
+//! queries = "all"                  # all | val | val_unseen | val_seen | unlabelled
+//! k = 20
+//! csv = "../data/submission.csv"   # relative to the pipeline file; file:// or s3:// also work
+//! individuals = 5
+//! new_individual_threshold = "auto"   # or a similarity, e.g. 0.55
+//! ```
+//!
+//! CSV: `photo,neighbours`, the 20 photo ids separated by spaces, nearest first (the format of
+//! the Kaggle whale competitions). A second CSV next to it (`<name>_individuals.csv`):
+//! `photo,individuals`, the best individual ids with `new_individual` where it ranks.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{Float32Array, Int32Array, RecordBatch, StringArray};
+use arrow::datatypes::SchemaRef;
+use futures::StreamExt;
+use object_store::{ObjectStoreExt, PutPayload};
+
+use super::evaluate::{EmbeddingSet, read_embeddings, read_splits};
+use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use crate::config::{Context, Keys, Loc, Reporter, Val};
+use crate::dag::StageCtx;
+use crate::lake::{Catalog, WriteKind, store};
+use crate::vector::{self, Hit, SearchParams};
+use crate::{Error, Result};
+
+const KEYS: &[&str] = &[
+    "embeddings", "splits", "queries", "k", "csv", "individuals", "new_individual_threshold", "nprobes", "refine", "ef",
+    "concurrency", "output",
+];
+
+/// The answer for one photo whose individual is not in the collection.
+pub const NEW_INDIVIDUAL: &str = "new_individual";
+
+#[derive(Debug, Clone)]
+pub struct SubmitStage {
+    pub embeddings: String,
+    pub splits: Option<String>,
+    pub queries: String,
+    pub k: usize,
+    /// Resolved location of the CSV.
+    pub csv: Option<String>,
+    pub individuals: usize,
+    /// None: fitted on the validation split.
+    pub threshold: Option<f64>,
+    pub search: SearchParams,
+    pub concurrency: usize,
+    pub output: String,
+}
+
+/// The similarity under which a query is answered `new_individual` first, fitted on labelled
+/// validation queries: for each, `known` = its best similarity to another photo of its own
+/// individual and `other` = its best similarity to any other individual. With its individual
+/// in the collection the best match is `max(known, other)`; had it been new, `other`. The
+/// threshold maximises the share of both situations answered right (new when under it). Returns
+/// the threshold and that accuracy; None without queries that have a match.
+pub fn fit_threshold(pairs: &[(f32, f32)]) -> Option<(f64, f64)> {
+    if pairs.is_empty() {
+        return None;
+    }
+    let mut cands: Vec<f32> = pairs.iter().flat_map(|(k, o)| [*k, *o, k.max(*o)]).collect();
+    cands.sort_by(f32::total_cmp);
+    cands.dedup();
+    let n = pairs.len() as f64 * 2.0;
+    let mut best = (f64::NEG_INFINITY, 0.0);
+    for t in cands.iter().map(|c| *c + 1e-6).chain([f32::MIN]) {
+        let ok = pairs.iter().map(|(k, o)| usize::from(k.max(*o) >= t) + usize::from(*o < t)).sum::<usize>();
+        let acc = ok as f64 / n;
+        if acc > best.1 || best.0 == f64::NEG_INFINITY {
+            best = (t as f64, acc);
+        }
+    }
+    Some(best)
+}
+
+/// `(known, other)` best similarities of each labelled row of `rows` (exact, in memory).
+fn known_other(set: &EmbeddingSet, rows: &[usize]) -> Vec<(f32, f32)> {
+    let mut out = Vec::new();
+    for &q in rows {
+        let Some(lq) = &set.labels[q] else { continue };
+        let (mut known, mut other) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+        let qv = set.row(q);
+        for g in 0..set.len() {
+            if g == q {
+                continue;
+            }
+            let s: f32 = qv.iter().zip(set.row(g)).map(|(a, b)| a * b).sum();
+            if set.labels[g].as_ref() == Some(lq) {
+                known = known.max(s);
+            } else {
+                other = other.max(s);
+            }
+        }
+        if known.is_finite() && other.is_finite() {
+            out.push((known, other));
+        }
+    }
+    out
+}
+
+/// Distinct individuals in rank order with their best similarity, `new_individual` inserted
+/// at the place its threshold takes, cut at `n`.
+pub fn individuals(hits: &[Hit], threshold: Option<f64>, n: usize) -> Vec<(String, f32)> {
+    let mut seen = HashSet::new();
+    let mut out: Vec<(String, f32)> = Vec::new();
+    for h in hits {
+        if let Some(i) = &h.individual_id {
+            if seen.insert(i.clone()) {
+                out.push((i.clone(), h.similarity()));
+            }
+        }
+    }
+    if let Some(t) = threshold {
+        let at = out.iter().position(|(_, s)| (*s as f64) < t).unwrap_or(out.len());
+        out.insert(at, (NEW_INDIVIDUAL.to_string(), t as f32));
+    }
+    out.truncate(n);
+    out
+}
+
+impl SubmitStage {
+    pub fn parse(k: &mut Keys, ctx: &Context) -> Option<SubmitStage> {
+        let mut ok = true;
+        let queries = k.str("queries").unwrap_or_else(|| "all".into());
+        if !["all", "val", "val_unseen", "val_seen", "unlabelled"].contains(&queries.as_str()) {
+            k.error("queries", format!("unknown query set `{queries}` (all, val, val_unseen, val_seen, unlabelled)"));
+            ok = false;
+        }
+        let csv = match k.str("csv") {
+            Some(c) => match ctx.location(&c) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    k.error("csv", e.to_string());
+                    ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
+        let threshold = match k.node("new_individual_threshold").map(|n| n.val.clone()) {
+            None => None,
+            Some(Val::Str(s)) if s == "auto" => None,
+            Some(Val::Float(f)) if (-1.0..=1.0).contains(&f) => Some(f),
+            Some(Val::Int(i)) if (-1..=1).contains(&i) => Some(i as f64),
+            Some(_) => {
+                k.error("new_individual_threshold", "must be \"auto\" or a cosine similarity in -1..1");
+                ok = false;
+                None
+            }
+        };
+        let d = SearchParams::default();
+        let s = SubmitStage {
+            embeddings: k.str("embeddings").unwrap_or_else(|| "embeddings".into()),
+            splits: k.str("splits"),
+            queries,
+            k: k.int("k", 1, 1000).unwrap_or(20) as usize,
+            csv,
+            individuals: k.int("individuals", 1, 100).unwrap_or(5) as usize,
+            threshold,
+            search: SearchParams {
+                nprobes: k.int("nprobes", 1, 100_000).map(|n| n as usize).or(d.nprobes),
+                refine: k.int("refine", 1, 1000).map(|n| n as u32).or(d.refine),
+                ef: k.int("ef", 1, 100_000).map(|n| n as usize).or(d.ef),
+                exact: false,
+            },
+            concurrency: k.int("concurrency", 1, 256).unwrap_or(8) as usize,
+            output: k.str("output").unwrap_or_else(|| "submissions".into()),
+        };
+        if s.queries.starts_with("val") && s.splits.is_none() {
+            k.error("queries", format!("queries = \"{}\" needs `splits` (the train stage's table)", s.queries));
+            ok = false;
+        }
+        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
+        k.finish(&all);
+        ok.then_some(s)
+    }
+
+    pub fn check(&self, stage: &str, at: &Loc, visible: &HashMap<String, SchemaRef>, broken: bool, rep: &mut Reporter) -> Checked {
+        let mut reads = Vec::new();
+        let ins = Inputs { stage, at, visible, broken };
+        ins.need(rep, &mut reads, &self.embeddings, &["photo_id", "uri", "individual_id", "embedding"]);
+        if let Some(s) = &self.splits {
+            ins.need(rep, &mut reads, s, &["uri", "split"]);
+        }
+        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("submissions"))], hash_extra: String::new() }
+    }
+
+    pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        let set = Arc::new(read_embeddings(&ctx.lake, &self.embeddings).await?);
+        if set.len() < 2 {
+            return Err(Error::Other(format!("table `{}` has {} embeddings: nothing to search", self.embeddings, set.len())));
+        }
+        let splits = match &self.splits {
+            Some(t) => read_splits(&ctx.lake, t).await?,
+            None => HashMap::new(),
+        };
+        let split_of = |i: usize| splits.get(&set.uris[i]).map(String::as_str).unwrap_or("");
+        let rows: Vec<usize> = (0..set.len())
+            .filter(|&i| match self.queries.as_str() {
+                "all" => true,
+                "val" => split_of(i).starts_with("val"),
+                "unlabelled" => set.labels[i].is_none(),
+                q => split_of(i) == q,
+            })
+            .collect();
+        if rows.is_empty() {
+            return Err(Error::Other(format!("no photo of `{}` is in query set `{}`", self.embeddings, self.queries)));
+        }
+        // The new-individual threshold, fitted on held-out photos (or all labelled ones).
+        let (threshold, fitted) = match self.threshold {
+            Some(t) => (Some(t), String::from("given")),
+            None => {
+                let val: Vec<usize> = (0..set.len()).filter(|&i| split_of(i).starts_with("val")).collect();
+                let basis = if val.is_empty() { (0..set.len()).collect::<Vec<_>>() } else { val };
+                let s2 = set.clone();
+                let pairs = tokio::task::spawn_blocking(move || known_other(&s2, &basis))
+                    .await
+                    .map_err(|e| Error::Other(format!("threshold fit panicked: {e}")))?;
+                match fit_threshold(&pairs) {
+                    Some((t, acc)) => (Some(t), format!("fitted on {} held-out photos, {:.0} % right", pairs.len(), acc * 100.0)),
+                    None => (None, String::from("not fitted: no labelled query with a match")),
+                }
+            }
+        };
+
+        let ds = Arc::new(ctx.lake.open(&self.embeddings).await?.ok_or_else(|| Error::Other(format!("table `{}` does not exist", self.embeddings)))?);
+        let indexed = vector::has_index(&ds).await?;
+        ctx.progress.set_length(rows.len() as u64);
+        ctx.progress.set_message("queries");
+        let k = self.k;
+        let mut answers = futures::stream::iter(rows.iter().copied())
+            .map(|q| {
+                let ds = ds.clone();
+                let set = set.clone();
+                let params = self.search.clone();
+                async move {
+                    let hits = vector::nearest(&ds, set.row(q), k + 1, &params).await?;
+                    let hits: Vec<Hit> = hits.into_iter().filter(|h| h.uri != set.uris[q]).take(k).collect();
+                    Ok::<_, Error>((q, hits))
+                }
+            })
+            .buffered(self.concurrency);
+        let mut sink = ctx.lake.sink(&self.output, Catalog::builtin("submissions"), WriteKind::Overwrite);
+        let mut csv_text = String::from("photo,neighbours\n");
+        let mut ind_text = String::from("photo,individuals\n");
+        let mut rows_out = 0u64;
+        let mut short = 0usize;
+        let mut buf: Vec<(usize, Vec<Hit>)> = Vec::new();
+        while let Some(r) = answers.next().await {
+            let (q, hits) = r?;
+            if hits.len() < k {
+                short += 1;
+            }
+            csv_text.push_str(&format!("{},{}\n", csv_field(&set.photo_ids[q]), hits.iter().map(|h| h.photo_id.replace(' ', "%20")).collect::<Vec<_>>().join(" ")));
+            let inds = individuals(&hits, threshold, self.individuals);
+            ind_text.push_str(&format!("{},{}\n", csv_field(&set.photo_ids[q]), inds.iter().map(|(i, _)| i.replace(' ', "%20")).collect::<Vec<_>>().join(" ")));
+            buf.push((q, hits));
+            ctx.progress.inc(1);
+            if buf.len() >= 256 {
+                rows_out += self.send(&mut sink, &set, &std::mem::take(&mut buf), &ctx.run_id).await?;
+            }
+        }
+        rows_out += self.send(&mut sink, &set, &buf, &ctx.run_id).await?;
+        let committed = sink.finish().await?;
+        let mut wrote = String::new();
+        if let Some(csv) = &self.csv {
+            put(csv, csv_text.into_bytes(), ctx).await?;
+            let ind_uri = match csv.strip_suffix(".csv") {
+                Some(stem) => format!("{stem}_individuals.csv"),
+                None => format!("{csv}_individuals.csv"),
+            };
+            put(&ind_uri, ind_text.into_bytes(), ctx).await?;
+            wrote = format!("; wrote {csv} and {ind_uri}");
+        }
+        let short = if short > 0 { format!(" ({short} queries have fewer than {k}: the collection is small)") } else { String::new() };
+        Ok(Outcome {
+            rows_in: set.len() as u64,
+            rows_out,
+            written: BTreeMap::from([(self.output.clone(), committed.version)]),
+            summary: format!(
+                "top-{k} of {} query photos among {} ({}){short}; new_individual threshold {}{wrote}",
+                rows.len(),
+                set.len(),
+                if indexed { "vector index" } else { "exact search" },
+                threshold.map(|t| format!("{t:.3} ({fitted})")).unwrap_or(fitted),
+            ),
+        })
+    }
+
+    async fn send(&self, sink: &mut crate::lake::TableSink, set: &EmbeddingSet, buf: &[(usize, Vec<Hit>)], run_id: &str) -> Result<u64> {
+        let n: usize = buf.iter().map(|(_, h)| h.len()).sum();
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut query = Vec::with_capacity(n);
+        let mut rank = Vec::with_capacity(n);
+        let mut nb = Vec::with_capacity(n);
+        let mut nb_ind = Vec::with_capacity(n);
+        let mut dist = Vec::with_capacity(n);
+        for (q, hits) in buf {
+            for (r, h) in hits.iter().enumerate() {
+                query.push(set.photo_ids[*q].as_str());
+                rank.push(r as i32 + 1);
+                nb.push(h.photo_id.as_str());
+                nb_ind.push(h.individual_id.as_deref());
+                dist.push(h.distance);
+            }
+        }
+        let batch = RecordBatch::try_new(
+            Catalog::builtin("submissions"),
+            vec![
+                Arc::new(StringArray::from(query)),
+                Arc::new(Int32Array::from(rank)),
+                Arc::new(StringArray::from(nb)),
+                Arc::new(StringArray::from(nb_ind)),
+                Arc::new(Float32Array::from(dist)),
+                Arc::new(StringArray::from(vec![set.model_id.as_str(); n])),
+                Arc::new(StringArray::from(vec![run_id; n])),
+            ],
+        )?;
+        sink.send(batch).await?;
+        Ok(n as u64)
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
+/// Writes `bytes` at `uri` (any object store), replacing what is there.
+async fn put(uri: &str, bytes: Vec<u8>, ctx: &StageCtx) -> Result<()> {
+    if let Some(path) = uri.strip_prefix("file://") {
+        if let Some(parent) = std::path::Path::new(path).parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+    }
+    let (store, path) = store::open(uri, ctx.lake.options())?;
+    store.put(&path, PutPayload::from(bytes)).await.map_err(|e| Error::ObjectStore { uri: uri.into(), source: e })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hit(p: &str, ind: Option<&str>, sim: f32) -> Hit {
+        Hit { photo_id: p.into(), uri: p.into(), individual_id: ind.map(Into::into), distance: 1.0 - sim }
+    }
+
+    #[test]
+    fn individuals_are_distinct_in_rank_order_with_new_individual_at_its_threshold() {
+        let hits = [hit("a", Some("W1"), 0.9), hit("b", Some("W1"), 0.8), hit("c", None, 0.7), hit("d", Some("W2"), 0.6), hit("e", Some("W3"), 0.4)];
+        let got = individuals(&hits, Some(0.5), 5);
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["W1", "W2", NEW_INDIVIDUAL, "W3"]);
+        let got = individuals(&hits, Some(0.95), 2);
+        assert_eq!(got[0].0, NEW_INDIVIDUAL);
+        assert_eq!(got.len(), 2);
+        assert_eq!(individuals(&hits, None, 5).len(), 3);
+    }
+
+    #[test]
+    fn the_threshold_separates_known_from_new() {
+        // Known matches are near 0.8, the best other individual near 0.4: any threshold in
+        // between answers both situations right.
+        let pairs = [(0.8, 0.4), (0.85, 0.35), (0.75, 0.45), (0.9, 0.3)];
+        let (t, acc) = fit_threshold(&pairs).unwrap();
+        assert!(t > 0.45 && t <= 0.75 + 1e-5, "{t}");
+        assert_eq!(acc, 1.0);
+        assert!(fit_threshold(&[]).is_none());
+    }
+}

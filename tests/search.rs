@@ -1,0 +1,96 @@
+//! The vector index against exact search on the same table: recall@20 of IVF_HNSW_SQ and of
+//! IVF_PQ with re-ranking, a delta index after an append, and the `knn` SQL function.
+
+use arrow::array::{AsArray, RecordBatch};
+use pipeline::lake::{Catalog, Lake, WriteKind};
+use pipeline::model::data::Photo;
+use pipeline::stages::embed::embedding_batch;
+use pipeline::stages::index::IndexStage;
+use pipeline::vector::{self, SearchParams};
+use rand::{Rng, SeedableRng};
+
+const DIM: usize = 64;
+
+/// `n` unit vectors around 50 cluster centres (like embeddings of 50 individuals).
+fn vectors(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let centres: Vec<f32> = (0..50 * DIM).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut out = Vec::with_capacity(n * DIM);
+    for i in 0..n {
+        let c = &centres[(i % 50) * DIM..(i % 50 + 1) * DIM];
+        let v: Vec<f32> = c.iter().map(|x| x + rng.random_range(-0.6..0.6)).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        out.extend(v.iter().map(|x| x / norm));
+    }
+    out
+}
+
+fn batch(start: usize, values: &[f32]) -> RecordBatch {
+    let photos: Vec<Photo> = (start..start + values.len() / DIM)
+        .map(|i| Photo { photo_id: format!("p{i:06}"), uri: format!("file:///x/p{i:06}.jpg"), label: Some(format!("W{}", i % 50)) })
+        .collect();
+    embedding_batch(&photos, values, DIM, "m", "none", "r").unwrap()
+}
+
+async fn mean_recall(ds: &lance::Dataset, queries: &[f32], p: &SearchParams) -> f64 {
+    let exact = SearchParams { exact: true, ..p.clone() };
+    let mut sum = 0.0;
+    let n = queries.len() / DIM;
+    for q in queries.chunks(DIM) {
+        let a = vector::nearest(ds, q, 20, p).await.unwrap();
+        let e = vector::nearest(ds, q, 20, &exact).await.unwrap();
+        assert_eq!(e.len(), 20);
+        sum += vector::recall(&a, &e);
+    }
+    sum / n as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexed_top20_matches_exact_top20() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).unwrap());
+    let n = 3000;
+    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
+    sink.send(batch(0, &vectors(n, 1))).await.unwrap();
+    sink.finish().await.unwrap();
+    let queries = vectors(40, 2);
+
+    for (kind, min_recall) in [("ivf_hnsw_sq", 0.9), ("ivf_pq", 0.9)] {
+        let mut ds = lake.open("embeddings").await.unwrap().unwrap();
+        let stage = IndexStage::with_kind("embeddings", kind);
+        let said = stage.apply_with(&mut ds, n, DIM, |_| {}).await.unwrap();
+        assert!(said.contains("built"), "{said}");
+        assert!(vector::has_index(&ds).await.unwrap());
+        let r = mean_recall(&ds, &queries, &SearchParams::default()).await;
+        assert!(r >= min_recall, "{kind}: recall@20 {r}");
+        // Asking again changes nothing.
+        let again = stage.apply_with(&mut ds, n, DIM, |_| {}).await.unwrap();
+        assert!(again.contains("current"), "{again}");
+    }
+
+    // An append gets a delta index; the new rows are found.
+    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Append);
+    let extra = vectors(200, 3);
+    sink.send(batch(n, &extra)).await.unwrap();
+    sink.finish().await.unwrap();
+    let mut ds = lake.open("embeddings").await.unwrap().unwrap();
+    let said = IndexStage::with_kind("embeddings", "ivf_pq").apply_with(&mut ds, n + 200, DIM, |_| {}).await.unwrap();
+    assert!(said.contains("delta"), "{said}");
+    let hits = vector::nearest(&ds, &extra[..DIM], 1, &SearchParams::default()).await.unwrap();
+    assert_eq!(hits[0].photo_id, format!("p{n:06}"));
+
+    // knn from SQL, joined with another table.
+    let (_, b) = pipeline::query::query(
+        &lake,
+        "SELECT k.rank, k.photo_id, e.individual_id FROM knn('embeddings', 'p000007', 20) k \
+         JOIN embeddings e ON e.uri = k.uri ORDER BY k.rank",
+    )
+    .await
+    .unwrap();
+    let rows: usize = b.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 20);
+    let ids: Vec<String> = b.iter().flat_map(|b| b.column(1).as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect::<Vec<_>>()).collect();
+    assert!(!ids.contains(&"p000007".to_string()), "the query is not its own neighbour");
+    let e = pipeline::query::query(&lake, "SELECT * FROM knn('embeddings', 'nope', 20)").await.unwrap_err().to_string();
+    assert!(e.contains("no photo `nope`"), "{e}");
+}
