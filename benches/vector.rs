@@ -1,0 +1,143 @@
+//! Vector search on synthetic embeddings beside an exact numpy peer, in one run.
+//!
+//!     cargo bench --profile release --bench vector -- [--rows 100000] [--dim 512] [--queries 200]
+//!
+//! For each of flat (exact, no index), IVF_PQ + refine and IVF_HNSW_SQ over the same Lance
+//! table: build time, recall@20 against exact search, p50/p99 latency of single queries and
+//! the throughput of 8 concurrent queries; then benches/peer_numpy_knn.py over the same
+//! vectors (matrix product + argpartition). Vectors: unit-length, around 1000 cluster centres
+//! (embeddings of individuals), queries drawn the same way.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::RecordBatch;
+use futures::StreamExt;
+use pipeline::lake::{Catalog, Lake, WriteKind};
+use pipeline::model::data::Photo;
+use pipeline::stages::embed::embedding_batch;
+use pipeline::stages::index::IndexStage;
+use pipeline::vector::{self, SearchParams};
+use rand::{Rng, SeedableRng};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn vectors(n: usize, dim: usize, seed: u64, centres: &[f32]) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let nc = centres.len() / dim;
+    let mut out = Vec::with_capacity(n * dim);
+    for _ in 0..n {
+        let c = rng.random_range(0..nc);
+        let v: Vec<f32> = centres[c * dim..(c + 1) * dim].iter().map(|x| x + rng.random_range(-0.5..0.5f32)).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        out.extend(v.iter().map(|x| x / norm));
+    }
+    out
+}
+
+fn batch(start: usize, dim: usize, values: &[f32]) -> RecordBatch {
+    let photos: Vec<Photo> =
+        (start..start + values.len() / dim).map(|i| Photo { photo_id: format!("p{i:08}"), uri: format!("p{i:08}"), label: None }).collect();
+    embedding_batch(&photos, values, dim, "bench", "none", "bench").expect("batch")
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let rows: usize = arg(&args, "--rows", 100_000);
+    let dim: usize = arg(&args, "--dim", 512);
+    let nq: usize = arg(&args, "--queries", 200);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).expect("catalog"));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let centres: Vec<f32> = (0..1000 * dim).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+    println!("{rows} rows x {dim}-d, {nq} queries, k = 20");
+    let t = Instant::now();
+    let mut base_raw: Vec<u8> = Vec::with_capacity(rows * dim * 4);
+    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
+    for (i, start) in (0..rows).step_by(50_000).enumerate() {
+        let n = 50_000.min(rows - start);
+        let v = vectors(n, dim, 100 + i as u64, &centres);
+        base_raw.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        sink.send(batch(start, dim, &v)).await.expect("send");
+    }
+    sink.finish().await.expect("write");
+    println!("wrote the table in {:.1}s", t.elapsed().as_secs_f64());
+    let queries = vectors(nq, dim, 1, &centres);
+
+    // Exact answers once, from flat search.
+    let ds = lake.open("embeddings").await.expect("open").expect("table");
+    let exact_p = SearchParams { exact: true, ..Default::default() };
+    let mut exact = Vec::new();
+    let mut flat_lat = Vec::new();
+    for q in queries.chunks(dim) {
+        let t = Instant::now();
+        exact.push(vector::nearest(&ds, q, 20, &exact_p).await.expect("search"));
+        flat_lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let ds = Arc::new(ds);
+    let qps = |ds: Arc<lance::Dataset>, p: SearchParams| {
+        let queries = queries.clone();
+        async move {
+            let t = Instant::now();
+            let n = futures::stream::iter(queries.chunks(dim).map(|q| q.to_vec()).collect::<Vec<_>>())
+                .map(|q| {
+                    let ds = ds.clone();
+                    let p = p.clone();
+                    async move { vector::nearest(&ds, &q, 20, &p).await.expect("search").len() }
+                })
+                .buffer_unordered(8)
+                .count()
+                .await;
+            n as f64 / t.elapsed().as_secs_f64()
+        }
+    };
+    let flat_qps = qps(ds.clone(), exact_p.clone()).await;
+    println!(
+        "| flat (exact) | - | 1.000 | {:.2} | {:.2} | {:.0} |",
+        pct(&mut flat_lat.clone(), 0.5),
+        pct(&mut flat_lat, 0.99),
+        flat_qps
+    );
+    for kind in ["ivf_pq", "ivf_hnsw_sq"] {
+        let mut ds = lake.open("embeddings").await.expect("open").expect("table");
+        let t = Instant::now();
+        IndexStage::with_kind("embeddings", kind).apply_with(&mut ds, rows, dim, |_| {}).await.expect("index");
+        let build = t.elapsed().as_secs_f64();
+        let p = SearchParams::default();
+        let mut lat = Vec::new();
+        let mut recall = 0.0;
+        for (q, e) in queries.chunks(dim).zip(&exact) {
+            let t = Instant::now();
+            let a = vector::nearest(&ds, q, 20, &p).await.expect("search");
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            recall += vector::recall(&a, e);
+        }
+        let q = qps(Arc::new(ds), p).await;
+        println!(
+            "| {kind} (nprobes 20, refine 10, ef 80) | {build:.1} s | {:.3} | {:.2} | {:.2} | {q:.0} |",
+            recall / nq as f64,
+            pct(&mut lat.clone(), 0.5),
+            pct(&mut lat, 0.99)
+        );
+    }
+    let bf = dir.path().join("base.f32");
+    let qf = dir.path().join("queries.f32");
+    std::fs::write(&bf, &base_raw).expect("write base");
+    std::fs::write(&qf, queries.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).expect("write queries");
+    let venv = std::env::var("VIRTUAL_ENV").unwrap_or_else(|_| format!("{}/.cache/pipeline/venv", std::env::var("HOME").unwrap_or_default()));
+    let out = std::process::Command::new(format!("{venv}/bin/python"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peer_numpy_knn.py"))
+        .args([bf.to_str().expect("path"), qf.to_str().expect("path"), &dim.to_string(), "20"])
+        .output()
+        .expect("numpy peer");
+    println!("numpy peer: {}", String::from_utf8_lossy(&out.stdout).trim());
+    println!("columns: index | build | recall@20 | p50 ms | p99 ms | queries/s (8 concurrent)");
+}
