@@ -74,6 +74,10 @@ pub enum Error {
     #[error("run cancelled ({0})")]
     Cancelled(String),
 
+    /// An image given by a user (CLI, HTTP) that cannot be decoded.
+    #[error("not a readable image: {0}")]
+    BadImage(String),
+
     #[error("{0}")]
     Other(String),
 }

@@ -12,13 +12,23 @@
 //!   are unchanged since its last success is skipped as up to date.
 //! - [`lake`]: the lake root (file://, s3://, gs://, az://), its Lance tables, their declared
 //!   schemas (`schemas/`), object-store access and the DataFusion session over every table.
-//! - [`stages`]: one file per stage kind (`ingest`, `sql`).
+//! - [`stages`]: one file per stage kind: `ingest`, `sql`, `train`, `embed`, `ensemble`,
+//!   `evaluate`, `pseudo_label`, `index`, `submit`.
+//! - [`model`]: libtorch models — backbones with torchvision names, GeM neck, ArcFace-family
+//!   losses, samplers, tensor augmentation, a saveable Adam/AdamW, schedules, the photo loader,
+//!   the training loop, TensorBoard events, retrieval metrics.
+//! - [`vector`]: nearest-neighbour search over an embeddings table (Lance vector index).
+//! - [`report`]: the static HTML report (`pipeline report`).
+//! - [`answer`]: neighbours of one photo (`pipeline similar`), the report's data, the model
+//!   worker shared by the HTTP API (`pipeline serve`, [`serve`]).
+//! - [`serve`]: the HTTP JSON API.
 //! - [`vision`]: image decoding (DCT-scaled JPEG, PNG, TIFF, EXIF orientation), quality metrics,
 //!   perceptual hash.
 //! - [`demo`]: the synthetic survey generator behind `pipeline demo-lake`.
 //! - [`query`]: read-only SQL over the lake (`pipeline query`).
 //! - [`error`]: the library's one error type.
 
+pub mod answer;
 pub mod config;
 pub mod dag;
 pub mod demo;
@@ -27,7 +37,10 @@ pub mod lake;
 pub mod model;
 pub mod progress;
 pub mod query;
+pub mod report;
+pub mod serve;
 pub mod stages;
+pub mod vector;
 pub mod vision;
 
 pub use error::{Error, Result};

@@ -11,7 +11,7 @@ use pipeline::config::{self, Plan};
 use pipeline::dag::{self, RunOptions};
 use pipeline::lake::{Catalog, Lake, store};
 use pipeline::query::{self, Format};
-use pipeline::{Error, demo};
+use pipeline::{Error, answer, demo};
 
 #[derive(Parser)]
 #[command(name = "pipeline", version, about = "Streaming dataflow pipeline over an image lake for re-identification")]
@@ -37,6 +37,14 @@ enum Cmd {
         /// Re-run stages that are up to date.
         #[arg(long)]
         force: bool,
+        /// Continue an interrupted training from its last finished epoch (same configuration,
+        /// same data): weights, optimizer state, schedule and random streams.
+        #[arg(long)]
+        resume: bool,
+        /// Where train and embed stages run: auto (CUDA when libtorch sees it), cpu or cuda.
+        /// Overrides their `device` key.
+        #[arg(long, value_parser = ["auto", "cpu", "cuda"])]
+        device: Option<String>,
         /// No progress bars.
         #[arg(long, short)]
         quiet: bool,
@@ -68,6 +76,61 @@ enum Cmd {
         /// Write to this file instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// The photos most similar to one photo: an id or URI of the collection, or a new photo
+    /// (a path or URI), which is embedded with the table's model first.
+    Similar {
+        photo: String,
+        #[arg(long, default_value_t = 20)]
+        k: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        format: SimilarFormat,
+        /// Embeddings table to search.
+        #[arg(long, default_value = "embeddings")]
+        table: String,
+        /// Exact search, ignoring the vector index.
+        #[arg(long)]
+        exact: bool,
+        #[arg(long, env = "PIPELINE_LAKE")]
+        lake: Option<String>,
+        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
+        pipeline: PathBuf,
+    },
+    /// A static HTML page: query photos with their top-20, the evaluation, training curves.
+    Report {
+        #[arg(long, default_value = "report.html")]
+        out: PathBuf,
+        /// Query photos shown.
+        #[arg(long, default_value_t = 40)]
+        queries: usize,
+        #[arg(long, default_value = "embeddings")]
+        embeddings: String,
+        #[arg(long, default_value = "submissions")]
+        submissions: String,
+        #[arg(long, default_value = "evaluate")]
+        evaluations: String,
+        #[arg(long, env = "PIPELINE_LAKE")]
+        lake: Option<String>,
+        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
+        pipeline: PathBuf,
+    },
+    /// HTTP JSON API: GET /similar/{photo_id}?k=20, POST /similar (image body), GET
+    /// /photos/{id}/thumbnail, GET /healthz, GET /models.
+    Serve {
+        /// Listen address; loopback unless told otherwise.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = "embeddings")]
+        table: String,
+        /// Largest accepted upload, in bytes.
+        #[arg(long, default_value_t = 20 << 20)]
+        max_body: usize,
+        #[arg(long, value_parser = ["auto", "cpu", "cuda"], default_value = "auto")]
+        device: String,
+        #[arg(long, env = "PIPELINE_LAKE")]
+        lake: Option<String>,
+        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
+        pipeline: PathBuf,
     },
     /// The run history of a lake (table `runs`).
     Runs {
@@ -130,10 +193,10 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { file, sets, until, force, quiet } => {
+        Cmd::Run { file, sets, until, force, resume, device, quiet } => {
             let plan = config::load(&file, &sets).await?;
             println!("pipeline {} ({}), lake {}", plan.name, file.display(), plan.lake);
-            let report = dag::run(&plan, &RunOptions { force, until, quiet }).await?;
+            let report = dag::run(&plan, &RunOptions { force, until, quiet, resume, device }).await?;
             print_report(&report);
             if let Ok(lake) = lake_of(&plan) {
                 if let Ok((_, b)) = query::query(&lake, "SELECT count(*) AS n FROM rejects").await {
@@ -175,6 +238,51 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Similar { photo, k, format, table, exact, lake, pipeline } => {
+            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+            let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
+            let params = pipeline::vector::SearchParams { exact, ..Default::default() };
+            let found = match answer::similar_to_id(&ds, &photo, k, &params).await? {
+                Some(f) => f,
+                None => {
+                    let looks_like_file = photo.contains("://") || std::path::Path::new(&photo).exists();
+                    if !looks_like_file {
+                        anyhow::bail!("`{photo}` is neither a photo of `{table}` (photo id or URI) nor a file");
+                    }
+                    let bytes = answer::read_photo(&photo, lake.options()).await?;
+                    let device = pipeline::model::train::pick_device("auto").map_err(anyhow::Error::msg)?;
+                    let embedder = answer::Embedder::for_table(&lake, &table, device).await?;
+                    let v = embedder.embed_bytes(bytes).await?;
+                    answer::similar_to_vector(&ds, &photo, &v, k, &params).await?
+                }
+            };
+            print_similar(&found, format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report { out, queries, embeddings, submissions, evaluations, lake, pipeline } => {
+            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+            let title = format!("{} — {}", pipeline.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), lake.root());
+            let opts = answer::ReportOptions { embeddings, submissions, evaluations, queries, thumb_side: 160 };
+            let html = answer::report(&lake, &title, &opts).await?;
+            std::fs::write(&out, html).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("report: {}", std::fs::canonicalize(&out).unwrap_or(out).display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve { addr, table, max_body, device, lake, pipeline } => {
+            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+            let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
+            let device = pipeline::model::train::pick_device(&device).map_err(anyhow::Error::msg)?;
+            let embedder = match answer::Embedder::for_table(&lake, &table, device).await {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    eprintln!("warning: uploads disabled: {e}");
+                    None
+                }
+            };
+            let service = answer::Service { lake, table, ds: std::sync::Arc::new(ds), embedder, search: Default::default() };
+            pipeline::serve::serve(service, addr, max_body).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Runs { lake, pipeline, last } => {
             let lake = open_lake(lake.as_deref(), &pipeline).await?;
             let sql = format!(
@@ -200,6 +308,55 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SimilarFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+fn print_similar(f: &answer::Similar, format: SimilarFormat) -> anyhow::Result<()> {
+    match format {
+        SimilarFormat::Json => println!("{}", serde_json::to_string_pretty(f)?),
+        SimilarFormat::Csv => {
+            let mut w = csv::Writer::from_writer(std::io::stdout());
+            w.write_record(["rank", "photo_id", "individual_id", "similarity", "distance", "uri"])?;
+            for n in &f.neighbours {
+                w.write_record([
+                    n.rank.to_string(),
+                    n.photo_id.clone(),
+                    n.individual_id.clone().unwrap_or_default(),
+                    format!("{:.4}", n.similarity),
+                    format!("{:.4}", n.distance),
+                    n.uri.clone(),
+                ])?;
+            }
+            w.flush()?;
+        }
+        SimilarFormat::Table => {
+            println!(
+                "{} nearest to {}{} (model {}):",
+                f.neighbours.len(),
+                f.query,
+                if f.in_collection { "" } else { " (new photo, embedded now)" },
+                f.model_id
+            );
+            println!("{:>4}  {:<28} {:<14} {:>10}  uri", "rank", "photo_id", "individual", "similarity");
+            for n in &f.neighbours {
+                println!(
+                    "{:>4}  {:<28} {:<14} {:>10.4}  {}",
+                    n.rank,
+                    n.photo_id,
+                    n.individual_id.as_deref().unwrap_or("-"),
+                    n.similarity,
+                    n.uri
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn names(plan: &Plan) -> String {

@@ -24,12 +24,7 @@ fn expected(f: &common::Fixture, what: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleaning_drops_exactly_the_planted_defects_and_reruns_are_up_to_date() {
     let f = common::demo(6, 4, 11);
-    let plan = config::load(&f.pipeline, &[]).await.unwrap();
-    let lake = Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap());
-    let opts = RunOptions { quiet: true, ..Default::default() };
-
-    let report = dag::run(&plan, &opts).await.unwrap();
-    assert!(report.stages.iter().all(|s| s.status == Status::Succeeded), "{report:#?}");
+    let (plan, lake, opts) = common::run_fresh(&f).await;
 
     // Everything listed is either an image or a reject, never both.
     let images: BTreeSet<String> = strings(&lake, "SELECT photo_id FROM images").await.into_iter().collect();

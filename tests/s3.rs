@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
-use object_store::ObjectStoreExt;
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use pipeline::dag::{self, RunOptions, ledger::Status};
@@ -54,7 +55,7 @@ fn create_bucket(port: u16, bucket: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_and_clean_with_photos_and_lake_on_s3() {
+async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
     let (_server, port) = moto();
     create_bucket(port, "survey");
     // Credentials and endpoint the way a user would give them: the AWS_* environment, which
@@ -92,11 +93,22 @@ async fn ingest_and_clean_with_photos_and_lake_on_s3() {
     assert!(report.stages.iter().all(|s| s.status == Status::Succeeded), "{report:#?}");
 
     let lake = Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap());
-    assert_eq!(lake.tables().await.unwrap(), vec!["clean", "images", "rejects", "runs", "usable"]);
+    assert_eq!(lake.tables().await.unwrap(), vec!["clean", "embeddings", "evaluate", "images", "models", "rejects", "runs", "submissions", "train", "usable"]);
     let (_, b) = pipeline::query::query(&lake, "SELECT uri FROM rejects").await.unwrap();
     let rejected: BTreeSet<String> = b.iter().flat_map(|b| b.column(0).as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect::<Vec<_>>()).collect();
     let want: BTreeSet<String> = f.truth.iter().filter(|(_, (_, e))| e == "reject").map(|(p, _)| format!("s3://survey/photos/{p}")).collect();
     assert_eq!(rejected, want);
+    // The model's files went to the bucket, next to the tables.
+    let listed: Vec<String> = s3
+        .list(Some(&ObjectPath::from("lake/models")))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    for f in ["best.safetensors", "model.json", "last.optim.safetensors", "last.json"] {
+        assert!(listed.iter().any(|l| l.ends_with(f)), "{f} not uploaded: {listed:?}");
+    }
+    assert!(listed.iter().any(|l| l.contains("/tensorboard/events.out.tfevents.")), "{listed:?}");
     let again = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap();
     assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
 }

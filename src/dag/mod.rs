@@ -32,6 +32,10 @@ pub struct StageCtx {
     pub lake: Lake,
     pub progress: ProgressBar,
     pub cancel: CancellationToken,
+    /// `pipeline run --resume`: training stages continue from their last checkpoint.
+    pub resume: bool,
+    /// `pipeline run --device`: overrides the `device` key of model stages.
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,6 +46,10 @@ pub struct RunOptions {
     pub until: Option<String>,
     /// No progress bars.
     pub quiet: bool,
+    /// Training stages continue from their last checkpoint.
+    pub resume: bool,
+    /// Device for model stages (`auto`, `cpu`, `cuda`), overriding their `device` key.
+    pub device: Option<String>,
 }
 
 /// How one stage ended.
@@ -113,6 +121,8 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
             lake: lake.clone(),
             progress: progress.stage(&stage.name),
             cancel: cancel.clone(),
+            resume: opts.resume,
+            device: opts.device.clone(),
         };
         let stage = stage.clone();
         let shared = shared.clone();
@@ -163,8 +173,6 @@ async fn run_one(
 ) -> StageReport {
     let span = tracing::info_span!("stage", name = %stage.name, kind = stage.kind.name());
     let _enter = span.enter();
-    let started = Instant::now();
-    let started_at = Utc::now();
     let mut report = StageReport {
         stage: stage.name.clone(),
         kind: stage.kind.name().to_string(),
@@ -188,6 +196,9 @@ async fn run_one(
             return report;
         }
     }
+    // The stage's time starts when its inputs are ready, not when the run starts.
+    let started = Instant::now();
+    let started_at = Utc::now();
     let result = tokio::select! {
         _ = ctx.cancel.cancelled() => Err(Error::Cancelled("cancelled".into())),
         r = execute(shared, stage, &ctx) => r,

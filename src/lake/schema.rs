@@ -18,6 +18,12 @@ const BUILTIN: &[(&str, &str)] = &[
     ("images", include_str!("../../schemas/images.toml")),
     ("rejects", include_str!("../../schemas/rejects.toml")),
     ("runs", include_str!("../../schemas/runs.toml")),
+    ("splits", include_str!("../../schemas/splits.toml")),
+    ("models", include_str!("../../schemas/models.toml")),
+    ("embeddings", include_str!("../../schemas/embeddings.toml")),
+    ("evaluations", include_str!("../../schemas/evaluations.toml")),
+    ("pseudo_labels", include_str!("../../schemas/pseudo_labels.toml")),
+    ("submissions", include_str!("../../schemas/submissions.toml")),
 ];
 
 #[derive(Debug, Deserialize)]
@@ -165,12 +171,18 @@ pub fn parse_type(s: &str) -> std::result::Result<DataType, String> {
             if let Some(inner) = s.strip_prefix("vector<").and_then(|r| r.strip_suffix('>')) {
                 let (item, dim) = inner.split_once(',').ok_or("expected vector<float32, DIM>")?;
                 let item = parse_type(item)?;
-                let dim: i32 = dim.trim().parse().map_err(|_| format!("bad vector dimension `{}`", dim.trim()))?;
+                // `*`: any dimension (declared as 0), fixed by the first write; a table holds
+                // one model's embeddings, whose size the model decides.
+                let dim: i32 = if dim.trim() == "*" {
+                    0
+                } else {
+                    dim.trim().parse().ok().filter(|d| *d > 0).ok_or_else(|| format!("bad vector dimension `{}`", dim.trim()))?
+                };
                 DataType::FixedSizeList(Arc::new(Field::new("item", item, true)), dim)
             } else {
                 return Err(format!(
                     "unknown type `{s}` (known: utf8, bool, int32, int64, uint32, uint64, float32, float64, \
-                     binary, large_binary, timestamp, vector<float32, N>)"
+                     binary, large_binary, timestamp, vector<float32, N>, vector<float32, *>)"
                 ));
             }
         }
@@ -188,6 +200,7 @@ pub fn conform(table: &str, schema: &SchemaRef, batch: &RecordBatch) -> Result<R
         }
     }
     let mut cols = Vec::with_capacity(schema.fields().len());
+    let mut fields = Vec::with_capacity(schema.fields().len());
     for f in schema.fields() {
         let Ok(idx) = bs.index_of(f.name()) else {
             return Err(err(f.name(), "is missing from the batch".into()));
@@ -200,15 +213,23 @@ pub fn conform(table: &str, schema: &SchemaRef, batch: &RecordBatch) -> Result<R
             return Err(err(f.name(), format!("is declared NOT NULL but has {} null value(s)", col.null_count())));
         }
         cols.push(col.clone());
+        // A `vector<float32, *>` column takes the batch's dimension.
+        fields.push(match f.data_type() {
+            DataType::FixedSizeList(_, 0) => Arc::new(Field::new(f.name(), col.data_type().clone(), f.is_nullable())),
+            _ => f.clone(),
+        });
     }
-    RecordBatch::try_new(schema.clone(), cols).map_err(Error::from)
+    let out = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    RecordBatch::try_new(out, cols).map_err(Error::from)
 }
 
 /// Type equality that ignores the names and nullability of nested list items, which differ
 /// between writers (`item` vs `element`) without changing the data.
 fn same_type(a: &DataType, b: &DataType) -> bool {
     match (a, b) {
-        (DataType::FixedSizeList(x, n), DataType::FixedSizeList(y, m)) => n == m && same_type(x.data_type(), y.data_type()),
+        (DataType::FixedSizeList(x, n), DataType::FixedSizeList(y, m)) => {
+            (n == m || *m == 0) && same_type(x.data_type(), y.data_type())
+        }
         (DataType::List(x), DataType::List(y)) | (DataType::LargeList(x), DataType::LargeList(y)) => {
             same_type(x.data_type(), y.data_type())
         }

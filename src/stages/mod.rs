@@ -1,8 +1,16 @@
 //! Stage kinds, one file each: its options (parsed from the pipeline file), its static checks
 //! and its run. This file is the dispatch between them and the engine.
 
+pub mod embed;
+pub mod ensemble;
+pub mod evaluate;
+pub mod index;
 pub mod ingest;
+pub mod pseudo_label;
+pub mod report;
 pub mod sql;
+pub mod submit;
+pub mod train;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -13,7 +21,7 @@ use crate::dag::StageCtx;
 use crate::Result;
 
 /// The kinds a `[stages.NAME]` table may have.
-pub const KINDS: &[&str] = &["ingest", "sql"];
+pub const KINDS: &[&str] = &["ingest", "sql", "train", "embed", "ensemble", "evaluate", "pseudo_label", "index", "submit", "report"];
 
 /// Keys every stage has, whatever its kind.
 pub const COMMON_KEYS: &[&str] = &["kind", "inputs"];
@@ -22,6 +30,14 @@ pub const COMMON_KEYS: &[&str] = &["kind", "inputs"];
 pub enum StageKind {
     Ingest(ingest::IngestConfig),
     Sql(sql::SqlConfig),
+    Train(Box<train::TrainStage>),
+    Embed(embed::EmbedStage),
+    Evaluate(evaluate::EvaluateStage),
+    Ensemble(ensemble::EnsembleStage),
+    PseudoLabel(pseudo_label::PseudoLabelStage),
+    Index(index::IndexStage),
+    Submit(submit::SubmitStage),
+    Report(report::ReportStage),
 }
 
 impl StageKind {
@@ -29,6 +45,14 @@ impl StageKind {
         match self {
             StageKind::Ingest(_) => "ingest",
             StageKind::Sql(_) => "sql",
+            StageKind::Train(_) => "train",
+            StageKind::Embed(_) => "embed",
+            StageKind::Evaluate(_) => "evaluate",
+            StageKind::Ensemble(_) => "ensemble",
+            StageKind::PseudoLabel(_) => "pseudo_label",
+            StageKind::Index(_) => "index",
+            StageKind::Submit(_) => "submit",
+            StageKind::Report(_) => "report",
         }
     }
 
@@ -37,6 +61,15 @@ impl StageKind {
         match self {
             StageKind::Ingest(_) => vec!["images".into(), "rejects".into()],
             StageKind::Sql(c) => vec![c.output.clone().unwrap_or_else(|| stage.to_string())],
+            StageKind::Train(c) => vec![c.output(stage)],
+            StageKind::Embed(c) => vec![c.output.clone()],
+            StageKind::Evaluate(c) => vec![c.output(stage)],
+            StageKind::Ensemble(c) => vec![c.output.clone()],
+            StageKind::PseudoLabel(c) => vec![c.output.clone()],
+            // The index lives inside the embeddings table, which the embed stage owns.
+            StageKind::Index(_) => Vec::new(),
+            StageKind::Submit(c) => vec![c.output.clone()],
+            StageKind::Report(_) => Vec::new(),
         }
     }
 
@@ -45,6 +78,17 @@ impl StageKind {
         match self {
             StageKind::Ingest(c) => format!("ingest {}", c.source),
             StageKind::Sql(c) => format!("sql {}", c.query_file),
+            StageKind::Train(c) => format!(
+                "train {} {}² on {}, {} epochs",
+                c.config.net.backbone, c.config.net.input_size, c.table, c.config.epochs
+            ),
+            StageKind::Embed(c) => format!("embed {} with {}", c.table, c.model),
+            StageKind::Evaluate(c) => format!("evaluate {}", c.embeddings),
+            StageKind::Ensemble(c) => format!("ensemble {}", c.members.join(" + ")),
+            StageKind::PseudoLabel(c) => format!("pseudo_label {} at {}", c.embeddings, c.threshold),
+            StageKind::Index(c) => format!("index {} ({})", c.table, c.index),
+            StageKind::Submit(c) => format!("submit top-{} for {} photos", c.k, c.queries),
+            StageKind::Report(c) => format!("report {}", c.out),
         }
     }
 
@@ -53,7 +97,7 @@ impl StageKind {
     pub async fn prepare(&self, ctx: &StageCtx) -> Result<Prepared> {
         match self {
             StageKind::Ingest(c) => c.prepare(ctx).await,
-            StageKind::Sql(_) => Ok(Prepared::default()),
+            _ => Ok(Prepared::default()),
         }
     }
 
@@ -61,6 +105,14 @@ impl StageKind {
         match self {
             StageKind::Ingest(c) => c.run(ctx, prepared).await,
             StageKind::Sql(c) => c.run(ctx).await,
+            StageKind::Train(c) => c.run(ctx).await,
+            StageKind::Embed(c) => c.run(ctx).await,
+            StageKind::Evaluate(c) => c.run(ctx).await,
+            StageKind::Ensemble(c) => c.run(ctx).await,
+            StageKind::PseudoLabel(c) => c.run(ctx).await,
+            StageKind::Index(c) => c.run(ctx).await,
+            StageKind::Submit(c) => c.run(ctx).await,
+            StageKind::Report(c) => c.run(ctx).await,
         }
     }
 }
@@ -89,11 +141,59 @@ pub fn parse_kind(kind: &str, at: &Loc, k: &mut Keys, ctx: &Context) -> Option<S
     match kind {
         "ingest" => ingest::IngestConfig::parse(k, ctx).map(StageKind::Ingest),
         "sql" => sql::SqlConfig::parse(k, ctx).map(StageKind::Sql),
+        "train" => train::TrainStage::parse(k, ctx).map(|t| StageKind::Train(Box::new(t))),
+        "embed" => embed::EmbedStage::parse(k).map(StageKind::Embed),
+        "evaluate" => evaluate::EvaluateStage::parse(k).map(StageKind::Evaluate),
+        "ensemble" => ensemble::EnsembleStage::parse(k).map(StageKind::Ensemble),
+        "pseudo_label" => pseudo_label::PseudoLabelStage::parse(k).map(StageKind::PseudoLabel),
+        "index" => index::IndexStage::parse(k).map(StageKind::Index),
+        "submit" => submit::SubmitStage::parse(k, ctx).map(StageKind::Submit),
+        "report" => report::ReportStage::parse(k, ctx).map(StageKind::Report),
         other => {
             let stage = k.stage().map(str::to_string);
             k.reporter().error(at, stage.as_deref(), format!("unknown kind `{other}` (known kinds: {})", KINDS.join(", ")));
             k.ignore_rest();
             None
+        }
+    }
+}
+
+/// What a stage's static check can see: the tables its ancestors write.
+pub struct Inputs<'a> {
+    pub stage: &'a str,
+    pub at: &'a Loc,
+    pub visible: &'a HashMap<String, SchemaRef>,
+    /// An input did not compile: a table it would have written is not reported missing.
+    pub broken: bool,
+}
+
+impl Inputs<'_> {
+    /// `table` must be written by an ancestor, with `columns`; it is added to `reads` when it
+    /// is. Each problem is reported, naming the table and the column.
+    pub fn need(&self, rep: &mut Reporter, reads: &mut Vec<String>, table: &str, columns: &[&str]) -> bool {
+        match self.visible.get(table) {
+            Some(schema) => {
+                let missing: Vec<&&str> = columns.iter().filter(|c| schema.field_with_name(c).is_err()).collect();
+                for c in &missing {
+                    rep.error(self.at, Some(self.stage), format!("table `{table}` has no column `{c}` (needed: {})", columns.join(", ")));
+                }
+                if !reads.iter().any(|r| r == table) {
+                    reads.push(table.to_string());
+                }
+                missing.is_empty()
+            }
+            None => {
+                if !self.broken {
+                    let mut known: Vec<&str> = self.visible.keys().map(String::as_str).collect();
+                    known.sort_unstable();
+                    rep.error(
+                        self.at,
+                        Some(self.stage),
+                        format!("reads table `{table}`, which none of its inputs writes (they write: {})", known.join(", ")),
+                    );
+                }
+                false
+            }
         }
     }
 }
@@ -126,5 +226,13 @@ pub async fn check(
             hash_extra: String::new(),
         },
         StageKind::Sql(c) => c.check(stage, at, visible, broken_inputs, ctx, rep).await,
+        StageKind::Train(c) => c.check(stage, at, visible, broken_inputs, rep),
+        StageKind::Embed(c) => c.check(stage, at, visible, broken_inputs, rep),
+        StageKind::Evaluate(c) => c.check(stage, at, visible, broken_inputs, rep),
+        StageKind::Ensemble(c) => c.check(stage, at, visible, broken_inputs, rep),
+        StageKind::PseudoLabel(c) => c.check(stage, at, visible, broken_inputs, rep),
+        StageKind::Index(c) => c.check(stage, at, visible, broken_inputs, rep),
+        StageKind::Submit(c) => c.check(stage, at, visible, broken_inputs, rep),
+        StageKind::Report(c) => c.check(stage, at, visible, broken_inputs, rep),
     }
 }

@@ -19,7 +19,7 @@ pub fn repo() -> PathBuf {
 }
 
 /// A small demo lake (photos 1200×500, so tests stay fast) and a copy of the repository's
-/// ingest → usable → clean pipeline pointed at it, with the lake inside the temp dir.
+/// main pipeline pointed at it, with the lake inside the temp dir and training shrunk to seconds.
 pub fn demo(individuals: usize, photos_per: usize, seed: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo-lake");
@@ -29,7 +29,14 @@ pub fn demo(individuals: usize, photos_per: usize, seed: u64) -> Fixture {
     let text = text
         .replace("file://../data/lake", "file://lake")
         .replace("file://../data/demo-lake/", "file://demo-lake/")
-        .replace("\"../sql/", &format!("\"{}/sql/", repo().display()));
+        .replace("\"../sql/", &format!("\"{}/sql/", repo().display()))
+        // Training sized for tests: tiny inputs, two epochs, no pretrained weights.
+        .replace("input_size = 480", "input_size = 64")
+        .replace("epochs = 80", "epochs = 2")
+        .replace("pretrained = \"imagenet\"", "pretrained = \"none\"")
+        .replace("device = \"auto\"", "device = \"cpu\"")
+        .replace("\"../data/submission.csv\"", "\"submission.csv\"")
+        .replace("\"../data/report.html\"", "\"report.html\"");
     let pipeline = dir.path().join("pipeline.toml");
     std::fs::write(&pipeline, text).unwrap();
     Fixture { dir, pipeline, truth }
@@ -48,4 +55,15 @@ pub fn read_truth(p: &Path) -> BTreeMap<String, (String, String)> {
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_pipeline")
+}
+
+/// Compiles the fixture's pipeline, runs it once and checks every stage succeeded; returns the
+/// plan, its lake and the (quiet) run options for further runs.
+pub async fn run_fresh(f: &Fixture) -> (pipeline::config::Plan, pipeline::lake::Lake, pipeline::dag::RunOptions) {
+    let plan = pipeline::config::load(&f.pipeline, &[]).await.unwrap();
+    let lake = pipeline::lake::Lake::new(plan.lake.clone(), Default::default(), pipeline::lake::Catalog::load(None).unwrap());
+    let opts = pipeline::dag::RunOptions { quiet: true, ..Default::default() };
+    let report = pipeline::dag::run(&plan, &opts).await.unwrap();
+    assert!(report.stages.iter().all(|s| s.status == pipeline::dag::ledger::Status::Succeeded), "{report:#?}");
+    (plan, lake, opts)
 }
