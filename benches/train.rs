@@ -43,6 +43,7 @@ fn rust_round(a: &Args) -> (f64, f64) {
         backbone: "mobilenet_v2".into(),
         neck: NeckConfig { pooling: Pooling::Gem { p: 3.0, learnable: true, eps: 1e-6 }, embedding_dim: 256, dropout: 0.0 },
         input_size: a.size as u32,
+        crop: None,
     };
     let net = Net::new(&spec, device).expect("net");
     let classes = 300;

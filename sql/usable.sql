@@ -1,5 +1,6 @@
 -- usable: the photos worth looking at. Drops low-resolution, blurred, badly exposed and
--- subject-less photos, then exact and near duplicates (keeping the best copy of each).
+-- subject-less photos (no fluke found by the detect stage), then exact and near duplicates
+-- (keeping the best copy of each).
 -- Parameters ($name) come from the stage's `params` in the pipeline file.
 WITH good AS (
   SELECT * FROM images
@@ -7,7 +8,7 @@ WITH good AS (
     AND sharpness >= $min_sharpness
     AND brightness BETWEEN $min_brightness AND $max_brightness
     AND clipped_dark <= $max_clipped AND clipped_bright <= $max_clipped
-    AND subject_fraction >= $min_subject_fraction
+    AND photo_id IN (SELECT photo_id FROM detections WHERE score >= $min_subject_score)
 ),
 -- Exact duplicates share the content hash; the copy kept is the largest, then the first by name.
 ranked AS (

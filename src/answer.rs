@@ -18,19 +18,32 @@ use tch::{Device, Tensor};
 use tokio::sync::oneshot;
 
 use crate::lake::{Lake, store};
+use crate::model::detect::{Detection, Detector};
 use crate::model::net::{Net, to_input};
 use crate::report::{self, ImageRef, ReportData};
+use crate::stages::detect;
 use crate::stages::embed::{model_files, resolve_model};
+use crate::stages::train::model_dir;
 use crate::vector::{self, Hit, SearchParams};
 use crate::vision::{self, DecodeLimits};
 use crate::{Error, Result};
 
-/// The model of an embeddings table, on a worker thread that embeds batches of photos.
+/// The model of an embeddings table, on a worker thread that embeds batches of photos; with
+/// the model's subject detector when it was trained on crops, so a new photo is cropped the
+/// way the collection was.
 pub struct Embedder {
     pub model_id: String,
     pub input_size: u32,
     pub flip_tta: bool,
-    tx: std::sync::mpsc::Sender<(Vec<u8>, oneshot::Sender<Result<Vec<f32>>>)>,
+    /// Input side of the detector and the crop margin, for a model trained on crops.
+    crop: Option<(u32, f32)>,
+    tx: std::sync::mpsc::Sender<Job>,
+}
+
+/// Work for the model thread: pixels at the model's (or the detector's) input size.
+enum Job {
+    Embed(Vec<u8>, oneshot::Sender<Result<Vec<f32>>>),
+    Detect(Vec<u8>, oneshot::Sender<Result<Detection>>),
 }
 
 /// Largest number of queued photos embedded in one forward pass.
@@ -54,34 +67,67 @@ impl Embedder {
             Error::Other(format!("{e} (an ensemble's embeddings cannot embed new photos: ask by photo id, or embed with a member model)"))
         })?;
         let net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+        let (detector, det_dir) = match &spec.crop {
+            Some(c) => {
+                let ddir = model_dir(lake, &c.detector).await?;
+                let info_file = ddir.local.join(detect::INFO);
+                let info: detect::DetectorInfo = std::fs::read_to_string(&info_file)
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .ok_or_else(|| Error::Other(format!("model `{id}` crops with detector `{}`, whose {} is missing", c.detector, info_file.display())))?;
+                let det = Detector::load(&info.spec, &ddir.local.join(detect::WEIGHTS), device).map_err(|e| Error::Other(e.to_string()))?;
+                (Some(det), Some(ddir))
+            }
+            None => (None, None),
+        };
+        let crop = match (&spec.crop, &detector) {
+            (Some(c), Some(d)) => Some((d.spec.input_size, c.margin)),
+            _ => None,
+        };
         let input_size = spec.input_size;
-        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, oneshot::Sender<Result<Vec<f32>>>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("embedder".into())
             .spawn(move || {
-                let _keep = dir;
-                let s = input_size as i64;
+                let _keep = (dir, det_dir);
                 while let Ok(first) = rx.recv() {
                     // Whatever else is already waiting goes in the same forward pass.
-                    let mut batch = vec![first];
+                    let mut jobs = vec![first];
                     std::thread::sleep(Duration::from_millis(2));
-                    while batch.len() < MAX_BATCH {
+                    while jobs.len() < MAX_BATCH {
                         match rx.try_recv() {
-                            Ok(item) => batch.push(item),
+                            Ok(item) => jobs.push(item),
                             Err(_) => break,
                         }
                     }
-                    let mut buf = Vec::with_capacity(batch.len() * (s * s * 3) as usize);
-                    for (px, _) in &batch {
-                        buf.extend_from_slice(px);
+                    let (mut embeds, mut detects) = (Vec::new(), Vec::new());
+                    for j in jobs {
+                        match j {
+                            Job::Embed(px, reply) => embeds.push((px, reply)),
+                            Job::Detect(px, reply) => detects.push((px, reply)),
+                        }
                     }
-                    let x = Tensor::from_slice(&buf).view([batch.len() as i64, s, s, 3]);
+                    if let (false, Some(det)) = (detects.is_empty(), &detector) {
+                        let x = stack(&detects, det.spec.input_size);
+                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| det.detect(&to_input(&x, det.device()))));
+                        for (i, (_, reply)) in detects.into_iter().enumerate() {
+                            let r = match &out {
+                                Ok(v) if v.len() > i => Ok(v[i]),
+                                _ => Err(Error::Other("the detector failed on this batch".into())),
+                            };
+                            let _ = reply.send(r);
+                        }
+                    }
+                    if embeds.is_empty() {
+                        continue;
+                    }
+                    let x = stack(&embeds, input_size);
                     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let e = net.embed(&to_input(&x, net.device()), flip_tta).to_device(Device::Cpu).contiguous();
                         Vec::<f32>::try_from(e.flatten(0, -1)).unwrap_or_default()
                     }));
                     let dim = net.spec.neck.embedding_dim as usize;
-                    for (i, (_, reply)) in batch.into_iter().enumerate() {
+                    for (i, (_, reply)) in embeds.into_iter().enumerate() {
                         let r = match &out {
                             Ok(v) if v.len() >= (i + 1) * dim => Ok(v[i * dim..(i + 1) * dim].to_vec()),
                             _ => Err(Error::Other("the model failed on this batch".into())),
@@ -91,20 +137,50 @@ impl Embedder {
                 }
             })
             .map_err(|e| Error::Other(format!("cannot start the embedding thread: {e}")))?;
-        Ok(Embedder { model_id: id, input_size, flip_tta, tx })
+        Ok(Embedder { model_id: id, input_size, flip_tta, crop, tx })
     }
 
-    /// Decodes `bytes` (JPEG, PNG, TIFF) and embeds it. A bad image is an error saying why.
+    /// Decodes `bytes` (JPEG, PNG, TIFF), crops the subject when the model was trained on
+    /// crops, and embeds it. A bad image is an error saying why.
     pub async fn embed_bytes(&self, bytes: Vec<u8>) -> Result<Vec<f32>> {
+        let bytes = Arc::new(bytes);
+        let stopped = || Error::Other("the embedding thread has stopped".into());
+        let crop = match self.crop {
+            Some((det_side, margin)) => {
+                let b = bytes.clone();
+                let px = tokio::task::spawn_blocking(move || vision::decode_square(&b, &DecodeLimits::default(), det_side))
+                    .await
+                    .map_err(|e| Error::Other(format!("decoder panicked: {e}")))?
+                    .map_err(|e| Error::BadImage(e.to_string()))?;
+                let (tx, rx) = oneshot::channel();
+                self.tx.send(Job::Detect(px.into_raw(), tx)).map_err(|_| stopped())?;
+                let d = rx.await.map_err(|_| stopped())??;
+                Some(vision::expand_box(d.bbox, margin))
+            }
+            None => None,
+        };
         let side = self.input_size;
-        let px = tokio::task::spawn_blocking(move || vision::decode_square(&bytes, &DecodeLimits::default(), side))
-            .await
-            .map_err(|e| Error::Other(format!("decoder panicked: {e}")))?
-            .map_err(|e| Error::BadImage(e.to_string()))?;
+        let px = tokio::task::spawn_blocking(move || match crop {
+            Some(c) => vision::decode_crop_square(&bytes, &DecodeLimits::default(), side, c),
+            None => vision::decode_square(&bytes, &DecodeLimits::default(), side),
+        })
+        .await
+        .map_err(|e| Error::Other(format!("decoder panicked: {e}")))?
+        .map_err(|e| Error::BadImage(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        self.tx.send((px.into_raw(), tx)).map_err(|_| Error::Other("the embedding thread has stopped".into()))?;
-        rx.await.map_err(|_| Error::Other("the embedding thread has stopped".into()))?
+        self.tx.send(Job::Embed(px.into_raw(), tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
+}
+
+/// `[N, side, side, 3]` u8 from the jobs' pixels.
+fn stack<R>(jobs: &[(Vec<u8>, R)], side: u32) -> Tensor {
+    let s = side as i64;
+    let mut buf = Vec::with_capacity(jobs.len() * (s * s * 3) as usize);
+    for (px, _) in jobs {
+        buf.extend_from_slice(px);
+    }
+    Tensor::from_slice(&buf).view([jobs.len() as i64, s, s, 3])
 }
 
 /// What `similar` found.

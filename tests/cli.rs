@@ -31,7 +31,7 @@ fn the_shipped_pipeline_validates_and_graphs() {
     let repo = common::repo();
     let (code, out, err) = run(&["validate", "pipelines/ingest-to-submission.toml"], &repo);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ingest -> usable -> clean"), "{out}");
+    assert!(out.contains("ingest -> detect -> usable -> clean"), "{out}");
     let (code, out, _) = run(&["graph", "pipelines/ingest-to-submission.toml"], &repo);
     assert_eq!(code, 0);
     assert!(out.contains("usable [sql ../sql/usable.sql] writes usable -> clean"), "{out}");
@@ -51,7 +51,7 @@ fn run_query_and_refused_writes() {
     assert!(!out.contains("clean "), "--until usable does not run clean: {out}");
     let (code, out, _) = run(&["run", pipe, "--until", "usable"], cwd);
     assert_eq!(code, 0);
-    assert_eq!(out.matches("up to date").count(), 4, "both stages reported up to date: {out}");
+    assert_eq!(out.matches("up to date").count(), 6, "all three stages (ingest, detect, usable) reported up to date: {out}");
 
     let (code, out, err) = run(&["query", "SELECT count(*) AS n FROM images", "--pipeline", pipe, "--format", "csv"], cwd);
     assert_eq!(code, 0, "{err}");

@@ -36,15 +36,30 @@ async fn cleaning_drops_exactly_the_planted_defects_and_reruns_are_up_to_date() 
 
     // The cleaning SQL keeps exactly the photos the generator says are good.
     let clean: BTreeSet<String> = strings(&lake, "SELECT photo_id FROM clean").await.into_iter().collect();
-    // No-subject photos survive until the detector stage exists (see the pipeline file): the
-    // photometric subject score cannot tell them apart, so they are expected among the kept.
-    let mut keep = expected(&f, "keep");
+    // Photos with no fluke are among the dropped: the detector, trained on boxes.csv, finds
+    // nothing in them.
+    let keep = expected(&f, "keep");
     let no_subject: BTreeSet<String> = f.truth.iter().filter(|(_, (d, _))| d == "no_subject").map(|(p, _)| p.clone()).collect();
-    assert!(!no_subject.is_empty());
-    keep.extend(no_subject);
+    assert!(!no_subject.is_empty() && no_subject.is_disjoint(&keep));
     let wrongly_dropped: Vec<_> = keep.difference(&clean).map(|p| (p, &f.truth[p].0)).collect();
     let wrongly_kept: Vec<_> = clean.difference(&keep).map(|p| (p, &f.truth[p].0)).collect();
     assert!(wrongly_dropped.is_empty() && wrongly_kept.is_empty(), "dropped good: {wrongly_dropped:?}\nkept bad: {wrongly_kept:?}");
+
+    // The detector answered for every image; its boxes agree with the hand-drawn ones.
+    let detected: BTreeSet<String> = strings(&lake, "SELECT photo_id FROM detections").await.into_iter().collect();
+    assert_eq!(detected, images);
+    let boxes = common::read_boxes(&f.dir.path().join("demo-lake/boxes.csv"));
+    let found = strings(&lake, "SELECT d.photo_id || ',' || CAST(d.x0 * i.width AS VARCHAR) || ',' || CAST(d.y0 * i.height AS VARCHAR) || ',' || CAST(d.x1 * i.width AS VARCHAR) || ',' || CAST(d.y1 * i.height AS VARCHAR) FROM detections d JOIN images i ON d.photo_id = i.photo_id").await;
+    let mut ious = Vec::new();
+    for row in found {
+        let v: Vec<&str> = row.split(',').collect();
+        if let Some(b) = boxes.get(v[0]) {
+            let d: Vec<f64> = v[1..].iter().map(|x| x.parse().unwrap()).collect();
+            ious.push(common::iou(&[d[0], d[1], d[2], d[3]], b));
+        }
+    }
+    let mean_iou = ious.iter().sum::<f64>() / ious.len() as f64;
+    assert!(ious.len() > 10 && mean_iou > 0.6, "detected boxes against boxes.csv: mean IoU {mean_iou} over {}", ious.len());
 
     // Each reject kind gets its own reason.
     let reasons = strings(&lake, "SELECT photo_id || '=' || reason FROM rejects").await;
@@ -64,10 +79,10 @@ async fn cleaning_drops_exactly_the_planted_defects_and_reruns_are_up_to_date() 
     assert!(!rotated.is_empty() && rotated.iter().all(|x| x == "true"), "EXIF-rotated photos are reported upright: {rotated:?}");
 
     // Second run: nothing new, every stage up to date, no new rows, no new table versions.
-    let versions = lake.versions(&["images".into(), "rejects".into(), "usable".into(), "clean".into()]).await.unwrap();
+    let versions = lake.versions(&["images".into(), "rejects".into(), "detections".into(), "usable".into(), "clean".into()]).await.unwrap();
     let again = dag::run(&plan, &opts).await.unwrap();
     assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
-    assert_eq!(lake.versions(&["images".into(), "rejects".into(), "usable".into(), "clean".into()]).await.unwrap(), versions);
+    assert_eq!(lake.versions(&["images".into(), "rejects".into(), "detections".into(), "usable".into(), "clean".into()]).await.unwrap(), versions);
 
     // --force re-runs everything; ingest still adds nothing (idempotent by URI).
     let forced = dag::run(&plan, &RunOptions { force: true, quiet: true, ..Default::default() }).await.unwrap();

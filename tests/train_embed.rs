@@ -24,6 +24,7 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows as i64, images);
     let mut models = std::collections::BTreeSet::new();
+    let mut firsts = std::collections::BTreeSet::new();
     for b in &batches {
         match b.column(2).data_type() {
             DataType::FixedSizeList(item, 256) => assert_eq!(item.data_type(), &DataType::Float32),
@@ -35,10 +36,13 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
             let v = v.as_primitive::<Float32Type>();
             let norm: f32 = v.values().iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-4, "row {i}: norm {norm}");
+            firsts.insert((v.value(0) * 1e4).round() as i64);
         }
         models.extend(b.column(1).as_string::<i32>().iter().map(|s| s.unwrap().to_string()));
     }
     assert_eq!(models.len(), 1);
+    // Photos are told apart: a collapsed model would give every photo the same vector.
+    assert!(firsts.len() * 2 > rows, "only {} distinct embeddings among {rows}", firsts.len());
     let model_id = models.into_iter().next().unwrap();
     assert!(model_id.starts_with("train-"), "{model_id}");
 

@@ -24,6 +24,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("evaluations", include_str!("../../schemas/evaluations.toml")),
     ("pseudo_labels", include_str!("../../schemas/pseudo_labels.toml")),
     ("submissions", include_str!("../../schemas/submissions.toml")),
+    ("detections", include_str!("../../schemas/detections.toml")),
 ];
 
 #[derive(Debug, Deserialize)]

@@ -16,12 +16,15 @@ use crate::lake::store;
 use crate::vision::{self, DecodeLimits};
 use crate::{Error, Result};
 
-/// One photo to load: where it is and (for training) whose it is.
-#[derive(Debug, Clone, PartialEq)]
+/// One photo to load: where it is, (for training) whose it is, and (when a detector found the
+/// subject) the part of it the model sees.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Photo {
     pub photo_id: String,
     pub uri: String,
     pub label: Option<String>,
+    /// `[x0, y0, x1, y1]` as fractions of the displayed frame, margin included; None: all of it.
+    pub crop: Option<[f32; 4]>,
 }
 
 /// Object stores by root (`s3://bucket`, `file://`), opened once.
@@ -54,7 +57,8 @@ struct Cache {
     budget: usize,
 }
 
-/// Fetches and decodes photos to `side`×`side` RGB (stretched, as the model sees them).
+/// Fetches and decodes photos (or their crops) to `side`×`side` RGB (stretched, as the model
+/// sees them).
 pub struct Loader {
     stores: Stores,
     options: HashMap<String, String>,
@@ -81,9 +85,13 @@ impl Loader {
         self.side
     }
 
-    /// Pixels of one photo, `side*side*3` bytes, HWC.
-    pub async fn pixels(&self, uri: &str) -> Result<Arc<Vec<u8>>> {
-        if let Some(p) = self.cache.lock().expect("cache poisoned").map.get(uri) {
+    /// Pixels of one photo (of its `crop` when given), `side*side*3` bytes, HWC.
+    pub async fn pixels(&self, uri: &str, crop: Option<[f32; 4]>) -> Result<Arc<Vec<u8>>> {
+        let key = match crop {
+            Some(c) => format!("{uri}#{:?}", c),
+            None => uri.to_string(),
+        };
+        if let Some(p) = self.cache.lock().expect("cache poisoned").map.get(&key) {
             return Ok(p.clone());
         }
         let (store, path) = self.stores.get(uri, &self.options)?;
@@ -92,7 +100,10 @@ impl Loader {
             .map_err(|e| Error::ObjectStore { uri: uri.into(), source: e })?;
         let _permit = self.decode_slots.acquire().await.map_err(|e| Error::Other(e.to_string()))?;
         let (limits, side) = (self.limits.clone(), self.side);
-        let img = tokio::task::spawn_blocking(move || vision::decode_square(&bytes, &limits, side))
+        let img = tokio::task::spawn_blocking(move || match crop {
+            Some(c) => vision::decode_crop_square(&bytes, &limits, side, c),
+            None => vision::decode_square(&bytes, &limits, side),
+        })
             .await
             .map_err(|e| Error::Other(format!("decoder panicked on {uri}: {e}")))?
             .map_err(|e| Error::Location { uri: uri.into(), reason: format!("cannot decode: {e}") })?;
@@ -100,19 +111,19 @@ impl Loader {
         let mut cache = self.cache.lock().expect("cache poisoned");
         if cache.bytes + px.len() <= cache.budget {
             cache.bytes += px.len();
-            cache.map.insert(uri.to_string(), px.clone());
+            cache.map.insert(key, px.clone());
         }
         Ok(px)
     }
 
-    /// A batch as `[N, side, side, 3]` u8, in the order of `uris`. Each photo loads in its own
+    /// A batch as `[N, side, side, 3]` u8, in the order of `items` (URI, crop). Each photo loads in its own
     /// task (decoding is bounded by the loader's thread count).
-    pub async fn batch(self: &Arc<Self>, uris: Vec<String>) -> Result<Tensor> {
-        let n = uris.len();
+    pub async fn batch(self: &Arc<Self>, items: Vec<(String, Option<[f32; 4]>)>) -> Result<Tensor> {
+        let n = items.len();
         let mut set = tokio::task::JoinSet::new();
-        for (i, u) in uris.into_iter().enumerate() {
+        for (i, (u, crop)) in items.into_iter().enumerate() {
             let me = self.clone();
-            set.spawn(async move { me.pixels(&u).await.map(|p| (i, p)) });
+            set.spawn(async move { me.pixels(&u, crop).await.map(|p| (i, p)) });
         }
         let mut parts: Vec<(usize, Arc<Vec<u8>>)> = Vec::with_capacity(n);
         while let Some(r) = set.join_next().await {
@@ -143,9 +154,9 @@ pub fn prefetch(
         // Two batches in flight at once keep the decoders busy across batch boundaries.
         let mut stream = futures::stream::iter(batches)
             .map(move |b| {
-                let uris: Vec<String> = b.iter().map(|&i| photos[i].uri.clone()).collect();
+                let items: Vec<(String, Option<[f32; 4]>)> = b.iter().map(|&i| (photos[i].uri.clone(), photos[i].crop)).collect();
                 let loader = loader.clone();
-                async move { loader.batch(uris).await.map(|t| (b, t)) }
+                async move { loader.batch(items).await.map(|t| (b, t)) }
             })
             .buffered(2);
         while let Some(item) = stream.next().await {

@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod backbone;
 pub mod data;
+pub mod detect;
 pub mod loss;
 pub mod metrics;
 pub mod neck;

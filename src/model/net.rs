@@ -24,6 +24,20 @@ pub struct NetSpec {
     pub neck: NeckConfig,
     /// Side of the square model input in pixels.
     pub input_size: u32,
+    /// The model sees the subject a detector found, not the whole photo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop: Option<CropSpec>,
+}
+
+/// How a model's inputs are cut out of the photos: the boxes of one detector, grown by a margin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CropSpec {
+    /// Id of the detector whose boxes the model was trained on (under `<lake>/models/`).
+    pub detector: String,
+    /// The table of that detector's boxes (a `detect` stage's output).
+    pub table: String,
+    /// Fraction of the box's width and height added on every side.
+    pub margin: f32,
 }
 
 impl NetSpec {

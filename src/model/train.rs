@@ -394,7 +394,7 @@ pub fn train(cfg: &TrainConfig, train: &[Photo], val: &[Photo], loader: Arc<Load
 }
 
 /// libtorch's generator seed for an epoch.
-fn seed_for(seed: u64, epoch: u32) -> i64 {
+pub fn seed_for(seed: u64, epoch: u32) -> i64 {
     (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64) >> 1) as i64
 }
 
@@ -485,6 +485,7 @@ mod tests {
                     photo_id: format!("w{ind}_{k}.png"),
                     uri: format!("file://{}", p.display()),
                     label: Some(format!("W{ind}")),
+                    crop: None,
                 });
             }
         }
@@ -497,6 +498,7 @@ mod tests {
                 backbone: "mobilenet_v2".into(),
                 neck: NeckConfig { pooling: Pooling::Gem { p: 3.0, learnable: true, eps: 1e-6 }, embedding_dim: 16, dropout: 0.1 },
                 input_size: 32,
+                crop: None,
             },
             pretrained: Pretrained::None,
             loss: vec![(1.0, LossSpec::ArcFace { s: 16.0, m: 0.2, easy_margin: false }), (0.5, LossSpec::CrossEntropy)],

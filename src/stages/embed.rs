@@ -35,13 +35,16 @@ use crate::model::net::{Net, NetSpec};
 use crate::model::train::{self, TrainConfig, embed_photos};
 use crate::{Error, Result};
 
-const KEYS: &[&str] = &["model", "table", "output", "flip_tta", "batch_size", "chunk", "device", "loader_threads", "prefetch"];
+const KEYS: &[&str] = &["model", "table", "output", "crops", "flip_tta", "batch_size", "chunk", "device", "loader_threads", "prefetch"];
 
 #[derive(Debug, Clone)]
 pub struct EmbedStage {
     pub model: String,
     pub table: String,
     pub output: String,
+    /// Table of detector boxes to crop with, for a model trained on crops (default: the table
+    /// the model was trained with).
+    pub crops: Option<String>,
     pub flip_tta: bool,
     pub batch_size: usize,
     /// Photos read, embedded and written at a time.
@@ -68,6 +71,7 @@ impl EmbedStage {
             model: model.unwrap_or_default(),
             table: k.str("table").unwrap_or_else(|| "images".into()),
             output: k.str("output").unwrap_or_else(|| "embeddings".into()),
+            crops: k.str("crops"),
             flip_tta: k.bool("flip_tta").unwrap_or(true),
             batch_size: k.int("batch_size", 1, 4096).unwrap_or(32) as usize,
             chunk: k.int("chunk", 1, 1_000_000).unwrap_or(1024) as usize,
@@ -84,6 +88,9 @@ impl EmbedStage {
         let mut reads = Vec::new();
         let ins = Inputs { stage, at, visible, broken };
         ins.need(rep, &mut reads, &self.table, &["photo_id", "uri", "individual_id"]);
+        if let Some(c) = &self.crops {
+            ins.need(rep, &mut reads, c, &["photo_id", "detector_id", "x0", "y0", "x1", "y1"]);
+        }
         // `model` is a train stage's table when one is visible, else a model id in the lake.
         if let Some(s) = visible.get(&self.model) {
             if s.field_with_name("model_id").is_err() {
@@ -98,6 +105,8 @@ impl EmbedStage {
         let (model_id, dir) = resolve_model(&ctx.lake, &self.model).await?;
         let (spec, best) = model_files(&dir, &model_id)?;
         let device = train::pick_device(ctx.device.as_deref().unwrap_or(&self.device)).map_err(Error::Other)?;
+        let crops = crop_boxes(&ctx.lake, &spec, self.crops.as_deref()).await?;
+        let mut uncropped = 0u64;
         let net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
         let loader = Arc::new(Loader::new(spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()));
         let ds = ctx.lake.open(&self.table).await?.ok_or_else(|| Error::Other(format!("table `{}` does not exist", self.table)))?;
@@ -134,10 +143,13 @@ impl EmbedStage {
                             continue;
                         }
                     }
+                    let crop = crops.get(pid.value(i)).copied();
+                    uncropped += u64::from(spec.crop.is_some() && crop.is_none());
                     pending.push(Photo {
                         photo_id: pid.value(i).to_string(),
                         uri: uri.value(i).to_string(),
                         label: lab.is_valid(i).then(|| lab.value(i).to_string()),
+                        crop,
                     });
                 }
             }
@@ -182,6 +194,7 @@ impl EmbedStage {
         } else {
             format!("{rows} photos embedded")
         };
+        let how = if uncropped > 0 { format!("{how} ({uncropped} without a detection, embedded whole)") } else { how };
         Ok(Outcome {
             rows_in: total,
             rows_out: rows,
@@ -235,6 +248,14 @@ pub fn model_files(dir: &ModelDir, model_id: &str) -> Result<(NetSpec, PathBuf)>
         return Err(Error::Other(format!("model `{model_id}`: {} is missing (did its training finish an epoch?)", best.display())));
     }
     Ok((cfg.net, best))
+}
+
+/// The crop of every photo the model's detector found, by photo id, margin included; empty for
+/// a model that sees whole photos. `table` overrides the table the model was trained with.
+pub async fn crop_boxes(lake: &Lake, spec: &NetSpec, table: Option<&str>) -> Result<HashMap<String, [f32; 4]>> {
+    let Some(c) = &spec.crop else { return Ok(HashMap::new()) };
+    let (_, boxes) = super::detect::read_boxes(lake, table.unwrap_or(&c.table), Some(&c.detector)).await?;
+    Ok(boxes.into_iter().map(|(k, b)| (k, crate::vision::expand_box(b, c.margin))).collect())
 }
 
 /// URIs in `table` when every row of it is of `model_id` with `tta`; None when the table is

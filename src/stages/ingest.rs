@@ -161,6 +161,7 @@ impl IngestConfig {
         Ok(Prepared {
             fingerprint: Some(h.finalize().to_hex().to_string()),
             ingest: Some(Listing { store, prefix, objects }),
+            boxes: None,
         })
     }
 

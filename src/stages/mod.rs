@@ -1,6 +1,7 @@
 //! Stage kinds, one file each: its options (parsed from the pipeline file), its static checks
 //! and its run. This file is the dispatch between them and the engine.
 
+pub mod detect;
 pub mod embed;
 pub mod ensemble;
 pub mod evaluate;
@@ -21,7 +22,7 @@ use crate::dag::StageCtx;
 use crate::Result;
 
 /// The kinds a `[stages.NAME]` table may have.
-pub const KINDS: &[&str] = &["ingest", "sql", "train", "embed", "ensemble", "evaluate", "pseudo_label", "index", "submit", "report"];
+pub const KINDS: &[&str] = &["ingest", "sql", "detect", "train", "embed", "ensemble", "evaluate", "pseudo_label", "index", "submit", "report"];
 
 /// Keys every stage has, whatever its kind.
 pub const COMMON_KEYS: &[&str] = &["kind", "inputs"];
@@ -30,6 +31,7 @@ pub const COMMON_KEYS: &[&str] = &["kind", "inputs"];
 pub enum StageKind {
     Ingest(ingest::IngestConfig),
     Sql(sql::SqlConfig),
+    Detect(detect::DetectStage),
     Train(Box<train::TrainStage>),
     Embed(embed::EmbedStage),
     Evaluate(evaluate::EvaluateStage),
@@ -45,6 +47,7 @@ impl StageKind {
         match self {
             StageKind::Ingest(_) => "ingest",
             StageKind::Sql(_) => "sql",
+            StageKind::Detect(_) => "detect",
             StageKind::Train(_) => "train",
             StageKind::Embed(_) => "embed",
             StageKind::Evaluate(_) => "evaluate",
@@ -61,6 +64,7 @@ impl StageKind {
         match self {
             StageKind::Ingest(_) => vec!["images".into(), "rejects".into()],
             StageKind::Sql(c) => vec![c.output.clone().unwrap_or_else(|| stage.to_string())],
+            StageKind::Detect(c) => vec![c.output.clone()],
             StageKind::Train(c) => vec![c.output(stage)],
             StageKind::Embed(c) => vec![c.output.clone()],
             StageKind::Evaluate(c) => vec![c.output(stage)],
@@ -78,6 +82,7 @@ impl StageKind {
         match self {
             StageKind::Ingest(c) => format!("ingest {}", c.source),
             StageKind::Sql(c) => format!("sql {}", c.query_file),
+            StageKind::Detect(c) => format!("detect {} on {}, boxes {}", c.spec.backbone, c.table, c.boxes),
             StageKind::Train(c) => format!(
                 "train {} {}² on {}, {} epochs",
                 c.config.net.backbone, c.config.net.input_size, c.table, c.config.epochs
@@ -97,6 +102,7 @@ impl StageKind {
     pub async fn prepare(&self, ctx: &StageCtx) -> Result<Prepared> {
         match self {
             StageKind::Ingest(c) => c.prepare(ctx).await,
+            StageKind::Detect(c) => c.prepare(ctx).await,
             _ => Ok(Prepared::default()),
         }
     }
@@ -105,6 +111,7 @@ impl StageKind {
         match self {
             StageKind::Ingest(c) => c.run(ctx, prepared).await,
             StageKind::Sql(c) => c.run(ctx).await,
+            StageKind::Detect(c) => c.run(ctx, prepared).await,
             StageKind::Train(c) => c.run(ctx).await,
             StageKind::Embed(c) => c.run(ctx).await,
             StageKind::Evaluate(c) => c.run(ctx).await,
@@ -123,6 +130,8 @@ pub struct Prepared {
     /// Identity of what the stage reads from outside the lake (None: it reads only tables).
     pub fingerprint: Option<String>,
     pub ingest: Option<ingest::Listing>,
+    /// The detect stage's boxes file, read once.
+    pub boxes: Option<bytes::Bytes>,
 }
 
 /// What a stage run did.
@@ -141,6 +150,7 @@ pub fn parse_kind(kind: &str, at: &Loc, k: &mut Keys, ctx: &Context) -> Option<S
     match kind {
         "ingest" => ingest::IngestConfig::parse(k, ctx).map(StageKind::Ingest),
         "sql" => sql::SqlConfig::parse(k, ctx).map(StageKind::Sql),
+        "detect" => detect::DetectStage::parse(k, ctx).map(StageKind::Detect),
         "train" => train::TrainStage::parse(k, ctx).map(|t| StageKind::Train(Box::new(t))),
         "embed" => embed::EmbedStage::parse(k).map(StageKind::Embed),
         "evaluate" => evaluate::EvaluateStage::parse(k).map(StageKind::Evaluate),
@@ -226,6 +236,7 @@ pub async fn check(
             hash_extra: String::new(),
         },
         StageKind::Sql(c) => c.check(stage, at, visible, broken_inputs, ctx, rep).await,
+        StageKind::Detect(c) => c.check(stage, at, visible, broken_inputs, rep),
         StageKind::Train(c) => c.check(stage, at, visible, broken_inputs, rep),
         StageKind::Embed(c) => c.check(stage, at, visible, broken_inputs, rep),
         StageKind::Evaluate(c) => c.check(stage, at, visible, broken_inputs, rep),

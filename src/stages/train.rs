@@ -41,14 +41,14 @@ use crate::model::augment::{Aug, AugOp, Augmenter};
 use crate::model::data::{Loader, Photo};
 use crate::model::loss::LossSpec;
 use crate::model::neck::{NeckConfig, Pooling};
-use crate::model::net::NetSpec;
+use crate::model::net::{CropSpec, NetSpec};
 use crate::model::optim::{OptimConfig, OptimKind};
 use crate::model::sampler::Sampler;
 use crate::model::train::{self, Pretrained, ScheduleConfig, TrainConfig, TrainEnv};
 use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
-    "table", "extra", "output", "model", "backbone", "pretrained", "input_size", "embedding_dim", "pooling", "gem_p",
+    "table", "extra", "crops", "crop_margin", "output", "model", "backbone", "pretrained", "input_size", "embedding_dim", "pooling", "gem_p",
     "gem_learnable", "dropout", "loss", "arcface_s", "arcface_m", "easy_margin", "subcenter_k", "margin_a",
     "margin_lambda", "margin_b", "triplet_margin", "sampler", "pk_p", "pk_k", "batch_size", "epochs", "optimizer",
     "lr", "head_lr", "weight_decay", "clip_grad_norm", "schedule", "warmup_epochs", "warmup_start", "lr_floor",
@@ -74,6 +74,10 @@ pub struct SplitConfig {
 pub struct TrainStage {
     pub table: String,
     pub extra: Vec<String>,
+    /// Table of detector boxes (a detect stage's output): the model trains on the crops.
+    pub crops: Option<String>,
+    /// Fraction of a box's size added on every side of the crop.
+    pub crop_margin: f32,
     pub output: Option<String>,
     pub model: Option<String>,
     /// `pretrained = "<model id>"` as written; resolved at run time to the model's folder.
@@ -338,7 +342,7 @@ impl TrainStage {
             ok = false;
         }
         let config = TrainConfig {
-            net: NetSpec { backbone, neck, input_size: k.int("input_size", 32, 2048).unwrap_or(480) as u32 },
+            net: NetSpec { backbone, neck, input_size: k.int("input_size", 32, 2048).unwrap_or(480) as u32, crop: None },
             pretrained,
             loss,
             sampler,
@@ -355,6 +359,8 @@ impl TrainStage {
         let stage = TrainStage {
             table: k.str("table").unwrap_or_else(|| "clean".into()),
             extra: k.str_list("extra").unwrap_or_default(),
+            crops: k.str("crops"),
+            crop_margin: k.float("crop_margin", 0.0, 1.0).unwrap_or(0.1) as f32,
             output: k.str("output"),
             model: k.str("model"),
             pretrained_model,
@@ -392,10 +398,13 @@ impl TrainStage {
         for t in std::iter::once(&self.table).chain(&self.extra) {
             ins.need(rep, &mut reads, t, &["photo_id", "uri", "individual_id"]);
         }
+        if let Some(c) = &self.crops {
+            ins.need(rep, &mut reads, c, &["photo_id", "detector_id", "x0", "y0", "x1", "y1"]);
+        }
         Checked {
             reads,
             writes: vec![(self.output(stage), Catalog::builtin("splits"))],
-            hash_extra: serde_json::to_string(&(&self.config, &self.split)).unwrap_or_default(),
+            hash_extra: serde_json::to_string(&(&self.config, &self.split, &self.crops, self.crop_margin)).unwrap_or_default(),
         }
     }
 
@@ -416,6 +425,15 @@ impl TrainStage {
         photos.sort_by(|a, b| a.uri.cmp(&b.uri));
         let split = split_photos(&photos, &self.split);
         let mut cfg = self.config.clone();
+        let mut uncropped = 0usize;
+        if let Some(table) = &self.crops {
+            let (detector, boxes) = super::detect::read_boxes(&ctx.lake, table, None).await?;
+            for p in &mut photos {
+                p.crop = boxes.get(&p.photo_id).map(|b| crate::vision::expand_box(*b, self.crop_margin));
+                uncropped += usize::from(p.crop.is_none());
+            }
+            cfg.net.crop = Some(CropSpec { detector, table: table.clone(), margin: self.crop_margin });
+        }
         // Held to the end of the run: for a remote lake it is the downloaded copy.
         let mut _pretrained_dir = None;
         if let Some(id) = &self.pretrained_model {
@@ -556,12 +574,17 @@ impl TrainStage {
             rows_out: n as u64,
             written: BTreeMap::from([(out, committed.version)]),
             summary: format!(
-                "model {model_id}{resumed}: {} epochs on {} photos of {} individuals, {} val_unseen, {} val_seen{metrics}",
+                "model {model_id}{resumed}: {} epochs on {} photos of {} individuals, {} val_unseen, {} val_seen{metrics}{}",
                 st.epochs_done,
                 counts("train"),
                 outcome.classes,
                 counts("val_unseen"),
                 counts("val_seen"),
+                match &cfg.net.crop {
+                    Some(c) if uncropped > 0 => format!("; crops of {} ({uncropped} photos without a box used whole)", c.detector),
+                    Some(c) => format!("; crops of {}", c.detector),
+                    None => String::new(),
+                },
             ),
         })
     }
@@ -589,6 +612,7 @@ pub async fn read_photos(lake: &Lake, table: &str) -> Result<Vec<Photo>> {
                 photo_id: pid.value(i).to_string(),
                 uri: uri.value(i).to_string(),
                 label: (lab.is_valid(i) && !lab.value(i).is_empty()).then(|| lab.value(i).to_string()),
+                crop: None,
             });
         }
     }
@@ -719,7 +743,7 @@ mod tests {
         let mut out = Vec::new();
         for (l, n) in spec {
             for i in 0..*n {
-                out.push(Photo { photo_id: format!("{l}_{i}.jpg"), uri: format!("file:///p/{l}_{i}.jpg"), label: Some(l.to_string()) });
+                out.push(Photo { photo_id: format!("{l}_{i}.jpg"), uri: format!("file:///p/{l}_{i}.jpg"), label: Some(l.to_string()), crop: None });
             }
         }
         out

@@ -175,5 +175,64 @@ pub fn decode_square(
     decode::open(bytes, limits)?.decode_upright((side, side))
 }
 
+/// Decodes upright, cuts out `crop` = `[x0, y0, x1, y1]` (fractions of the displayed width and
+/// height, clamped to the frame) and resizes the cut (stretching, bilinear) to `side`×`side`: the
+/// model-input path for a detected subject. The photo is decoded at the smallest scale that
+/// still gives the cut at least `side` pixels each way, so a small subject in a large photo
+/// keeps its detail and a large one costs little.
+pub fn decode_crop_square(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    side: u32,
+    crop: [f32; 4],
+) -> Result<RgbImage, VisionError> {
+    let side = side.max(1);
+    let source = decode::open(bytes, limits)?;
+    let probe = source.probe();
+    let (w, h) = (probe.width.max(1), probe.height.max(1));
+    let c = clamp_box(crop);
+    let (cw, ch) = (f64::from(c[2] - c[0]), f64::from(c[3] - c[1]));
+    let scale = (f64::from(side) / (cw * f64::from(w))).max(f64::from(side) / (ch * f64::from(h))).min(1.0);
+    let target = (
+        ((f64::from(w) * scale).round() as u32).clamp(1, w),
+        ((f64::from(h) * scale).round() as u32).clamp(1, h),
+    );
+    let rgb = source.decode_upright(target)?;
+    let (tw, th) = rgb.dimensions();
+    let x0 = ((c[0] * tw as f32).floor() as u32).min(tw - 1);
+    let y0 = ((c[1] * th as f32).floor() as u32).min(th - 1);
+    let x1 = ((c[2] * tw as f32).ceil() as u32).clamp(x0 + 1, tw);
+    let y1 = ((c[3] * th as f32).ceil() as u32).clamp(y0 + 1, th);
+    let cut = image::imageops::crop_imm(&rgb, x0, y0, x1 - x0, y1 - y0).to_image();
+    Ok(image::imageops::resize(&cut, side, side, image::imageops::FilterType::Triangle))
+}
+
+/// `[x0, y0, x1, y1]` inside the unit square with at least 1 % of it each way.
+pub fn clamp_box(b: [f32; 4]) -> [f32; 4] {
+    let fix = |v: f32| if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+    let (mut x0, mut y0, mut x1, mut y1) = (fix(b[0]), fix(b[1]), fix(b[2]), fix(b[3]));
+    if x1 < x0 {
+        std::mem::swap(&mut x0, &mut x1);
+    }
+    if y1 < y0 {
+        std::mem::swap(&mut y0, &mut y1);
+    }
+    if x1 - x0 < 0.01 {
+        let m = ((x0 + x1) / 2.0).clamp(0.005, 0.995);
+        (x0, x1) = (m - 0.005, m + 0.005);
+    }
+    if y1 - y0 < 0.01 {
+        let m = ((y0 + y1) / 2.0).clamp(0.005, 0.995);
+        (y0, y1) = (m - 0.005, m + 0.005);
+    }
+    [x0, y0, x1, y1]
+}
+
+/// `b` grown by `margin` of its size on every side, then clamped to the frame.
+pub fn expand_box(b: [f32; 4], margin: f32) -> [f32; 4] {
+    let (dw, dh) = ((b[2] - b[0]) * margin, (b[3] - b[1]) * margin);
+    clamp_box([b[0] - dw, b[1] - dh, b[2] + dw, b[3] + dh])
+}
+
 #[cfg(test)]
 mod tests;

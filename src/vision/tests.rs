@@ -599,3 +599,36 @@ fn cmyk_jpegs_keep_their_colours() {
     plain.drain(app14..app14 + 2 + len);
     assert_cmyk_colours(&plain);
 }
+
+#[test]
+fn crop_square_cuts_the_box_out_of_the_displayed_frame() {
+    // Four quadrants of a 1200x500 photo: the crop of the lower right one is all blue.
+    let img = RgbImage::from_fn(1200, 500, |x, y| match (x < 600, y < 250) {
+        (true, true) => Rgb([250, 10, 10]),
+        (false, true) => Rgb([10, 250, 10]),
+        (true, false) => Rgb([250, 250, 10]),
+        (false, false) => Rgb([10, 10, 250]),
+    });
+    let bytes = png(&img);
+    let out = decode_crop_square(&bytes, &limits(), 32, [0.55, 0.55, 0.95, 0.95]).expect("crop");
+    assert_eq!(out.dimensions(), (32, 32));
+    assert!(out.pixels().all(|p| p[2] > 200 && p[0] < 60 && p[1] < 60), "only the blue quadrant");
+    let out = decode_crop_square(&jpeg(&img), &limits(), 16, [0.05, 0.05, 0.45, 0.45]).expect("crop");
+    assert!(out.pixels().all(|p| p[0] > 200 && p[1] < 60), "only the red quadrant");
+    // A box past the frame is clamped, an inverted one is put right.
+    let out = decode_crop_square(&bytes, &limits(), 8, [1.5, 1.2, 0.6, 0.6]).expect("clamped");
+    assert!(out.pixels().all(|p| p[2] > 200));
+}
+
+#[test]
+fn boxes_are_clamped_and_expanded() {
+    assert_eq!(clamp_box([-0.2, 0.1, 1.4, 0.9]), [0.0, 0.1, 1.0, 0.9]);
+    assert_eq!(clamp_box([0.8, 0.9, 0.2, 0.1]), [0.2, 0.1, 0.8, 0.9]);
+    let tiny = clamp_box([0.5, 0.5, 0.5, 0.5]);
+    assert!((tiny[2] - tiny[0] - 0.01).abs() < 1e-6 && (tiny[3] - tiny[1] - 0.01).abs() < 1e-6);
+    let e = expand_box([0.2, 0.4, 0.6, 0.6], 0.25);
+    for (a, b) in e.iter().zip([0.1, 0.35, 0.7, 0.65]) {
+        assert!((a - b).abs() < 1e-6, "{e:?}");
+    }
+    assert_eq!(expand_box([0.0, 0.0, 1.0, 1.0], 0.5), [0.0, 0.0, 1.0, 1.0]);
+}

@@ -30,10 +30,10 @@ pub fn demo(individuals: usize, photos_per: usize, seed: u64) -> Fixture {
         .replace("file://../data/lake", "file://lake")
         .replace("file://../data/demo-lake/", "file://demo-lake/")
         .replace("\"../sql/", &format!("\"{}/sql/", repo().display()))
-        // Training sized for tests: tiny inputs, two epochs, no pretrained weights.
+        // Training sized for tests: tiny inputs, two epochs, from the ImageNet weights (a net
+        // trained from scratch for two steps maps every photo to the same vector).
         .replace("input_size = 480", "input_size = 64")
         .replace("epochs = 80", "epochs = 2")
-        .replace("pretrained = \"imagenet\"", "pretrained = \"none\"")
         .replace("device = \"auto\"", "device = \"cpu\"")
         .replace("\"../data/submission.csv\"", "\"submission.csv\"")
         .replace("\"../data/report.html\"", "\"report.html\"");
@@ -51,6 +51,25 @@ pub fn read_truth(p: &Path) -> BTreeMap<String, (String, String)> {
         let rec = rec.unwrap();
         (rec[p].to_string(), (rec[d].to_string(), rec[e].to_string()))
     }).collect()
+}
+
+/// boxes.csv of a demo lake: photo → [x0, y0, x1, y1] in pixels.
+pub fn read_boxes(p: &Path) -> BTreeMap<String, [f64; 4]> {
+    let mut r = csv::Reader::from_path(p).unwrap();
+    r.records()
+        .map(|rec| {
+            let rec = rec.unwrap();
+            let v = |i: usize| rec[i].parse::<f64>().unwrap();
+            (rec[0].to_string(), [v(1), v(2), v(3), v(4)])
+        })
+        .collect()
+}
+
+pub fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h;
+    if union > 0.0 { w * h / union } else { 0.0 }
 }
 
 pub fn bin() -> &'static str {
