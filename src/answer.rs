@@ -298,8 +298,12 @@ pub async fn report(lake: &Lake, title: &str, o: &ReportOptions) -> Result<Strin
         ],
     };
     if tables.contains(&o.evaluations) {
+        // Re-ranked rows (α-query expansion) are told apart in the gallery column; tables
+        // written before re-ranking existed have no `rerank` column.
+        let reranked = lake.open(&o.evaluations).await?.is_some_and(|ds| ds.schema().field("rerank").is_some());
+        let gallery = if reranked { "CASE WHEN rerank = 'none' THEN gallery ELSE gallery || ', ' || rerank END" } else { "gallery" };
         for b in q(format!(
-            "SELECT queries, gallery, n_queries, precision_at_1, map_at_20, recall_at_20, model_id FROM \"{}\" ORDER BY queries, gallery",
+            "SELECT queries, {gallery} AS gallery, n_queries, precision_at_1, map_at_20, recall_at_20, model_id FROM \"{}\" ORDER BY 1, 2",
             o.evaluations
         ))
         .await?

@@ -63,6 +63,13 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
         .collect();
     assert!(got.contains(&("val_unseen".into(), "queries".into())), "{got:?}");
     assert!(got.contains(&("all".into(), "all".into())), "{got:?}");
+    // The pipeline asks for α-query expansion too: every row again, re-ranked.
+    let rr = query(&lake, "SELECT rerank, count(*) FROM evaluate GROUP BY rerank ORDER BY rerank").await;
+    let rr: Vec<(String, i64)> = rr
+        .iter()
+        .flat_map(|b| (0..b.num_rows()).map(|i| (b.column(0).as_string::<i32>().value(i).to_string(), b.column(1).as_primitive::<arrow::datatypes::Int64Type>().value(i))).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(rr, vec![("aqe k=5 alpha=3".to_string(), got.len() as i64 / 2), ("none".to_string(), got.len() as i64 / 2)]);
     for b in &ev {
         for c in [2, 3] {
             let v = b.column(c).as_primitive::<arrow::datatypes::Float64Type>();

@@ -16,6 +16,8 @@
 //! inputs = ["embed"]
 //! embeddings = "embeddings"
 //! splits = "train"      # the train stage's table; without it only all/all is computed
+//! query_expansion = 5   # also report each row re-ranked with α-query expansion (k = 5)
+//! qe_alpha = 3.0
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,16 +31,19 @@ use super::{Checked, Inputs, Outcome, COMMON_KEYS};
 use crate::config::{Keys, Loc, Reporter};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, Lake, WriteKind};
-use crate::model::metrics::{RetrievalMetrics, retrieval_metrics};
+use crate::model::metrics::{RetrievalMetrics, alpha_query_expansion, retrieval_metrics};
 use crate::{Error, Result};
 
-const KEYS: &[&str] = &["embeddings", "splits", "output"];
+const KEYS: &[&str] = &["embeddings", "splits", "output", "query_expansion", "qe_alpha"];
 
 #[derive(Debug, Clone)]
 pub struct EvaluateStage {
     pub embeddings: String,
     pub splits: Option<String>,
     pub output: Option<String>,
+    /// α-query expansion: neighbours added to each query (0: off) and their weight exponent.
+    pub qe_k: usize,
+    pub qe_alpha: f32,
 }
 
 /// Every embedding of a table, in memory.
@@ -115,11 +120,13 @@ pub async fn read_splits(lake: &Lake, table: &str) -> Result<HashMap<String, Str
     Ok(out)
 }
 
-/// One evaluation: `(queries, gallery, metrics, gallery size)`.
-pub type Evaluation = (String, String, RetrievalMetrics, usize);
+/// One evaluation: `(queries, gallery, metrics, gallery size, re-ranking)`.
+pub type Evaluation = (String, String, RetrievalMetrics, usize, String);
 
-/// The evaluations of the module table on `set`, given the split of each photo (by URI).
-pub fn evaluate(set: &EmbeddingSet, splits: &HashMap<String, String>) -> Vec<Evaluation> {
+/// The evaluations of the embeddings table on `set`, given the split of each photo (by URI).
+/// With `qe = Some((k, alpha))` every evaluation is made a second time with α-query-expanded
+/// queries (re-ranking `aqe k=.. alpha=..`).
+pub fn evaluate(set: &EmbeddingSet, splits: &HashMap<String, String>, qe: Option<(usize, f32)>) -> Vec<Evaluation> {
     let subset = |rows: &[usize]| -> (Vec<f32>, Vec<String>, Vec<String>) {
         let mut v = Vec::with_capacity(rows.len() * set.dim);
         for &i in rows {
@@ -136,23 +143,31 @@ pub fn evaluate(set: &EmbeddingSet, splits: &HashMap<String, String>) -> Vec<Eva
     let in_split = |name: &str| -> Vec<usize> {
         labelled.iter().copied().filter(|&i| splits.get(&set.uris[i]).is_some_and(|s| s == name)).collect()
     };
-    let (gv, gl, gi) = subset(&all);
     let ks = [5, 10, 20];
+    let dim = set.dim;
     let mut out = Vec::new();
+    let mut push = |qn: &str, gn: &str, q: &(Vec<f32>, Vec<String>, Vec<String>), g: &(Vec<f32>, Vec<String>, Vec<String>)| {
+        let m = retrieval_metrics(&q.0, &q.1, &q.2, &g.0, &g.1, &g.2, dim, &ks);
+        out.push((qn.to_string(), gn.to_string(), m, g.1.len(), "none".to_string()));
+        if let Some((k, alpha)) = qe {
+            let e = alpha_query_expansion(&q.0, &q.2, &g.0, &g.2, dim, k, alpha);
+            let m = retrieval_metrics(&e, &q.1, &q.2, &g.0, &g.1, &g.2, dim, &ks);
+            out.push((qn.to_string(), gn.to_string(), m, g.1.len(), format!("aqe k={k} alpha={alpha}")));
+        }
+    };
+    let gallery = subset(&all);
     let unseen = in_split("val_unseen");
     if !unseen.is_empty() {
-        let (qv, ql, qi) = subset(&unseen);
-        out.push(("val_unseen".into(), "queries".into(), retrieval_metrics(&qv, &ql, &qi, &qv, &ql, &qi, set.dim, &ks), unseen.len()));
-        out.push(("val_unseen".into(), "all".into(), retrieval_metrics(&qv, &ql, &qi, &gv, &gl, &gi, set.dim, &ks), all.len()));
+        let q = subset(&unseen);
+        push("val_unseen", "queries", &q, &q);
+        push("val_unseen", "all", &q, &gallery);
     }
     let seen = in_split("val_seen");
     if !seen.is_empty() {
-        let (qv, ql, qi) = subset(&seen);
-        out.push(("val_seen".into(), "all".into(), retrieval_metrics(&qv, &ql, &qi, &gv, &gl, &gi, set.dim, &ks), all.len()));
+        push("val_seen", "all", &subset(&seen), &gallery);
     }
     if !labelled.is_empty() {
-        let (qv, ql, qi) = subset(&labelled);
-        out.push(("all".into(), "all".into(), retrieval_metrics(&qv, &ql, &qi, &gv, &gl, &gi, set.dim, &ks), all.len()));
+        push("all", "all", &subset(&labelled), &gallery);
     }
     out
 }
@@ -163,6 +178,8 @@ impl EvaluateStage {
             embeddings: k.str("embeddings").unwrap_or_else(|| "embeddings".into()),
             splits: k.str("splits"),
             output: k.str("output"),
+            qe_k: k.int("query_expansion", 0, 1000).unwrap_or(0) as usize,
+            qe_alpha: k.float("qe_alpha", 0.0, 100.0).unwrap_or(3.0) as f32,
         };
         let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
         k.finish(&all);
@@ -192,7 +209,8 @@ impl EvaluateStage {
         let evals = tokio::task::spawn_blocking({
             let set = Arc::new(set);
             let s2 = set.clone();
-            move || (evaluate(&s2, &splits), s2)
+            let qe = (self.qe_k > 0).then_some((self.qe_k, self.qe_alpha));
+            move || (evaluate(&s2, &splits, qe), s2)
         })
         .await
         .map_err(|e| Error::Other(format!("evaluation panicked: {e}")))?;
@@ -217,6 +235,7 @@ impl EvaluateStage {
                 Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| recall(&e.2, 5)))),
                 Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| recall(&e.2, 10)))),
                 Arc::new(Float64Array::from_iter_values(evals.iter().map(|e| recall(&e.2, 20)))),
+                Arc::new(StringArray::from_iter_values(evals.iter().map(|e| e.4.as_str()))),
                 Arc::new(StringArray::from(vec![ctx.run_id.as_str(); n])),
                 Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC")),
             ],
@@ -227,7 +246,10 @@ impl EvaluateStage {
         let committed = sink.finish().await?;
         let lines: Vec<String> = evals
             .iter()
-            .map(|(q, g, m, _)| format!("{q}/{g}: P@1 {:.3} mAP@20 {:.3} ({} queries)", m.precision_at_1, m.map_at_20, m.queries))
+            .map(|(q, g, m, _, r)| {
+                let r = if r == "none" { String::new() } else { format!(" [{r}]") };
+                format!("{q}/{g}{r}: P@1 {:.3} mAP@20 {:.3} ({} queries)", m.precision_at_1, m.map_at_20, m.queries)
+            })
             .collect();
         Ok(Outcome {
             rows_in: set.len() as u64,

@@ -404,7 +404,13 @@ impl TrainStage {
         Checked {
             reads,
             writes: vec![(self.output(stage), Catalog::builtin("splits"))],
-            hash_extra: serde_json::to_string(&(&self.config, &self.split, &self.crops, self.crop_margin)).unwrap_or_default(),
+            // Without crops the hash is what it was before crops existed: models trained then
+            // stay up to date.
+            hash_extra: match &self.crops {
+                None => serde_json::to_string(&(&self.config, &self.split)),
+                Some(c) => serde_json::to_string(&(&self.config, &self.split, c, self.crop_margin)),
+            }
+            .unwrap_or_default(),
         }
     }
 
