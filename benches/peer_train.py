@@ -4,7 +4,7 @@ MobileNetV2 features (torchvision) -> GeM (learnable p) -> Linear 256 -> BatchNo
 (s=30, m=0.5) with AdamW, eager mode; inputs in 0..1 normalised with ImageNet statistics inside
 the timed step, as the Rust model does. Prints one JSON line: training and embedding images/s.
 
-    python benches/peer_train.py --batch 32 --size 224 --threads 2 --steps 5 [--device cuda --bf16]
+    python benches/peer_train.py --batch 32 --size 224 --threads 2 --steps 5 [--device cuda --bf16] [--channels-last]
 """
 import argparse
 import json
@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--classes", type=int, default=300)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -80,7 +81,9 @@ def main():
         [{"params": net.backbone.parameters(), "lr": 2e-4},
          {"params": list(net.pool.parameters()) + list(net.fc.parameters()) + list(net.bn.parameters()) + list(head.parameters()), "lr": 2e-3}],
         weight_decay=1e-3)
-    x = torch.rand(a.batch, 3, a.size, a.size, device=dev)
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = torch.rand(a.batch, 3, a.size, a.size, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, a.classes, (a.batch,), device=dev)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (a.bf16 and dev.type == "cuda") else torch.autocast("cpu", enabled=False)
 
@@ -108,7 +111,7 @@ def main():
     train_ips = a.batch / statistics.median(times)
 
     net.eval()
-    xe = torch.rand(64, 3, a.size, a.size, device=dev)
+    xe = torch.rand(64, 3, a.size, a.size, device=dev).contiguous(memory_format=fmt)
     with torch.no_grad(), amp:
         net(xe)
         sync()

@@ -1,6 +1,9 @@
 //! Training-step and embedding throughput beside PyTorch eager, in one run, same machine.
 //!
-//!     cargo bench --profile dev --bench train -- [--batch 32] [--size 224] [--threads 2] [--steps 5] [--device cpu|cuda] [--bf16]
+//!     cargo bench --profile dev --bench train -- [--batch 32] [--size 224] [--threads 2] [--steps 5] [--device cpu|cuda] [--bf16] [--channels-last]
+//!
+//! `--channels-last` runs both sides in NHWC memory order (weights and inputs), as the train
+//! and embed stages do by default; without it both run NCHW.
 //!
 //! Both sides: MobileNetV2 → GeM → Linear 256 → BN → ArcFace (s=30, m=0.5), AdamW with a
 //! separate head learning rate, random inputs in 0..1 normalised inside the step, 300 classes.
@@ -25,6 +28,7 @@ struct Args {
     steps: usize,
     device: String,
     bf16: bool,
+    channels_last: bool,
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
@@ -45,7 +49,10 @@ fn rust_round(a: &Args) -> (f64, f64) {
         input_size: a.size as u32,
         crop: None,
     };
-    let net = Net::new(&spec, device).expect("net");
+    let mut net = Net::new(&spec, device).expect("net");
+    if a.channels_last {
+        net.use_channels_last();
+    }
     let classes = 300;
     let loss = Loss::new(
         &net.vs.root().sub("loss").set_group(1),
@@ -110,6 +117,9 @@ fn peer_round(a: &Args) -> (f64, f64) {
     if a.bf16 {
         cmd.arg("--bf16");
     }
+    if a.channels_last {
+        cmd.arg("--channels-last");
+    }
     let out = cmd.output().expect("run the PyTorch peer (scripts/setup.sh makes its venv)");
     assert!(out.status.success(), "peer failed: {}", String::from_utf8_lossy(&out.stderr));
     let line = String::from_utf8_lossy(&out.stdout);
@@ -126,12 +136,19 @@ fn main() {
         steps: arg(&args, "--steps", 5),
         device: arg(&args, "--device", "cpu".to_string()),
         bf16: args.iter().any(|x| x == "--bf16"),
+        channels_last: args.iter().any(|x| x == "--channels-last"),
     };
     tch::set_num_threads(a.threads);
     let rounds = arg(&args, "--rounds", 2usize);
     println!(
-        "mobilenet_v2 + GeM + 256 + ArcFace, batch {} at {}², {} threads, device {}{}; {} timed steps per round, {rounds} rounds",
-        a.batch, a.size, a.threads, a.device, if a.bf16 { " bf16" } else { "" }, a.steps
+        "mobilenet_v2 + GeM + 256 + ArcFace, batch {} at {}², {} threads, device {}{}{}; {} timed steps per round, {rounds} rounds",
+        a.batch,
+        a.size,
+        a.threads,
+        a.device,
+        if a.bf16 { " bf16" } else { "" },
+        if a.channels_last { " channels-last" } else { " NCHW" },
+        a.steps
     );
     let (mut rt, mut re, mut pt, mut pe) = (vec![], vec![], vec![], vec![]);
     for r in 0..rounds {

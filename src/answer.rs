@@ -66,7 +66,8 @@ impl Embedder {
         let (spec, best) = model_files(&dir, &id).map_err(|e| {
             Error::Other(format!("{e} (an ensemble's embeddings cannot embed new photos: ask by photo id, or embed with a member model)"))
         })?;
-        let net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+        let mut net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+        net.use_channels_last();
         let (detector, det_dir) = match &spec.crop {
             Some(c) => {
                 let ddir = model_dir(lake, &c.detector).await?;

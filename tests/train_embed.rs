@@ -112,6 +112,40 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
             assert_eq!(b.column(3).as_primitive::<arrow::datatypes::Int64Type>().value(i), 0);
         }
     }
+    // The pipeline's submit re-ranks with α-query expansion (k 5, α 3): each answer is the
+    // top-20 of the expanded query, rank by rank, recomputed here from the embeddings (exact
+    // search: the demo table is below the index threshold).
+    let (mut ids, mut vecs) = (Vec::new(), Vec::<Vec<f32>>::new());
+    for b in &batches {
+        let list = b.column(2).as_fixed_size_list();
+        for i in 0..b.num_rows() {
+            ids.push(b.column(0).as_string::<i32>().value(i).to_string());
+            vecs.push(list.value(i).as_primitive::<Float32Type>().values().to_vec());
+        }
+    }
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let top = |q: usize, v: &[f32], n: usize| -> Vec<usize> {
+        let mut o: Vec<usize> = (0..ids.len()).filter(|&j| j != q).collect();
+        o.sort_by(|&a, &b| dot(v, &vecs[b]).total_cmp(&dot(v, &vecs[a])));
+        o.truncate(n);
+        o
+    };
+    let row_of: std::collections::HashMap<&str, usize> = ids.iter().enumerate().map(|(i, p)| (p.as_str(), i)).collect();
+    let mut reordered = 0;
+    for line in csv.lines().skip(1) {
+        let (photo, neighbours) = line.split_once(',').unwrap();
+        let q = row_of[photo];
+        let first = top(q, &vecs[q], 5);
+        let e = pipeline::model::metrics::expand_query(&vecs[q], first.iter().map(|&j| (dot(&vecs[q], &vecs[j]), vecs[j].as_slice())), 3.0);
+        let want = top(q, &e, 20);
+        let got: Vec<usize> = neighbours.split(' ').map(|n| row_of[n]).collect();
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            let (sg, sw) = (dot(&e, &vecs[*g]), dot(&e, &vecs[*w]));
+            assert!((sg - sw).abs() < 1e-4, "{photo} rank {}: {} ({sg}) where the expanded query ranks {} ({sw})", r + 1, ids[*g], ids[*w]);
+        }
+        reordered += usize::from(got != top(q, &vecs[q], 20));
+    }
+    assert!(reordered > 0, "query expansion changed no answer: is it applied?");
     let inds = std::fs::read_to_string(f.dir.path().join("submission_individuals.csv")).unwrap();
     assert!(inds.starts_with("photo,individuals\n"));
     assert!(inds.contains("new_individual"), "the new-individual answer is placed somewhere");

@@ -71,6 +71,25 @@ impl<'a> Keys<'a> {
         }
     }
 
+    /// `device`: "auto" (the default), "cpu" or "cuda"; anything else is reported (None).
+    pub fn device(&mut self) -> Option<String> {
+        let device = self.str("device").unwrap_or_else(|| "auto".into());
+        if ["auto", "cpu", "cuda"].contains(&device.as_str()) {
+            Some(device)
+        } else {
+            self.error("device", format!("unknown device `{device}` (auto, cpu, cuda)"));
+            None
+        }
+    }
+
+    /// The photo loader's `loader_threads` (default: the machine's cores) and `prefetch`
+    /// (batches decoded ahead, default 4).
+    pub fn loader(&mut self) -> (usize, usize) {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let threads = self.int("loader_threads", 1, 256).map(|n| n as usize).unwrap_or(cores);
+        (threads, self.int("prefetch", 1, 64).unwrap_or(4) as usize)
+    }
+
     pub fn bool(&mut self, key: &str) -> Option<bool> {
         let n = self.node(key)?;
         match n.val {

@@ -24,10 +24,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor, nn, nn::OptimizerConfig};
 
 use super::backbone::{Arch, Backbone, load_weights, load_weights_from};
-use super::net::NetError;
-
-const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
-const STD: [f64; 3] = [0.229, 0.224, 0.225];
+use super::net::{ImagenetNorm, NetError, channels_last, vars_to_channels_last};
 
 /// Cells whose centre is within this fraction of the box's half-size from its centre are
 /// positives (the cell holding the centre always is).
@@ -78,8 +75,7 @@ pub struct Detector {
     pub head_vs: nn::VarStore,
     backbone: Backbone,
     pub head: Head,
-    mean: Tensor,
-    std: Tensor,
+    norm: ImagenetNorm,
 }
 
 impl Detector {
@@ -87,11 +83,11 @@ impl Detector {
         let arch: Arch = spec.backbone.parse().map_err(|e: super::backbone::UnknownArch| NetError::Arch(e.to_string()))?;
         let backbone_vs = nn::VarStore::new(device);
         let backbone = Backbone::new(&(backbone_vs.root() / "backbone"), arch);
+        // The frozen backbone runs in channels-last order (faster; see `Net::use_channels_last`).
+        vars_to_channels_last(&backbone_vs);
         let head_vs = nn::VarStore::new(device);
         let head = Head::new(&(head_vs.root() / "head"), arch.out_channels(), spec.hidden);
-        let mean = Tensor::from_slice(&MEAN).to_kind(Kind::Float).view([1, 3, 1, 1]).to_device(device);
-        let std = Tensor::from_slice(&STD).to_kind(Kind::Float).view([1, 3, 1, 1]).to_device(device);
-        Ok(Detector { spec: spec.clone(), backbone_vs, head_vs, backbone, head, mean, std })
+        Ok(Detector { spec: spec.clone(), backbone_vs, head_vs, backbone, head, norm: ImagenetNorm::new(device) })
     }
 
     pub fn device(&self) -> Device {
@@ -110,7 +106,7 @@ impl Detector {
     /// Frozen feature map of `x01` (`[N,3,S,S]` in 0..1).
     pub fn features(&self, x01: &Tensor) -> Tensor {
         let _g = tch::no_grad_guard();
-        let x = (x01 - &self.mean) / &self.std;
+        let x = channels_last(&self.norm.apply(x01));
         self.backbone.forward_features(&x, false).to_kind(Kind::Float)
     }
 
@@ -124,6 +120,7 @@ impl Detector {
     pub fn save(&self, file: &Path) -> Result<(), NetError> {
         let mut vars: Vec<(String, Tensor)> = self.backbone_vs.variables().into_iter().collect();
         vars.extend(self.head_vs.variables());
+        let mut vars: Vec<(String, Tensor)> = tch::no_grad(|| vars.into_iter().map(|(n, t)| (n, t.contiguous())).collect());
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         Tensor::write_safetensors(&vars, file).map_err(|e| NetError::Checkpoint { path: file.into(), detail: e.to_string() })
     }

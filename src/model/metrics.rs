@@ -597,16 +597,28 @@ pub fn alpha_query_expansion(
         if take > 0 {
             sims.select_nth_unstable_by(take - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         }
-        let mut acc = qv.clone();
-        for &(s, j) in &sims[..take] {
-            let w = s.max(0.0).powf(alpha);
-            for (a, x) in acc.iter_mut().zip(&g[j]) {
-                *a += w * x;
-            }
-        }
-        out.extend(unit(&acc));
+        out.extend(expand_query(&qv, sims[..take].iter().map(|&(s, j)| (s, g[j].as_slice())), alpha));
     }
     out
+}
+
+/// One α-query-expansion query: the unit query `q` plus each neighbour (similarity, unit
+/// vector) weighted by `max(similarity, 0)^alpha`, re-normalised. What
+/// [`alpha_query_expansion`] does per query, for callers that found the neighbours themselves
+/// (through a vector index).
+pub fn expand_query<'a>(q: &[f32], neighbours: impl IntoIterator<Item = (f32, &'a [f32])>, alpha: f32) -> Vec<f32> {
+    let mut acc = q.to_vec();
+    for (s, v) in neighbours {
+        let w = s.max(0.0).powf(alpha);
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a += w * x;
+        }
+    }
+    let n = acc.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        acc.iter_mut().for_each(|x| *x /= n);
+    }
+    acc
 }
 
 #[cfg(test)]

@@ -117,6 +117,8 @@ pub struct TrainEnv<'a> {
     pub device: Device,
     /// bf16 autocast (CUDA only).
     pub amp: bool,
+    /// Channels-last memory order for the convolutions ([`Net::use_channels_last`]).
+    pub channels_last: bool,
     /// `$PIPELINE_WEIGHTS`.
     pub weights_dir: PathBuf,
     /// Checkpoints, state and TensorBoard events go here.
@@ -214,7 +216,12 @@ pub fn train(cfg: &TrainConfig, train: &[Photo], val: &[Photo], loader: Arc<Load
     // seeded, so a run and its resumed twin start from the same ones.
     tch::manual_seed(seed_for(cfg.seed, u32::MAX));
 
-    let net = Net::new(&cfg.net, env.device).map_err(|e| err(e.to_string()))?;
+    let mut net = Net::new(&cfg.net, env.device).map_err(|e| err(e.to_string()))?;
+    // Before any weight is loaded (copies keep the layout) and before the optimizer makes its
+    // moments (they take the layout of their variable).
+    if env.channels_last {
+        net.use_channels_last();
+    }
     let loss = Loss::try_new(
         &net.vs.root().sub("loss").set_group(1),
         &cfg.loss,
@@ -263,16 +270,29 @@ pub fn train(cfg: &TrainConfig, train: &[Photo], val: &[Photo], loader: Arc<Load
     };
     let mut resumed_from = None;
     let state_file = env.dir.join(LAST_STATE);
-    if env.resume && state_file.is_file() {
+    // A finished training of this very configuration (the directory is named by config and
+    // data) is taken as it is, with or without --resume: a stage re-run for a reason that does
+    // not touch the model (an engine upgrade, loader options) must not retrain for an hour.
+    let saved: Option<TrainState> = if state_file.is_file() {
         let text = std::fs::read_to_string(&state_file).map_err(|e| Error::io(&state_file, e))?;
-        let saved: TrainState = serde_json::from_str(&text).map_err(|e| err(format!("{}: {e}", state_file.display())))?;
-        if saved.config_hash == config_hash {
+        match serde_json::from_str::<TrainState>(&text) {
+            Ok(s) => Some(s),
+            Err(e) if env.resume => return Err(err(format!("{}: {e}", state_file.display()))),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    if let Some(saved) = saved {
+        let same = saved.config_hash == config_hash;
+        let finished = same && (saved.epochs_done >= cfg.epochs || saved.stopped_early) && env.dir.join(BEST).is_file();
+        if same && (env.resume || finished) {
             net.load_from(&env.dir.join(LAST), true).map_err(|e| err(e.to_string()))?;
             load_loss_vars(&net, &env.dir.join(LAST))?;
             opt.load(&env.dir.join(LAST_OPTIM)).map_err(|e| err(e.to_string()))?;
             resumed_from = Some(saved.epochs_done);
             state = saved;
-        } else {
+        } else if env.resume {
             tracing::warn!("--resume: the last checkpoint in {} is of another configuration; starting over", env.dir.display());
         }
     }
@@ -530,6 +550,7 @@ mod tests {
         let env = TrainEnv {
             device: Device::Cpu,
             amp: false,
+            channels_last: true,
             weights_dir: PathBuf::from("/nonexistent"),
             dir: dir.to_path_buf(),
             resume,
@@ -619,6 +640,12 @@ mod tests {
         let other = TrainConfig { lr: 1e-3, ..cfg.clone() };
         let fresh = run(&other, &ps, &part, true, None).unwrap();
         assert_eq!(fresh.resumed_from, None);
+
+        // A finished training of the same configuration is taken as it is, even without --resume.
+        let again = run(&cfg, &ps, &tmp.path().join("whole"), false, None).unwrap();
+        assert_eq!(again.resumed_from, Some(3));
+        assert_eq!(again.state.history.len(), 3);
+        assert!(again.state.history.iter().zip(&whole.state.history).all(|(a, b)| (a.loss - b.loss).abs() < 1e-9));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
-use super::{COMMON_KEYS, Checked, Inputs, Outcome, Prepared};
+use super::{Checked, Inputs, Outcome, Prepared};
 use crate::config::{Context, Keys, Loc, Reporter};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, Lake, WriteKind, store};
@@ -112,12 +112,10 @@ impl DetectStage {
             k.error("backbone", format!("unknown backbone `{backbone}` (known: {})", names.join(", ")));
             ok = false;
         }
-        let device = k.str("device").unwrap_or_else(|| "auto".into());
-        if !["auto", "cpu", "cuda"].contains(&device.as_str()) {
-            k.error("device", format!("unknown device `{device}` (auto, cpu, cuda)"));
-            ok = false;
-        }
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let device = k.device();
+        ok &= device.is_some();
+        let device = device.unwrap_or_default();
+        let (loader_threads, prefetch) = k.loader();
         let s = DetectStage {
             table: k.str("table").unwrap_or_else(|| "images".into()),
             boxes,
@@ -138,11 +136,10 @@ impl DetectStage {
             },
             val_fraction: k.float("val_fraction", 0.0, 0.9).unwrap_or(0.2),
             device,
-            loader_threads: k.int("loader_threads", 1, 256).map(|n| n as usize).unwrap_or(cores),
-            prefetch: k.int("prefetch", 1, 64).unwrap_or(4) as usize,
+            loader_threads,
+            prefetch,
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         ok.then_some(s)
     }
 

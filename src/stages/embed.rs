@@ -26,7 +26,7 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use futures::TryStreamExt;
 
 use super::train::{ModelDir, model_dir};
-use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use super::{Checked, Inputs, Outcome};
 use crate::config::{Keys, Loc, Reporter};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, Lake, WriteKind};
@@ -35,7 +35,7 @@ use crate::model::net::{Net, NetSpec};
 use crate::model::train::{self, TrainConfig, embed_photos};
 use crate::{Error, Result};
 
-const KEYS: &[&str] = &["model", "table", "output", "crops", "flip_tta", "batch_size", "chunk", "device", "loader_threads", "prefetch"];
+const KEYS: &[&str] = &["model", "table", "output", "crops", "flip_tta", "batch_size", "chunk", "device", "loader_threads", "prefetch", "channels_last"];
 
 #[derive(Debug, Clone)]
 pub struct EmbedStage {
@@ -52,21 +52,20 @@ pub struct EmbedStage {
     pub device: String,
     pub loader_threads: usize,
     pub prefetch: usize,
+    /// Convolutions in channels-last memory order (faster; same embeddings to float rounding).
+    pub channels_last: bool,
 }
 
 impl EmbedStage {
     pub fn parse(k: &mut Keys) -> Option<EmbedStage> {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let model = k.str("model");
         if model.is_none() && !k.has("model") {
             k.missing("model", "the table a train stage wrote, or a model id");
         }
-        let device = k.str("device").unwrap_or_else(|| "auto".into());
-        let mut ok = model.is_some();
-        if !["auto", "cpu", "cuda"].contains(&device.as_str()) {
-            k.error("device", format!("unknown device `{device}` (auto, cpu, cuda)"));
-            ok = false;
-        }
+        let device = k.device();
+        let ok = model.is_some() && device.is_some();
+        let device = device.unwrap_or_default();
+        let (loader_threads, prefetch) = k.loader();
         let s = EmbedStage {
             model: model.unwrap_or_default(),
             table: k.str("table").unwrap_or_else(|| "images".into()),
@@ -76,11 +75,11 @@ impl EmbedStage {
             batch_size: k.int("batch_size", 1, 4096).unwrap_or(32) as usize,
             chunk: k.int("chunk", 1, 1_000_000).unwrap_or(1024) as usize,
             device,
-            loader_threads: k.int("loader_threads", 1, 256).map(|n| n as usize).unwrap_or(cores),
-            prefetch: k.int("prefetch", 1, 64).unwrap_or(4) as usize,
+            loader_threads,
+            prefetch,
+            channels_last: k.bool("channels_last").unwrap_or(true),
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         ok.then_some(s)
     }
 
@@ -107,7 +106,10 @@ impl EmbedStage {
         let device = train::pick_device(ctx.device.as_deref().unwrap_or(&self.device)).map_err(Error::Other)?;
         let crops = crop_boxes(&ctx.lake, &spec, self.crops.as_deref()).await?;
         let mut uncropped = 0u64;
-        let net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+        let mut net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+        if self.channels_last {
+            net.use_channels_last();
+        }
         let loader = Arc::new(Loader::new(spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()));
         let ds = ctx.lake.open(&self.table).await?.ok_or_else(|| Error::Other(format!("table `{}` does not exist", self.table)))?;
         let total = ds.count_rows(None).await.map_err(|e| Error::lance(&self.table, e))? as u64;

@@ -21,7 +21,7 @@ use arrow::datatypes::SchemaRef;
 
 use super::embed::embedding_batch;
 use super::evaluate::read_embeddings;
-use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use super::{Checked, Inputs, Outcome};
 use crate::config::{Keys, Loc, Reporter, Val};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, WriteKind};
@@ -70,8 +70,7 @@ impl EnsembleStage {
             output: k.str("output").unwrap_or_else(|| "embeddings".into()),
             model: k.str("model"),
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         ok.then_some(s)
     }
 

@@ -27,7 +27,7 @@ use arrow::array::{Array, AsArray, Float64Array, Int64Array, RecordBatch, String
 use arrow::datatypes::{DataType, Float32Type, SchemaRef};
 use futures::TryStreamExt;
 
-use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use super::{Checked, Inputs, Outcome};
 use crate::config::{Keys, Loc, Reporter};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, Lake, WriteKind};
@@ -181,8 +181,7 @@ impl EvaluateStage {
             qe_k: k.int("query_expansion", 0, 1000).unwrap_or(0) as usize,
             qe_alpha: k.float("qe_alpha", 0.0, 100.0).unwrap_or(3.0) as f32,
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         Some(s)
     }
 

@@ -28,7 +28,7 @@ use lance_index::vector::ivf::IvfBuildParams;
 use lance_index::vector::sq::builder::SQBuildParams;
 use lance_linalg::distance::DistanceType;
 
-use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use super::{Checked, Inputs, Outcome};
 use crate::config::{Keys, Loc, Reporter};
 use crate::dag::StageCtx;
 use crate::vector::INDEX_NAME;
@@ -99,8 +99,7 @@ impl IndexStage {
             ef_construction: k.int("ef_construction", 10, 2000).unwrap_or(150) as usize,
             retrain_fraction: k.float("retrain_fraction", 0.0, 100.0).unwrap_or(0.5),
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         ok.then_some(s)
     }
 

@@ -25,7 +25,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, path::Path as ObjectPath};
 use tokio::sync::Semaphore;
 
-use super::{Outcome, Prepared, COMMON_KEYS};
+use super::{Outcome, Prepared};
 use crate::config::{Context, Keys};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, WriteKind, store};
@@ -111,8 +111,7 @@ impl IngestConfig {
             batch_size: k.int("batch_size", 1, 1_000_000).unwrap_or(256) as usize,
             storage_options: k.str_map("storage_options").unwrap_or_default().into_iter().collect(),
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         (ok && !cfg.source.is_empty()).then_some(cfg)
     }
 

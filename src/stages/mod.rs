@@ -27,6 +27,12 @@ pub const KINDS: &[&str] = &["ingest", "sql", "detect", "train", "embed", "ensem
 /// Keys every stage has, whatever its kind.
 pub const COMMON_KEYS: &[&str] = &["kind", "inputs"];
 
+/// Reports every key of a stage table that is neither common nor one of the kind's `own`.
+pub(crate) fn finish_keys(k: &mut Keys, own: &[&str]) {
+    let all: Vec<&str> = COMMON_KEYS.iter().chain(own).copied().collect();
+    k.finish(&all);
+}
+
 #[derive(Debug, Clone)]
 pub enum StageKind {
     Ingest(ingest::IngestConfig),

@@ -18,7 +18,7 @@ use arrow::array::{Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 
 use super::evaluate::{EmbeddingSet, read_embeddings};
-use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use super::{Checked, Inputs, Outcome};
 use crate::config::{Keys, Loc, Reporter};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, WriteKind};
@@ -65,8 +65,7 @@ impl PseudoLabelStage {
             threshold: k.float("threshold", -1.0, 1.0).unwrap_or(0.9),
             output: k.str("output").unwrap_or_else(|| "pseudo_labels".into()),
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         Some(s)
     }
 

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use arrow::datatypes::SchemaRef;
 use object_store::{ObjectStoreExt, PutPayload};
 
-use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use super::{Checked, Inputs, Outcome};
 use crate::answer::{ReportOptions, report};
 use crate::config::{Context, Keys, Loc, Reporter};
 use crate::dag::StageCtx;
@@ -60,8 +60,7 @@ impl ReportStage {
             evaluations: k.str("evaluations").unwrap_or_else(|| "evaluate".into()),
             title: k.str("title"),
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         out.map(|_| s)
     }
 

@@ -23,7 +23,7 @@ use datafusion::prelude::{DataFrame, SessionContext};
 use datafusion::scalar::ScalarValue;
 use futures::StreamExt;
 
-use super::{Checked, Outcome, COMMON_KEYS};
+use super::{Checked, Outcome};
 use crate::config::{Context, Keys, Loc, Reporter, Val};
 use crate::dag::StageCtx;
 use crate::lake::{WriteKind, new_session};
@@ -124,8 +124,7 @@ impl SqlConfig {
                 ok = false;
             }
         }
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         let (query_file, query, query_at) = query?;
         ok.then_some(SqlConfig { query_file, query, params, output, query_at })
     }

@@ -30,7 +30,7 @@ use futures::StreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
 
 use super::evaluate::{EmbeddingSet, read_embeddings, read_splits};
-use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use super::{Checked, Inputs, Outcome};
 use crate::config::{Context, Keys, Loc, Reporter, Val};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, WriteKind, store};
@@ -39,7 +39,7 @@ use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
     "embeddings", "splits", "queries", "k", "csv", "individuals", "new_individual_threshold", "nprobes", "refine", "ef",
-    "concurrency", "output",
+    "concurrency", "output", "query_expansion", "qe_alpha",
 ];
 
 /// The answer for one photo whose individual is not in the collection.
@@ -59,6 +59,10 @@ pub struct SubmitStage {
     pub search: SearchParams,
     pub concurrency: usize,
     pub output: String,
+    /// α-query expansion: each query is searched again as itself plus its first `k` neighbours
+    /// weighted by similarity^`qe_alpha` (0: off), as `evaluate`'s `query_expansion` measures.
+    pub query_expansion: usize,
+    pub qe_alpha: f32,
 }
 
 /// The similarity under which a query is answered `new_individual` first, fitted on labelled
@@ -178,13 +182,14 @@ impl SubmitStage {
             },
             concurrency: k.int("concurrency", 1, 256).unwrap_or(8) as usize,
             output: k.str("output").unwrap_or_else(|| "submissions".into()),
+            query_expansion: k.int("query_expansion", 0, 100).unwrap_or(0) as usize,
+            qe_alpha: k.float("qe_alpha", 0.0, 100.0).unwrap_or(3.0) as f32,
         };
         if s.queries.starts_with("val") && s.splits.is_none() {
             k.error("queries", format!("queries = \"{}\" needs `splits` (the train stage's table)", s.queries));
             ok = false;
         }
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         ok.then_some(s)
     }
 
@@ -241,14 +246,29 @@ impl SubmitStage {
         ctx.progress.set_length(rows.len() as u64);
         ctx.progress.set_message("queries");
         let k = self.k;
+        let (qe, alpha) = (self.query_expansion, self.qe_alpha);
+        let row_of: Arc<HashMap<String, usize>> =
+            Arc::new(if qe > 0 { set.uris.iter().enumerate().map(|(i, u)| (u.clone(), i)).collect() } else { HashMap::new() });
         let mut answers = futures::stream::iter(rows.iter().copied())
             .map(|q| {
                 let ds = ds.clone();
                 let set = set.clone();
                 let params = self.search.clone();
+                let row_of = row_of.clone();
                 async move {
-                    let hits = vector::nearest(&ds, set.row(q), k + 1, &params).await?;
-                    let hits: Vec<Hit> = hits.into_iter().filter(|h| h.uri != set.uris[q]).take(k).collect();
+                    let not_q = |h: &Hit| h.uri != set.uris[q];
+                    let mut query = set.row(q).to_vec();
+                    if qe > 0 {
+                        let first = vector::nearest(&ds, &query, qe + 1, &params).await?;
+                        let neighbours = first
+                            .iter()
+                            .filter(|h| not_q(h))
+                            .take(qe)
+                            .filter_map(|h| row_of.get(&h.uri).map(|&r| (h.similarity(), set.row(r))));
+                        query = crate::model::metrics::expand_query(&query, neighbours, alpha);
+                    }
+                    let hits = vector::nearest(&ds, &query, k + 1, &params).await?;
+                    let hits: Vec<Hit> = hits.into_iter().filter(not_q).take(k).collect();
                     Ok::<_, Error>((q, hits))
                 }
             })
@@ -291,10 +311,11 @@ impl SubmitStage {
             rows_out,
             written: BTreeMap::from([(self.output.clone(), committed.version)]),
             summary: format!(
-                "top-{k} of {} query photos among {} ({}){short}; new_individual threshold {}{wrote}",
+                "top-{k} of {} query photos among {} ({}{}){short}; new_individual threshold {}{wrote}",
                 rows.len(),
                 set.len(),
                 if indexed { "vector index" } else { "exact search" },
+                if qe > 0 { format!(", alpha-query expansion k {qe} alpha {alpha}") } else { String::new() },
                 threshold.map(|t| format!("{t:.3} ({fitted})")).unwrap_or(fitted),
             ),
         })

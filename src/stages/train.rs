@@ -33,7 +33,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Checked, Inputs, Outcome, COMMON_KEYS};
+use super::{Checked, Inputs, Outcome};
 use crate::config::{Context, Keys, Loc, Reporter, Val};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, Lake, WriteKind, store};
@@ -53,7 +53,7 @@ const KEYS: &[&str] = &[
     "margin_lambda", "margin_b", "triplet_margin", "sampler", "pk_p", "pk_k", "batch_size", "epochs", "optimizer",
     "lr", "head_lr", "weight_decay", "clip_grad_norm", "schedule", "warmup_epochs", "warmup_start", "lr_floor",
     "step_epochs", "milestones", "gamma", "augment", "seed", "val_individuals", "val_photos", "min_photos",
-    "early_stop", "device", "amp", "threads", "loader_threads", "cache_mb", "prefetch", "eval_batch",
+    "early_stop", "device", "amp", "channels_last", "threads", "loader_threads", "cache_mb", "prefetch", "eval_batch",
 ];
 
 /// How the labelled photos are split.
@@ -86,6 +86,8 @@ pub struct TrainStage {
     pub split: SplitConfig,
     pub device: String,
     pub amp: bool,
+    /// Convolutions in channels-last memory order (faster on CPU and GPU; same results).
+    pub channels_last: bool,
     pub threads: usize,
     pub loader_threads: usize,
     pub cache_mb: usize,
@@ -335,12 +337,10 @@ impl TrainStage {
         let augment = parse_augment(k);
         ok &= augment.is_some();
         let seed = k.int("seed", 0, i64::MAX).unwrap_or(42) as u64;
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        let device = k.str("device").unwrap_or_else(|| "auto".into());
-        if !["auto", "cpu", "cuda"].contains(&device.as_str()) {
-            k.error("device", format!("unknown device `{device}` (auto, cpu, cuda)"));
-            ok = false;
-        }
+        let device = k.device();
+        ok &= device.is_some();
+        let device = device.unwrap_or_default();
+        let (loader_threads, prefetch) = k.loader();
         let config = TrainConfig {
             net: NetSpec { backbone, neck, input_size: k.int("input_size", 32, 2048).unwrap_or(480) as u32, crop: None },
             pretrained,
@@ -373,14 +373,14 @@ impl TrainStage {
             },
             device,
             amp: k.bool("amp").unwrap_or(true),
+            channels_last: k.bool("channels_last").unwrap_or(true),
             threads: k.int("threads", 0, 1024).unwrap_or(0) as usize,
-            loader_threads: k.int("loader_threads", 1, 256).map(|n| n as usize).unwrap_or(cores),
+            loader_threads,
             cache_mb: k.int("cache_mb", 0, 1 << 20).unwrap_or(4096) as usize,
-            prefetch: k.int("prefetch", 1, 64).unwrap_or(4) as usize,
+            prefetch,
             eval_batch: k.int("eval_batch", 1, 4096).unwrap_or(64) as usize,
         };
-        let all: Vec<&str> = COMMON_KEYS.iter().chain(KEYS).copied().collect();
-        k.finish(&all);
+        super::finish_keys(k, KEYS);
         ok.then_some(stage)
     }
 
@@ -492,7 +492,7 @@ impl TrainStage {
         let cancel = ctx.cancel.clone();
         let handle = tokio::runtime::Handle::current();
         let resume = ctx.resume;
-        let (amp, prefetch, eval_batch) = (self.amp, self.prefetch, self.eval_batch);
+        let (amp, channels_last, prefetch, eval_batch) = (self.amp, self.channels_last, self.prefetch, self.eval_batch);
         let epochs = cfg.epochs;
         let local = dir.local.clone();
         let sync = dir.clone_sync();
@@ -504,6 +504,7 @@ impl TrainStage {
             let env = TrainEnv {
                 device,
                 amp,
+                channels_last,
                 weights_dir,
                 dir: local,
                 resume,
@@ -574,7 +575,11 @@ impl TrainStage {
             .and_then(|b| b.val.as_ref())
             .map(|m| format!("; best epoch {}: val P@1 {:.3}, mAP@20 {:.3}", b_epoch(best), m.precision_at_1, m.map_at_20))
             .unwrap_or_default();
-        let resumed = outcome.resumed_from.map(|e| format!(" (resumed after epoch {e})")).unwrap_or_default();
+        let resumed = match outcome.resumed_from {
+            Some(e) if e >= st.epochs_done => " (already trained: taken from its directory)".to_string(),
+            Some(e) => format!(" (resumed after epoch {e})"),
+            None => String::new(),
+        };
         Ok(Outcome {
             rows_in,
             rows_out: n as u64,

@@ -1,0 +1,193 @@
+//! Load test of `pipeline serve`'s HTTP API on loopback, in one run.
+//!
+//!     cargo bench --profile release --bench serve -- --lake file://$PWD/data/lake \
+//!         [--table embeddings] [--concurrency 16] [--requests 4000] [--uploads 200]
+//!
+//! Serves the lake's embeddings table exactly as `pipeline serve` does (same router, same
+//! model worker), then drives it from a bounded number of keep-alive connections, each sending
+//! its next request when the last answer arrived:
+//! * `GET /similar/{id}?k=20` over photos of the table, one connection and then `--concurrency`;
+//! * `POST /similar?k=20` with photos of the lake as the body (decode → detect and crop when the
+//!   model was trained on crops → embed → search), one connection and then `--concurrency`,
+//!   which shows what batching concurrent uploads on the model thread buys.
+//!
+//! Prints requests/s, p50 and p99 latency and the count of non-200 answers per case.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use arrow::array::{Array, StringArray};
+use futures::TryStreamExt;
+use pipeline::answer::{self, Embedder, Service};
+use pipeline::lake::{Catalog, Lake};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn(BufReader<TcpStream>);
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        Conn(BufReader::new(s))
+    }
+
+    /// Sends one request and reads the whole answer: (status, body length).
+    async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, usize) {
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n", body.len());
+        let s = self.0.get_mut();
+        s.write_all(head.as_bytes()).await.expect("write head");
+        s.write_all(body).await.expect("write body");
+        let mut line = String::new();
+        self.0.read_line(&mut line).await.expect("status line");
+        let status: u16 = line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad status line {line:?}"));
+        let mut length = None;
+        loop {
+            line.clear();
+            self.0.read_line(&mut line).await.expect("header");
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+        let n = length.unwrap_or_else(|| panic!("{method} {path}: answer without content-length"));
+        let mut buf = vec![0u8; n];
+        self.0.read_exact(&mut buf).await.expect("body");
+        (status, n)
+    }
+}
+
+struct Case {
+    name: String,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    failed: usize,
+}
+
+/// `total` requests from `concurrency` connections; request i is `make(i)`.
+async fn drive(
+    name: String,
+    addr: SocketAddr,
+    concurrency: usize,
+    total: usize,
+    make: Arc<dyn Fn(usize) -> (&'static str, String, Arc<Vec<u8>>) + Send + Sync>,
+) -> Case {
+    let next = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, make) = (next.clone(), make.clone());
+            tokio::spawn(async move {
+                let mut conn = Conn::open(addr).await;
+                let (mut lat, mut failed) = (Vec::new(), 0usize);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    let (method, path, body) = make(i);
+                    let t = Instant::now();
+                    let (status, _) = conn.request(method, &path, &body).await;
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    failed += usize::from(status != 200);
+                }
+                (lat, failed)
+            })
+        })
+        .collect();
+    let (mut lat, mut failed) = (Vec::new(), 0);
+    for w in workers {
+        let (l, f) = w.await.expect("worker");
+        lat.extend(l);
+        failed += f;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    Case { name, rps: total as f64 / secs, p50: pct(0.5), p99: pct(0.99), failed }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let Some(uri) = args.iter().position(|a| a == "--lake").and_then(|i| args.get(i + 1)).cloned() else {
+        eprintln!("usage: cargo bench --profile release --bench serve -- --lake URI [--table T] [--concurrency C] [--requests N] [--uploads N]");
+        std::process::exit(2);
+    };
+    let table: String = arg(&args, "--table", "embeddings".to_string());
+    let concurrency: usize = arg(&args, "--concurrency", 16);
+    let requests: usize = arg(&args, "--requests", 4000);
+    let uploads: usize = arg(&args, "--uploads", 200);
+
+    let lake = Lake::new(uri.clone(), Default::default(), Catalog::load(None).expect("catalog"));
+    let ds = lake.open(&table).await.expect("open").unwrap_or_else(|| panic!("no table `{table}` in {uri}"));
+    let mut scan = ds.scan();
+    scan.project(&["photo_id", "uri"]).expect("project");
+    let batches: Vec<_> = scan.try_into_stream().await.expect("scan").try_collect().await.expect("scan");
+    let mut photos: Vec<(String, String)> = Vec::new();
+    for b in &batches {
+        let ids = b.column(0).as_any().downcast_ref::<StringArray>().expect("photo_id");
+        let uris = b.column(1).as_any().downcast_ref::<StringArray>().expect("uri");
+        photos.extend((0..b.num_rows()).filter(|&i| ids.is_valid(i)).map(|i| (ids.value(i).to_string(), uris.value(i).to_string())));
+    }
+    assert!(!photos.is_empty(), "table `{table}` is empty");
+    // Uploads: up to 32 distinct photos of the lake, sent in turn.
+    let mut bodies = Vec::new();
+    for (_, u) in photos.iter().step_by((photos.len() / 32).max(1)).take(32) {
+        bodies.push(Arc::new(answer::read_photo(u, lake.options()).await.expect("read photo")));
+    }
+    let mean_kb = bodies.iter().map(|b| b.len()).sum::<usize>() as f64 / bodies.len() as f64 / 1024.0;
+
+    let embedder = Embedder::for_table(&lake, &table, tch::Device::Cpu).await.expect("model of the table");
+    let model = embedder.model_id.clone();
+    let service = Service { lake, table: table.clone(), ds: Arc::new(ds), embedder: Some(embedder), search: Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, 20 << 20)).await });
+    println!(
+        "{uri} table {table}: {} photos, model {model}; uploads are {} photos of the lake, {mean_kb:.0} KiB on average; {} threads",
+        photos.len(),
+        bodies.len(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+
+    let ids: Arc<Vec<String>> = Arc::new(photos.into_iter().map(|(id, _)| id).collect());
+    let empty = Arc::new(Vec::new());
+    let get: Arc<dyn Fn(usize) -> (&'static str, String, Arc<Vec<u8>>) + Send + Sync> = {
+        let ids = ids.clone();
+        Arc::new(move |i| ("GET", format!("/similar/{}?k=20", ids[(i * 7919) % ids.len()]), empty.clone()))
+    };
+    let bodies = Arc::new(bodies);
+    let post: Arc<dyn Fn(usize) -> (&'static str, String, Arc<Vec<u8>>) + Send + Sync> =
+        Arc::new(move |i| ("POST", "/similar?k=20".to_string(), bodies[i % bodies.len()].clone()));
+
+    // Warm-up: the first search opens the table's files, the first upload warms the model.
+    drive("warm-up".into(), addr, 1, 20, get.clone()).await;
+    drive("warm-up".into(), addr, 1, 4, post.clone()).await;
+    let mut cases = Vec::new();
+    for c in [1, concurrency] {
+        cases.push(drive(format!("GET /similar/{{id}}?k=20, {c} connection(s)"), addr, c, requests, get.clone()).await);
+    }
+    for c in [1, concurrency] {
+        cases.push(drive(format!("POST /similar?k=20 (photo), {c} connection(s)"), addr, c, uploads, post.clone()).await);
+    }
+    server.abort();
+    println!("| case | requests/s | p50 ms | p99 ms | non-200 |");
+    println!("|---|---|---|---|---|");
+    for c in &cases {
+        println!("| {} | {:.1} | {:.2} | {:.2} | {} |", c.name, c.rps, c.p50, c.p99, c.failed);
+    }
+}
