@@ -89,7 +89,7 @@ fn rust_round(a: &Args) -> (f64, f64) {
     let train = a.batch as f64 / median(times);
     let xe = Tensor::rand([64, 3, a.size, a.size], (Kind::Float, device));
     let embed = |_: ()| if a.bf16 && device.is_cuda() { tch::autocast(true, || net.embed(&xe, false)) } else { net.embed(&xe, false) };
-    embed(());
+    let _ = embed(());
     sync();
     let mut et = Vec::new();
     for _ in 0..(a.steps / 2).max(2) {
