@@ -91,6 +91,13 @@ enum Cmd {
         /// Exact search, ignoring the vector index.
         #[arg(long)]
         exact: bool,
+        /// α-query expansion: search again with the photo's first N neighbours added to it
+        /// (0: off). Distances shown stay the photo's own.
+        #[arg(long, default_value_t = 0)]
+        expand: usize,
+        /// Weight exponent of α-query expansion.
+        #[arg(long, default_value_t = 3.0)]
+        alpha: f32,
         #[arg(long, env = "PIPELINE_LAKE")]
         lake: Option<String>,
         #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
@@ -238,11 +245,15 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Similar { photo, k, format, table, exact, lake, pipeline } => {
+        Cmd::Similar { photo, k, format, table, exact, expand, alpha, lake, pipeline } => {
             let lake = open_lake(lake.as_deref(), &pipeline).await?;
             let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
             let params = pipeline::vector::SearchParams { exact, ..Default::default() };
-            let found = match answer::similar_to_id(&ds, &photo, k, &params).await? {
+            if !(0.0..=100.0).contains(&alpha) {
+                anyhow::bail!("--alpha {alpha}: must be 0..100");
+            }
+            let x = pipeline::vector::Expansion { k: expand, alpha };
+            let found = match answer::similar_to_id(&ds, &photo, k, &params, x).await? {
                 Some(f) => f,
                 None => {
                     let looks_like_file = photo.contains("://") || std::path::Path::new(&photo).exists();
@@ -253,7 +264,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     let device = pipeline::model::train::pick_device("auto").map_err(anyhow::Error::msg)?;
                     let embedder = answer::Embedder::for_table(&lake, &table, device).await?;
                     let v = embedder.embed_bytes(bytes).await?;
-                    answer::similar_to_vector(&ds, &photo, &v, k, &params).await?
+                    answer::similar_to_vector(&ds, &photo, &v, k, &params, x).await?
                 }
             };
             print_similar(&found, format)?;

@@ -24,11 +24,15 @@ use axum::routing::get;
 use serde::Deserialize;
 
 use crate::answer::{self, Service};
+use crate::vector::Expansion;
 use crate::{Error, Result};
 
+/// `?k=20&expand=5&alpha=3`: neighbours wanted, and α-query expansion (off unless `expand`).
 #[derive(Deserialize)]
 struct KParam {
     k: Option<usize>,
+    expand: Option<usize>,
+    alpha: Option<f32>,
 }
 
 type Shared = Arc<Service>;
@@ -37,12 +41,23 @@ fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
 }
 
-fn k_of(p: &KParam) -> std::result::Result<usize, Response> {
-    match p.k {
-        None => Ok(20),
-        Some(k) if (1..=1000).contains(&k) => Ok(k),
-        Some(k) => Err(err(StatusCode::BAD_REQUEST, format!("k = {k}: must be 1..1000"))),
-    }
+fn k_of(p: &KParam) -> std::result::Result<(usize, Expansion), Response> {
+    let k = match p.k {
+        None => 20,
+        Some(k) if (1..=1000).contains(&k) => k,
+        Some(k) => return Err(err(StatusCode::BAD_REQUEST, format!("k = {k}: must be 1..1000"))),
+    };
+    let expand = match p.expand {
+        None => 0,
+        Some(e) if e <= 100 => e,
+        Some(e) => return Err(err(StatusCode::BAD_REQUEST, format!("expand = {e}: must be 0..100"))),
+    };
+    let alpha = match p.alpha {
+        None => Expansion::OFF.alpha,
+        Some(a) if (0.0..=100.0).contains(&a) => a,
+        Some(a) => return Err(err(StatusCode::BAD_REQUEST, format!("alpha = {a}: must be 0..100"))),
+    };
+    Ok((k, Expansion { k: expand, alpha }))
 }
 
 async fn healthz(State(s): State<Shared>) -> Response {
@@ -67,11 +82,11 @@ async fn models(State(s): State<Shared>) -> Response {
 }
 
 async fn similar_id(State(s): State<Shared>, Path(id): Path<String>, Query(p): Query<KParam>) -> Response {
-    let k = match k_of(&p) {
-        Ok(k) => k,
+    let (k, x) = match k_of(&p) {
+        Ok(kx) => kx,
         Err(r) => return r,
     };
-    match answer::similar_to_id(&s.ds, &id, k, &s.search).await {
+    match answer::similar_to_id(&s.ds, &id, k, &s.search, x).await {
         Ok(Some(a)) => Json(a).into_response(),
         Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -79,8 +94,8 @@ async fn similar_id(State(s): State<Shared>, Path(id): Path<String>, Query(p): Q
 }
 
 async fn similar_upload(State(s): State<Shared>, Query(p): Query<KParam>, body: Bytes) -> Response {
-    let k = match k_of(&p) {
-        Ok(k) => k,
+    let (k, x) = match k_of(&p) {
+        Ok(kx) => kx,
         Err(r) => return r,
     };
     if body.is_empty() {
@@ -94,7 +109,7 @@ async fn similar_upload(State(s): State<Shared>, Query(p): Query<KParam>, body: 
         Err(Error::BadImage(m)) => return err(StatusCode::BAD_REQUEST, format!("not a readable image: {m}")),
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    match answer::similar_to_vector(&s.ds, "upload", &v, k, &s.search).await {
+    match answer::similar_to_vector(&s.ds, "upload", &v, k, &s.search, x).await {
         Ok(a) => Json(a).into_response(),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -57,9 +57,57 @@ pub async fn has_index(ds: &Dataset) -> Result<bool> {
 
 /// The `k` nearest rows to `query` in `ds` (its `embedding` column), nearest first.
 pub async fn nearest(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams) -> Result<Vec<Hit>> {
+    Ok(search(ds, query, k, p, false).await?.0)
+}
+
+/// α-query expansion (as in Radenović et al.): the query is replaced by the normalised sum of
+/// itself and its first `k` neighbours, each weighted by similarity^`alpha`, and searched
+/// again. `k = 0` is off.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Expansion {
+    pub k: usize,
+    pub alpha: f32,
+}
+
+impl Expansion {
+    pub const OFF: Expansion = Expansion { k: 0, alpha: 3.0 };
+}
+
+impl Default for Expansion {
+    fn default() -> Self {
+        Expansion::OFF
+    }
+}
+
+/// The `k` nearest rows to `query` other than the row whose URI is `skip` (the query photo
+/// itself). With expansion on, rows are ranked by the expanded query, while each hit's
+/// distance stays the query's own to that row: thresholds fitted on plain similarities (the
+/// new-individual one) keep their meaning.
+pub async fn similar(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams, x: Expansion, skip: Option<&str>) -> Result<Vec<Hit>> {
+    let keep = |h: &Hit| skip.is_none_or(|s| h.uri != s);
+    let extra = usize::from(skip.is_some());
+    if x.k == 0 {
+        return Ok(nearest(ds, query, k + extra, p).await?.into_iter().filter(keep).take(k).collect());
+    }
+    let (first, vectors) = search(ds, query, x.k + extra, p, true).await?;
+    let neighbours = first.iter().zip(&vectors).filter(|(h, _)| keep(h)).take(x.k).map(|(h, v)| (h.similarity(), v.as_slice()));
+    let expanded = crate::model::metrics::expand_query(query, neighbours, x.alpha);
+    let (hits, vectors) = search(ds, &expanded, k + extra, p, true).await?;
+    Ok(hits
+        .into_iter()
+        .zip(vectors)
+        .filter(|(h, _)| keep(h))
+        .take(k)
+        .map(|(h, v)| Hit { distance: 1.0 - crate::model::metrics::cosine(query, &v), ..h })
+        .collect())
+}
+
+/// One search; with `vectors`, the embedding of every hit too.
+async fn search(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams, vectors: bool) -> Result<(Vec<Hit>, Vec<Vec<f32>>)> {
     let q = Float32Array::from(query.to_vec());
     let mut s = ds.scan();
-    s.project(&["photo_id", "uri", "individual_id"]).map_err(|e| Error::Other(e.to_string()))?;
+    let columns: &[&str] = if vectors { &["photo_id", "uri", "individual_id", "embedding"] } else { &["photo_id", "uri", "individual_id"] };
+    s.project(columns).map_err(|e| Error::Other(e.to_string()))?;
     s.nearest("embedding", &q as &dyn Array, k).map_err(|e| Error::Other(format!("nearest: {e}")))?;
     s.distance_metric(DistanceType::Cosine);
     if p.exact {
@@ -80,14 +128,21 @@ pub async fn nearest(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams) ->
     let col = |name: &str| batch.column_by_name(name).ok_or_else(|| Error::Other(format!("search result lacks `{name}`")));
     let (pid, uri, ind) = (col("photo_id")?.as_string::<i32>().clone(), col("uri")?.as_string::<i32>().clone(), col("individual_id")?.as_string::<i32>().clone());
     let dist = col("_distance")?.as_primitive::<Float32Type>().clone();
-    Ok((0..batch.num_rows())
+    let hits = (0..batch.num_rows())
         .map(|i| Hit {
             photo_id: pid.value(i).to_string(),
             uri: uri.value(i).to_string(),
             individual_id: (ind.is_valid(i) && !ind.value(i).is_empty()).then(|| ind.value(i).to_string()),
             distance: dist.value(i),
         })
-        .collect())
+        .collect();
+    let vectors = if vectors {
+        let list = col("embedding")?.as_fixed_size_list().clone();
+        (0..batch.num_rows()).map(|i| list.value(i).as_primitive::<Float32Type>().values().to_vec()).collect()
+    } else {
+        Vec::new()
+    };
+    Ok((hits, vectors))
 }
 
 /// The embedding of the row whose `photo_id` (or `uri`) is `id`.
@@ -150,8 +205,7 @@ impl KnnFunction {
             }
             KnnQuery::Vector(v) => (v, "vector".to_string(), None),
         };
-        let hits = nearest(&ds, &vector, k + usize::from(exclude.is_some()), &SearchParams::default()).await?;
-        let hits: Vec<Hit> = hits.into_iter().filter(|h| Some(&h.uri) != exclude.as_ref()).take(k).collect();
+        let hits = similar(&ds, &vector, k, &SearchParams::default(), Expansion::OFF, exclude.as_deref()).await?;
         let n = hits.len();
         Ok(RecordBatch::try_new(
             knn_schema(),

@@ -94,3 +94,48 @@ async fn indexed_top20_matches_exact_top20() {
     let e = pipeline::query::query(&lake, "SELECT * FROM knn('embeddings', 'nope', 20)").await.unwrap_err().to_string();
     assert!(e.contains("no photo `nope`"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_expansion_ranks_by_the_expanded_query_and_keeps_the_photos_own_distance() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).unwrap());
+    let n = 600;
+    let all = vectors(n, 5);
+    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
+    sink.send(batch(0, &all)).await.unwrap();
+    sink.finish().await.unwrap();
+    let ds = lake.open("embeddings").await.unwrap().unwrap();
+    let row = |i: usize| &all[i * DIM..(i + 1) * DIM];
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let exact = SearchParams { exact: true, ..Default::default() };
+    let x = vector::Expansion { k: 5, alpha: 3.0 };
+    let mut reordered = 0;
+    for q in (0..n).step_by(37) {
+        let me = format!("file:///x/p{q:06}.jpg");
+        let hits = vector::similar(&ds, row(q), 20, &exact, x, Some(&me)).await.unwrap();
+        assert_eq!(hits.len(), 20);
+        assert!(hits.iter().all(|h| h.uri != me), "the query photo is left out");
+        // Brute force: the first 5 others, the expanded query, its top-20.
+        let ranked = |v: &[f32]| {
+            let mut o: Vec<usize> = (0..n).filter(|&j| j != q).collect();
+            o.sort_by(|&a, &b| dot(v, row(b)).total_cmp(&dot(v, row(a))));
+            o
+        };
+        let plain = ranked(row(q));
+        let e = pipeline::model::metrics::expand_query(row(q), plain[..5].iter().map(|&j| (dot(row(q), row(j)), row(j))), 3.0);
+        let want = ranked(&e);
+        for (r, h) in hits.iter().enumerate() {
+            let j: usize = h.photo_id[1..].parse().unwrap();
+            assert!((dot(&e, row(j)) - dot(&e, row(want[r]))).abs() < 1e-4, "query {q} rank {}: p{j:06} where p{:06} belongs", r + 1, want[r]);
+            assert!((h.distance - (1.0 - dot(row(q), row(j)))).abs() < 1e-4, "query {q}: distance {} to p{j:06}", h.distance);
+        }
+        let got: Vec<usize> = hits.iter().map(|h| h.photo_id[1..].parse().unwrap()).collect();
+        reordered += usize::from(got != plain[..20]);
+    }
+    assert!(reordered > 0, "expansion changed no answer");
+    // Off, it is the plain nearest search less the query photo.
+    let me = "file:///x/p000000.jpg";
+    let off = vector::similar(&ds, row(0), 20, &exact, vector::Expansion::OFF, Some(me)).await.unwrap();
+    let plain = vector::nearest(&ds, row(0), 21, &exact).await.unwrap();
+    assert_eq!(off, plain.into_iter().filter(|h| h.uri != me).take(20).collect::<Vec<_>>());
+}

@@ -146,6 +146,20 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
         reordered += usize::from(got != top(q, &vecs[q], 20));
     }
     assert!(reordered > 0, "query expansion changed no answer: is it applied?");
+    // The distance written is the photo's own to its neighbour (what the new-individual
+    // threshold was fitted on), not the expanded query's.
+    let written = query(&lake, "SELECT query, neighbour, distance FROM submissions").await;
+    let mut checked = 0;
+    for b in &written {
+        for i in 0..b.num_rows() {
+            let (q, n) = (row_of[b.column(0).as_string::<i32>().value(i)], row_of[b.column(1).as_string::<i32>().value(i)]);
+            let d = b.column(2).as_primitive::<Float32Type>().value(i);
+            let want = 1.0 - dot(&vecs[q], &vecs[n]);
+            assert!((d - want).abs() < 1e-4, "{} -> {}: distance {d}, the photos are {want} apart", ids[q], ids[n]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 20 * queries);
     let inds = std::fs::read_to_string(f.dir.path().join("submission_individuals.csv")).unwrap();
     assert!(inds.starts_with("photo,individuals\n"));
     assert!(inds.contains("new_individual"), "the new-individual answer is placed somewhere");
@@ -189,6 +203,14 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     assert_eq!(v["neighbours"].as_array().unwrap().len(), 7);
     assert_eq!(http(addr, "GET", "/similar/no-such-photo.jpg", &[]).await.0, 404);
     assert_eq!(http(addr, "GET", &format!("/similar/{some_photo}?k=0"), &[]).await.0, 400);
+    assert_eq!(http(addr, "GET", &format!("/similar/{some_photo}?expand=101"), &[]).await.0, 400);
+    // With the submission's expansion, the API answers what the submission says.
+    let (code, body) = http(addr, "GET", &format!("/similar/{some_photo}?k=20&expand=5&alpha=3"), &[]).await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let api: Vec<&str> = v["neighbours"].as_array().unwrap().iter().map(|n| n["photo_id"].as_str().unwrap()).collect();
+    let line = csv.lines().find(|l| l.split_once(',').unwrap().0 == some_photo).unwrap();
+    assert_eq!(api.join(" "), line.split_once(',').unwrap().1, "HTTP with expand=5 vs the submission");
     assert_eq!(http(addr, "GET", "/healthz", &[]).await.0, 200);
     assert_eq!(http(addr, "GET", "/models", &[]).await.0, 200);
     let (code, _) = http(addr, "GET", &format!("/photos/{some_photo}/thumbnail"), &[]).await;

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor, nn, nn::OptimizerConfig};
 
 use super::backbone::{Arch, Backbone, load_weights, load_weights_from};
-use super::net::{ImagenetNorm, NetError, channels_last, vars_to_channels_last};
+use super::net::{ImagenetNorm, NetError, channels_last, save_contiguous, vars_to_channels_last};
 
 /// Cells whose centre is within this fraction of the box's half-size from its centre are
 /// positives (the cell holding the centre always is).
@@ -118,11 +118,7 @@ impl Detector {
 
     /// Backbone and head in one safetensors file.
     pub fn save(&self, file: &Path) -> Result<(), NetError> {
-        let mut vars: Vec<(String, Tensor)> = self.backbone_vs.variables().into_iter().collect();
-        vars.extend(self.head_vs.variables());
-        let mut vars: Vec<(String, Tensor)> = tch::no_grad(|| vars.into_iter().map(|(n, t)| (n, t.contiguous())).collect());
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        Tensor::write_safetensors(&vars, file).map_err(|e| NetError::Checkpoint { path: file.into(), detail: e.to_string() })
+        save_contiguous(self.backbone_vs.variables().into_iter().chain(self.head_vs.variables()), file)
     }
 
     pub fn load(spec: &DetectorSpec, file: &Path, device: Device) -> Result<Detector, NetError> {

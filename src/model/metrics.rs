@@ -590,7 +590,7 @@ pub fn alpha_query_expansion(
         let qv = unit(&queries[q * dim..(q + 1) * dim]);
         let mut sims: Vec<(f32, usize)> = (0..ng)
             .filter(|&j| gallery_ids[j] != query_ids[q])
-            .map(|j| (qv.iter().zip(&g[j]).map(|(a, b)| a * b).sum::<f32>(), j))
+            .map(|j| (dot(&qv, &g[j]), j))
             .filter(|(s, _)| s.is_finite())
             .collect();
         let take = k.min(sims.len());
@@ -606,6 +606,17 @@ pub fn alpha_query_expansion(
 /// vector) weighted by `max(similarity, 0)^alpha`, re-normalised. What
 /// [`alpha_query_expansion`] does per query, for callers that found the neighbours themselves
 /// (through a vector index).
+/// Dot product of two equal-length vectors (cosine similarity of unit vectors).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Cosine similarity (0 when either vector is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let n = (dot(a, a) * dot(b, b)).sqrt();
+    if n > 0.0 { dot(a, b) / n } else { 0.0 }
+}
+
 pub fn expand_query<'a>(q: &[f32], neighbours: impl IntoIterator<Item = (f32, &'a [f32])>, alpha: f32) -> Vec<f32> {
     let mut acc = q.to_vec();
     for (s, v) in neighbours {

@@ -183,9 +183,7 @@ impl Net {
 
     /// Writes every variable (contiguous, whatever the layout in memory) to a safetensors file.
     pub fn save(&self, file: &Path) -> Result<(), NetError> {
-        let vars: Vec<(String, Tensor)> =
-            tch::no_grad(|| self.vs.variables().into_iter().map(|(n, t)| (n, t.contiguous())).collect());
-        Tensor::write_safetensors(&vars, file).map_err(|e| NetError::Checkpoint { path: file.into(), detail: e.to_string() })
+        save_contiguous(self.vs.variables(), file)
     }
 
     /// Rebuilds a network from a checkpoint (spec + weights).
@@ -234,6 +232,14 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
 /// `[N,S,S,3]` u8 (HWC, as decoded) → `[N,3,S,S]` f32 in 0..1 on `device`.
 pub fn to_input(hwc: &Tensor, device: Device) -> Tensor {
     hwc.to_device(device).permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0
+}
+
+/// Writes variables to a safetensors file in name order, as contiguous copies: safetensors
+/// refuses strided (channels-last) tensors, and files should not depend on the layout.
+pub fn save_contiguous(vars: impl IntoIterator<Item = (String, Tensor)>, file: &Path) -> Result<(), NetError> {
+    let mut vars: Vec<(String, Tensor)> = tch::no_grad(|| vars.into_iter().map(|(n, t)| (n, t.contiguous())).collect());
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&vars, file).map_err(|e| NetError::Checkpoint { path: file.into(), detail: e.to_string() })
 }
 
 #[cfg(test)]

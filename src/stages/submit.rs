@@ -21,7 +21,7 @@
 //! the Kaggle whale competitions). A second CSV next to it (`<name>_individuals.csv`):
 //! `photo,individuals`, the best individual ids with `new_individual` where it ranks.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{Float32Array, Int32Array, RecordBatch, StringArray};
@@ -115,15 +115,21 @@ fn known_other(set: &EmbeddingSet, rows: &[usize]) -> Vec<(f32, f32)> {
     out
 }
 
-/// Distinct individuals in rank order with their best similarity, `new_individual` inserted
-/// at the place its threshold takes, cut at `n`.
+/// Distinct individuals in the order of their first hit with their best similarity,
+/// `new_individual` inserted before the first whose best similarity is under the threshold,
+/// cut at `n`. (With query expansion the ranking is the expanded query's while similarities are
+/// the photo's own, so a later hit of an individual can be its best.)
 pub fn individuals(hits: &[Hit], threshold: Option<f64>, n: usize) -> Vec<(String, f32)> {
-    let mut seen = HashSet::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
     let mut out: Vec<(String, f32)> = Vec::new();
     for h in hits {
         if let Some(i) = &h.individual_id {
-            if seen.insert(i.clone()) {
-                out.push((i.clone(), h.similarity()));
+            match at.get(i.as_str()) {
+                Some(&j) => out[j].1 = out[j].1.max(h.similarity()),
+                None => {
+                    at.insert(i, out.len());
+                    out.push((i.clone(), h.similarity()));
+                }
             }
         }
     }
@@ -246,29 +252,14 @@ impl SubmitStage {
         ctx.progress.set_length(rows.len() as u64);
         ctx.progress.set_message("queries");
         let k = self.k;
-        let (qe, alpha) = (self.query_expansion, self.qe_alpha);
-        let row_of: Arc<HashMap<String, usize>> =
-            Arc::new(if qe > 0 { set.uris.iter().enumerate().map(|(i, u)| (u.clone(), i)).collect() } else { HashMap::new() });
+        let expansion = vector::Expansion { k: self.query_expansion, alpha: self.qe_alpha };
         let mut answers = futures::stream::iter(rows.iter().copied())
             .map(|q| {
                 let ds = ds.clone();
                 let set = set.clone();
                 let params = self.search.clone();
-                let row_of = row_of.clone();
                 async move {
-                    let not_q = |h: &Hit| h.uri != set.uris[q];
-                    let mut query = set.row(q).to_vec();
-                    if qe > 0 {
-                        let first = vector::nearest(&ds, &query, qe + 1, &params).await?;
-                        let neighbours = first
-                            .iter()
-                            .filter(|h| not_q(h))
-                            .take(qe)
-                            .filter_map(|h| row_of.get(&h.uri).map(|&r| (h.similarity(), set.row(r))));
-                        query = crate::model::metrics::expand_query(&query, neighbours, alpha);
-                    }
-                    let hits = vector::nearest(&ds, &query, k + 1, &params).await?;
-                    let hits: Vec<Hit> = hits.into_iter().filter(not_q).take(k).collect();
+                    let hits = vector::similar(&ds, set.row(q), k, &params, expansion, Some(&set.uris[q])).await?;
                     Ok::<_, Error>((q, hits))
                 }
             })
@@ -315,7 +306,7 @@ impl SubmitStage {
                 rows.len(),
                 set.len(),
                 if indexed { "vector index" } else { "exact search" },
-                if qe > 0 { format!(", alpha-query expansion k {qe} alpha {alpha}") } else { String::new() },
+                if expansion.k > 0 { format!(", alpha-query expansion k {} alpha {}", expansion.k, expansion.alpha) } else { String::new() },
                 threshold.map(|t| format!("{t:.3} ({fitted})")).unwrap_or(fitted),
             ),
         })
@@ -391,6 +382,17 @@ mod tests {
         assert_eq!(got[0].0, NEW_INDIVIDUAL);
         assert_eq!(got.len(), 2);
         assert_eq!(individuals(&hits, None, 5).len(), 3);
+    }
+
+    #[test]
+    fn an_individual_keeps_its_best_similarity_when_ranks_are_not_by_similarity() {
+        // As query expansion leaves them: W1's second hit is its best, and lifts it above the
+        // threshold; W2 first appears above W3 although its similarity is lower.
+        let hits = [hit("a", Some("W1"), 0.4), hit("b", Some("W2"), 0.3), hit("c", Some("W1"), 0.7), hit("d", Some("W3"), 0.6)];
+        let got = individuals(&hits, Some(0.5), 5);
+        assert_eq!(got[0], ("W1".to_string(), 0.7));
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["W1", NEW_INDIVIDUAL, "W2", "W3"]);
     }
 
     #[test]
