@@ -45,8 +45,7 @@ pub fn pseudo_labels(set: &EmbeddingSet, threshold: f64) -> Vec<(usize, usize, f
         let best = labelled
             .iter()
             .map(|&l| {
-                let dot: f32 = q.iter().zip(set.row(l)).map(|(a, b)| a * b).sum();
-                (l, (dot / (norms[u] * norms[l])) as f64)
+                (l, (crate::model::metrics::dot(q, set.row(l)) / (norms[u] * norms[l])) as f64)
             })
             .max_by(|a, b| a.1.total_cmp(&b.1));
         if let Some((l, sim)) = best {

@@ -75,14 +75,21 @@ pub fn fit_threshold(pairs: &[(f32, f32)]) -> Option<(f64, f64)> {
     if pairs.is_empty() {
         return None;
     }
+    // Right at t: best match `max(known, other)` ≥ t (found) plus `other` < t (new). Both
+    // counts come from sorted values by binary search: O(n log n) over 3n candidates.
+    let mut best_of: Vec<f32> = pairs.iter().map(|(k, o)| k.max(*o)).collect();
+    let mut others: Vec<f32> = pairs.iter().map(|(_, o)| *o).collect();
+    best_of.sort_by(f32::total_cmp);
+    others.sort_by(f32::total_cmp);
     let mut cands: Vec<f32> = pairs.iter().flat_map(|(k, o)| [*k, *o, k.max(*o)]).collect();
     cands.sort_by(f32::total_cmp);
     cands.dedup();
     let n = pairs.len() as f64 * 2.0;
     let mut best = (f64::NEG_INFINITY, 0.0);
     for t in cands.iter().map(|c| *c + 1e-6).chain([f32::MIN]) {
-        let ok = pairs.iter().map(|(k, o)| usize::from(k.max(*o) >= t) + usize::from(*o < t)).sum::<usize>();
-        let acc = ok as f64 / n;
+        let found = best_of.len() - best_of.partition_point(|&m| m < t);
+        let new = others.partition_point(|&o| o < t);
+        let acc = (found + new) as f64 / n;
         if acc > best.1 || best.0 == f64::NEG_INFINITY {
             best = (t as f64, acc);
         }
@@ -101,7 +108,7 @@ fn known_other(set: &EmbeddingSet, rows: &[usize]) -> Vec<(f32, f32)> {
             if g == q {
                 continue;
             }
-            let s: f32 = qv.iter().zip(set.row(g)).map(|(a, b)| a * b).sum();
+            let s = crate::model::metrics::dot(qv, set.row(g));
             if set.labels[g].as_ref() == Some(lq) {
                 known = known.max(s);
             } else {
@@ -404,5 +411,18 @@ mod tests {
         assert!(t > 0.45 && t <= 0.75 + 1e-5, "{t}");
         assert_eq!(acc, 1.0);
         assert!(fit_threshold(&[]).is_none());
+    }
+
+    #[test]
+    fn the_threshold_sweep_agrees_with_counting_every_pair() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let pairs: Vec<(f32, f32)> = (0..300).map(|_| (rng.random_range(0.2..1.0f32), rng.random_range(0.0..0.8f32))).collect();
+        let (t, acc) = fit_threshold(&pairs).unwrap();
+        let count = |t: f32| pairs.iter().map(|(k, o)| usize::from(k.max(*o) >= t) + usize::from(*o < t)).sum::<usize>() as f64 / 600.0;
+        assert_eq!(acc, count(t as f32));
+        let brute = pairs.iter().flat_map(|(k, o)| [*k, *o, k.max(*o)]).map(|c| count(c + 1e-6)).fold(count(f32::MIN), f64::max);
+        assert_eq!(acc, brute, "the sweep finds the best threshold");
+        assert!(acc > 0.5 && acc < 1.0, "{acc}");
     }
 }
