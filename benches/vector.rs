@@ -1,10 +1,12 @@
 //! Vector search on synthetic embeddings beside an exact numpy peer, in one run.
 //!
 //!     cargo bench --profile release --bench vector -- [--rows 100000] [--dim 512] [--queries 200]
+//!         [--flat-queries 20] [--pq 20/10/80,10/10/80] [--hnsw 20/0/80,10/0/40]   (nprobes/refine/ef)
 //!
-//! For each of flat (exact, no index), IVF_PQ + refine and IVF_HNSW_SQ over the same Lance
-//! table: build time, recall@20 against exact search, p50/p99 latency of single queries and
-//! the throughput of 8 concurrent queries; then benches/peer_numpy_knn.py over the same
+//! For each of flat (Lance's exact search, no index; on the first `--flat-queries` queries),
+//! IVF_PQ and IVF_HNSW_SQ over the same Lance table, at each search setting given: build
+//! time, recall@20 against exact top-20 (brute force in memory), p50/p99 latency of single
+//! queries and the throughput of 8 concurrent queries; then benches/peer_numpy_knn.py over the same
 //! vectors (matrix product + argpartition). Vectors: unit-length, around 1000 cluster centres
 //! (embeddings of individuals), queries drawn the same way.
 
@@ -72,22 +74,34 @@ async fn main() {
     println!("wrote the table in {:.1}s", t.elapsed().as_secs_f64());
     let queries = vectors(nq, dim, 1, &centres);
 
-    // Exact answers once, from flat search.
+    // Exact answers once, by brute force in memory (libtorch matrix product + top-k): Lance's
+    // own exact search is timed below on a subset, as it is far too slow at 1M for every query.
+    let exact: Vec<Vec<vector::Hit>> = {
+        let base = tch::Tensor::from_slice(&bytemuck_f32(&base_raw)).view([rows as i64, dim as i64]);
+        let qs = tch::Tensor::from_slice(&queries).view([nq as i64, dim as i64]);
+        let (_, idx) = qs.mm(&base.tr()).topk(20, 1, true, true);
+        let idx: Vec<i64> = Vec::<i64>::try_from(idx.flatten(0, 1)).expect("indices");
+        idx.chunks(20)
+            .map(|c| c.iter().map(|&i| vector::Hit { photo_id: format!("p{i:08}"), uri: format!("p{i:08}"), individual_id: None, distance: 0.0 }).collect())
+            .collect()
+    };
     let ds = lake.open("embeddings").await.expect("open").expect("table");
     let exact_p = SearchParams { exact: true, ..Default::default() };
-    let mut exact = Vec::new();
+    let nflat = arg(&args, "--flat-queries", nq.min(20)).min(nq);
     let mut flat_lat = Vec::new();
-    for q in queries.chunks(dim) {
+    let mut flat_recall = 0.0;
+    for (q, e) in queries.chunks(dim).take(nflat).zip(&exact) {
         let t = Instant::now();
-        exact.push(vector::nearest(&ds, q, 20, &exact_p).await.expect("search"));
+        let a = vector::nearest(&ds, q, 20, &exact_p).await.expect("search");
         flat_lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        flat_recall += vector::recall(&a, e);
     }
     let ds = Arc::new(ds);
-    let qps = |ds: Arc<lance::Dataset>, p: SearchParams| {
+    let qps = |ds: Arc<lance::Dataset>, p: SearchParams, n: usize| {
         let queries = queries.clone();
         async move {
             let t = Instant::now();
-            let n = futures::stream::iter(queries.chunks(dim).map(|q| q.to_vec()).collect::<Vec<_>>())
+            let n = futures::stream::iter(queries.chunks(dim).take(n).map(|q| q.to_vec()).collect::<Vec<_>>())
                 .map(|q| {
                     let ds = ds.clone();
                     let p = p.clone();
@@ -99,34 +113,51 @@ async fn main() {
             n as f64 / t.elapsed().as_secs_f64()
         }
     };
-    let flat_qps = qps(ds.clone(), exact_p.clone()).await;
+    let flat_qps = qps(ds.clone(), exact_p.clone(), nflat).await;
+    println!("columns: index | search settings | build | recall@20 | p50 ms | p99 ms | queries/s (8 concurrent)");
     println!(
-        "| flat (exact) | - | 1.000 | {:.2} | {:.2} | {:.0} |",
+        "| flat (Lance exact, {nflat} queries) | - | - | {:.3} | {:.2} | {:.2} | {:.1} |",
+        flat_recall / nflat as f64,
         pct(&mut flat_lat.clone(), 0.5),
         pct(&mut flat_lat, 0.99),
         flat_qps
     );
-    for kind in ["ivf_pq", "ivf_hnsw_sq"] {
+    // Search settings per index: nprobes/refine/ef, refine 0 = none.
+    let settings = |name: &str, default: &str| -> Vec<SearchParams> {
+        let list = args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string());
+        list.split(',')
+            .map(|s| {
+                let v: Vec<usize> = s.split('/').map(|x| x.parse().expect("nprobes/refine/ef")).collect();
+                SearchParams { nprobes: Some(v[0]), refine: (v[1] > 0).then_some(v[1] as u32), ef: v.get(2).copied(), exact: false }
+            })
+            .collect()
+    };
+    for (kind, sets) in [("ivf_pq", settings("--pq", "20/10/80,10/10/80,5/5/80")), ("ivf_hnsw_sq", settings("--hnsw", "20/10/80,20/0/80,10/0/40,5/0/40"))] {
         let mut ds = lake.open("embeddings").await.expect("open").expect("table");
         let t = Instant::now();
         IndexStage::with_kind("embeddings", kind).apply_with(&mut ds, rows, dim, |_| {}).await.expect("index");
         let build = t.elapsed().as_secs_f64();
-        let p = SearchParams::default();
-        let mut lat = Vec::new();
-        let mut recall = 0.0;
-        for (q, e) in queries.chunks(dim).zip(&exact) {
-            let t = Instant::now();
-            let a = vector::nearest(&ds, q, 20, &p).await.expect("search");
-            lat.push(t.elapsed().as_secs_f64() * 1000.0);
-            recall += vector::recall(&a, e);
+        let ds = Arc::new(ds);
+        for p in sets {
+            let mut lat = Vec::new();
+            let mut recall = 0.0;
+            for (q, e) in queries.chunks(dim).zip(&exact) {
+                let t = Instant::now();
+                let a = vector::nearest(&ds, q, 20, &p).await.expect("search");
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                recall += vector::recall(&a, e);
+            }
+            let q = qps(ds.clone(), p.clone(), nq).await;
+            println!(
+                "| {kind} | nprobes {} refine {} ef {} | {build:.1} s | {:.3} | {:.2} | {:.2} | {q:.0} |",
+                p.nprobes.unwrap_or(0),
+                p.refine.map(|r| r.to_string()).unwrap_or("-".into()),
+                p.ef.unwrap_or(0),
+                recall / nq as f64,
+                pct(&mut lat.clone(), 0.5),
+                pct(&mut lat, 0.99)
+            );
         }
-        let q = qps(Arc::new(ds), p).await;
-        println!(
-            "| {kind} (nprobes 20, refine 10, ef 80) | {build:.1} s | {:.3} | {:.2} | {:.2} | {q:.0} |",
-            recall / nq as f64,
-            pct(&mut lat.clone(), 0.5),
-            pct(&mut lat, 0.99)
-        );
     }
     let bf = dir.path().join("base.f32");
     let qf = dir.path().join("queries.f32");
@@ -139,5 +170,8 @@ async fn main() {
         .output()
         .expect("numpy peer");
     println!("numpy peer: {}", String::from_utf8_lossy(&out.stdout).trim());
-    println!("columns: index | build | recall@20 | p50 ms | p99 ms | queries/s (8 concurrent)");
+}
+
+fn bytemuck_f32(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
