@@ -203,3 +203,17 @@ fn not_toml_is_one_error_with_a_line() {
     assert_eq!(line_of(&d[0]), 3);
     assert!(d[0].message.contains("not valid TOML"));
 }
+
+#[test]
+fn submit_refine_zero_turns_re_ranking_off() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/ingest-to-submission.toml");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let refine = |set: &[String]| {
+        let plan = rt.block_on(load(&file, set)).unwrap();
+        let crate::stages::StageKind::Submit(s) = &plan.stage("submit").unwrap().kind else { panic!("submit is not a submit stage") };
+        (s.search.refine, s.search.nprobes, s.search.ef)
+    };
+    assert_eq!(refine(&["submit.refine=0".into(), "submit.nprobes=15".into(), "submit.ef=60".into()]), (None, Some(15), Some(60)));
+    assert_eq!(refine(&["submit.refine=4".into()]).0, Some(4));
+    assert_eq!(refine(&[]).0, crate::vector::SearchParams::default().refine);
+}

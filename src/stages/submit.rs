@@ -189,7 +189,12 @@ impl SubmitStage {
             threshold,
             search: SearchParams {
                 nprobes: k.int("nprobes", 1, 100_000).map(|n| n as usize).or(d.nprobes),
-                refine: k.int("refine", 1, 1000).map(|n| n as u32).or(d.refine),
+                // 0: no re-ranking (IVF_HNSW_SQ's own distances are close enough, and cheaper).
+                refine: match k.int("refine", 0, 1000) {
+                    Some(0) => None,
+                    Some(n) => Some(n as u32),
+                    None => d.refine,
+                },
                 ef: k.int("ef", 1, 100_000).map(|n| n as usize).or(d.ef),
                 exact: false,
             },
