@@ -153,7 +153,10 @@ async fn main() {
 
     let embedder = Embedder::for_table(&lake, &table, tch::Device::Cpu).await.expect("model of the table");
     let model = embedder.model_id.clone();
-    let service = Service { lake, table: table.clone(), ds: Arc::new(ds), embedder: Some(embedder), search: Default::default() };
+    let ds = Arc::new(ds);
+    let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &Default::default()).await.expect("search source");
+    println!("search: {}", source.describe());
+    let service = Service { lake, table: table.clone(), ds, embedder: Some(embedder), source };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, 20 << 20)).await });

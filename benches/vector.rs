@@ -4,6 +4,7 @@
 //!         [--flat-queries 20] [--pq 20/10/80,10/10/80] [--hnsw 20/0/80,10/0/40]   (nprobes/refine/ef)
 //!
 //! For each of flat (Lance's exact search, no index; on the first `--flat-queries` queries),
+//! flat in memory (`vector::InMemory`, what `submit` and `serve` search without an index),
 //! IVF_PQ and IVF_HNSW_SQ over the same Lance table, at each search setting given: build
 //! time, recall@20 against exact top-20 (brute force in memory), p50/p99 latency of single
 //! queries and the throughput of 8 concurrent queries; then benches/peer_numpy_knn.py over the same
@@ -19,7 +20,8 @@ use pipeline::lake::{Catalog, Lake, WriteKind};
 use pipeline::model::data::Photo;
 use pipeline::stages::embed::embedding_batch;
 use pipeline::stages::index::IndexStage;
-use pipeline::vector::{self, SearchParams};
+use pipeline::stages::evaluate::EmbeddingSet;
+use pipeline::vector::{self, InMemory, SearchParams, Source};
 use rand::{Rng, SeedableRng};
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
@@ -62,12 +64,12 @@ async fn main() {
     let centres: Vec<f32> = (0..1000 * dim).map(|_| rng.random_range(-1.0..1.0f32)).collect();
     println!("{rows} rows x {dim}-d, {nq} queries, k = 20");
     let t = Instant::now();
-    let mut base_raw: Vec<u8> = Vec::with_capacity(rows * dim * 4);
+    let mut base: Vec<f32> = Vec::with_capacity(rows * dim);
     let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
     for (i, start) in (0..rows).step_by(50_000).enumerate() {
         let n = 50_000.min(rows - start);
         let v = vectors(n, dim, 100 + i as u64, &centres);
-        base_raw.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        base.extend_from_slice(&v);
         sink.send(batch(start, dim, &v)).await.expect("send");
     }
     sink.finish().await.expect("write");
@@ -77,7 +79,7 @@ async fn main() {
     // Exact answers once, by brute force in memory (libtorch matrix product + top-k): Lance's
     // own exact search is timed below on a subset, as it is far too slow at 1M for every query.
     let exact: Vec<Vec<vector::Hit>> = {
-        let base = tch::Tensor::from_slice(&bytemuck_f32(&base_raw)).view([rows as i64, dim as i64]);
+        let base = tch::Tensor::from_slice(&base).view([rows as i64, dim as i64]);
         let qs = tch::Tensor::from_slice(&queries).view([nq as i64, dim as i64]);
         let (_, idx) = qs.mm(&base.tr()).topk(20, 1, true, true);
         let idx: Vec<i64> = Vec::<i64>::try_from(idx.flatten(0, 1)).expect("indices");
@@ -97,15 +99,14 @@ async fn main() {
         flat_recall += vector::recall(&a, e);
     }
     let ds = Arc::new(ds);
-    let qps = |ds: Arc<lance::Dataset>, p: SearchParams, n: usize| {
+    let qps = |src: Source, n: usize| {
         let queries = queries.clone();
         async move {
             let t = Instant::now();
             let n = futures::stream::iter(queries.chunks(dim).take(n).map(|q| q.to_vec()).collect::<Vec<_>>())
                 .map(|q| {
-                    let ds = ds.clone();
-                    let p = p.clone();
-                    async move { vector::nearest(&ds, &q, 20, &p).await.expect("search").len() }
+                    let src = src.clone();
+                    async move { vector::similar(&src, &q, 20, vector::Expansion::OFF, None).await.expect("search").len() }
                 })
                 .buffer_unordered(8)
                 .count()
@@ -113,7 +114,7 @@ async fn main() {
             n as f64 / t.elapsed().as_secs_f64()
         }
     };
-    let flat_qps = qps(ds.clone(), exact_p.clone(), nflat).await;
+    let flat_qps = qps(Source::Table(ds.clone(), exact_p.clone()), nflat).await;
     println!("columns: index | search settings | build | recall@20 | p50 ms | p99 ms | queries/s (8 concurrent)");
     println!(
         "| flat (Lance exact, {nflat} queries) | - | - | {:.3} | {:.2} | {:.2} | {:.1} |",
@@ -122,6 +123,37 @@ async fn main() {
         pct(&mut flat_lat, 0.99),
         flat_qps
     );
+    // Exact search over the vectors in memory: what `submit` and `serve` do without an index.
+    {
+        let t = Instant::now();
+        let set = EmbeddingSet {
+            model_id: "bench".into(),
+            photo_ids: (0..rows).map(|i| format!("p{i:08}")).collect(),
+            uris: (0..rows).map(|i| format!("p{i:08}")).collect(),
+            labels: vec![None; rows],
+            values: std::mem::take(&mut base),
+            dim,
+        };
+        let src = Source::Memory(Arc::new(InMemory::new(Arc::new(set))));
+        let load = t.elapsed().as_secs_f64();
+        let (mut lat, mut recall) = (Vec::new(), 0.0);
+        for (q, e) in queries.chunks(dim).zip(&exact) {
+            let t = Instant::now();
+            let a = vector::similar(&src, q, 20, vector::Expansion::OFF, None).await.expect("search");
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            recall += vector::recall(&a, e);
+        }
+        let q = qps(src.clone(), nq).await;
+        println!(
+            "| flat (in memory) | - | {load:.1} s | {:.3} | {:.2} | {:.2} | {q:.0} |",
+            recall / nq as f64,
+            pct(&mut lat.clone(), 0.5),
+            pct(&mut lat, 0.99)
+        );
+        let Source::Memory(m) = src else { unreachable!() };
+        let Ok(m) = Arc::try_unwrap(m) else { panic!("the in-memory source is still shared") };
+        base = Arc::try_unwrap(m.into_set()).map(|s| s.values).unwrap_or_else(|_| panic!("the set is still shared"));
+    }
     // Search settings per index: nprobes/refine/ef, refine 0 = none.
     let settings = |name: &str, default: &str| -> Vec<SearchParams> {
         let list = args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string());
@@ -147,7 +179,7 @@ async fn main() {
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 recall += vector::recall(&a, e);
             }
-            let q = qps(ds.clone(), p.clone(), nq).await;
+            let q = qps(Source::Table(ds.clone(), p.clone()), nq).await;
             println!(
                 "| {kind} | nprobes {} refine {} ef {} | {build:.1} s | {:.3} | {:.2} | {:.2} | {q:.0} |",
                 p.nprobes.unwrap_or(0),
@@ -161,7 +193,14 @@ async fn main() {
     }
     let bf = dir.path().join("base.f32");
     let qf = dir.path().join("queries.f32");
-    std::fs::write(&bf, &base_raw).expect("write base");
+    {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&bf).expect("create base"));
+        for x in &base {
+            w.write_all(&x.to_le_bytes()).expect("write base");
+        }
+        w.flush().expect("write base");
+    }
     std::fs::write(&qf, queries.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).expect("write queries");
     let venv = std::env::var("VIRTUAL_ENV").unwrap_or_else(|_| format!("{}/.cache/pipeline/venv", std::env::var("HOME").unwrap_or_default()));
     let out = std::process::Command::new(format!("{venv}/bin/python"))
@@ -170,8 +209,4 @@ async fn main() {
         .output()
         .expect("numpy peer");
     println!("numpy peer: {}", String::from_utf8_lossy(&out.stdout).trim());
-}
-
-fn bytemuck_f32(raw: &[u8]) -> Vec<f32> {
-    raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }

@@ -24,7 +24,7 @@ use crate::report::{self, ImageRef, ReportData};
 use crate::stages::detect;
 use crate::stages::embed::{model_files, resolve_model};
 use crate::stages::train::model_dir;
-use crate::vector::{self, Expansion, Hit, SearchParams};
+use crate::vector::{self, Expansion, Hit, Source};
 use crate::vision::{self, DecodeLimits};
 use crate::{Error, Result};
 
@@ -218,18 +218,19 @@ fn neighbours(hits: Vec<Hit>) -> Vec<Neighbour> {
         .collect()
 }
 
-/// The `k` nearest photos of `table` to the photo with this id or URI, itself excluded, with
-/// query expansion `x` (off: `Expansion::OFF`); None when no photo has that id.
-pub async fn similar_to_id(ds: &lance::Dataset, id: &str, k: usize, p: &SearchParams, x: Expansion) -> Result<Option<Similar>> {
+/// The `k` nearest photos of table `ds` (searched through `src`) to the photo with this id or
+/// URI, itself excluded, with query expansion `x` (off: `Expansion::OFF`); None when no photo
+/// has that id.
+pub async fn similar_to_id(ds: &lance::Dataset, src: &Source, id: &str, k: usize, x: Expansion) -> Result<Option<Similar>> {
     let Some((v, me)) = vector::embedding_of(ds, id).await? else { return Ok(None) };
-    let hits = vector::similar(ds, &v, k, p, x, Some(&me.uri)).await?;
+    let hits = vector::similar(src, &v, k, x, Some(&me.uri)).await?;
     let model_id = model_of(ds).await?;
     Ok(Some(Similar { query: me.photo_id.clone(), in_collection: true, model_id, neighbours: neighbours(hits) }))
 }
 
 /// The `k` nearest photos to an embedding, with query expansion `x`.
-pub async fn similar_to_vector(ds: &lance::Dataset, label: &str, v: &[f32], k: usize, p: &SearchParams, x: Expansion) -> Result<Similar> {
-    let hits = vector::similar(ds, v, k, p, x, None).await?;
+pub async fn similar_to_vector(ds: &lance::Dataset, src: &Source, label: &str, v: &[f32], k: usize, x: Expansion) -> Result<Similar> {
+    let hits = vector::similar(src, v, k, x, None).await?;
     Ok(Similar { query: label.to_string(), in_collection: false, model_id: model_of(ds).await?, neighbours: neighbours(hits) })
 }
 
@@ -419,5 +420,6 @@ pub struct Service {
     pub table: String,
     pub ds: Arc<lance::Dataset>,
     pub embedder: Option<Embedder>,
-    pub search: SearchParams,
+    /// How `/similar` searches `ds`: its index, or its embeddings in memory.
+    pub source: Source,
 }

@@ -98,6 +98,8 @@ enum Cmd {
         /// Weight exponent of α-query expansion.
         #[arg(long, default_value_t = 3.0)]
         alpha: f32,
+        #[command(flatten)]
+        search: SearchFlags,
         #[arg(long, env = "PIPELINE_LAKE")]
         lake: Option<String>,
         #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
@@ -134,6 +136,8 @@ enum Cmd {
         max_body: usize,
         #[arg(long, value_parser = ["auto", "cpu", "cuda"], default_value = "auto")]
         device: String,
+        #[command(flatten)]
+        search: SearchFlags,
         #[arg(long, env = "PIPELINE_LAKE")]
         lake: Option<String>,
         #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
@@ -245,15 +249,19 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Similar { photo, k, format, table, exact, expand, alpha, lake, pipeline } => {
+        Cmd::Similar { photo, k, format, table, exact, expand, alpha, search, lake, pipeline } => {
             let lake = open_lake(lake.as_deref(), &pipeline).await?;
             let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
-            let params = pipeline::vector::SearchParams { exact, ..Default::default() };
+            // One question: Lance's own scan where there is no index (reading the table into
+            // memory first would cost as much).
+            let params = pipeline::vector::SearchParams { exact, ..pipeline::vector::SearchParams::for_table(&ds, &search.overrides()).await? };
             if !(0.0..=100.0).contains(&alpha) {
                 anyhow::bail!("--alpha {alpha}: must be 0..100");
             }
             let x = pipeline::vector::Expansion { k: expand, alpha };
-            let found = match answer::similar_to_id(&ds, &photo, k, &params, x).await? {
+            let ds = std::sync::Arc::new(ds);
+            let src = pipeline::vector::Source::Table(ds.clone(), params);
+            let found = match answer::similar_to_id(&ds, &src, &photo, k, x).await? {
                 Some(f) => f,
                 None => {
                     let looks_like_file = photo.contains("://") || std::path::Path::new(&photo).exists();
@@ -264,7 +272,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     let device = pipeline::model::train::pick_device("auto").map_err(anyhow::Error::msg)?;
                     let embedder = answer::Embedder::for_table(&lake, &table, device).await?;
                     let v = embedder.embed_bytes(bytes).await?;
-                    answer::similar_to_vector(&ds, &photo, &v, k, &params, x).await?
+                    answer::similar_to_vector(&ds, &src, &photo, &v, k, x).await?
                 }
             };
             print_similar(&found, format)?;
@@ -279,7 +287,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             println!("report: {}", std::fs::canonicalize(&out).unwrap_or(out).display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve { addr, table, max_body, device, lake, pipeline } => {
+        Cmd::Serve { addr, table, max_body, device, search, lake, pipeline } => {
             let lake = open_lake(lake.as_deref(), &pipeline).await?;
             let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
             let device = pipeline::model::train::pick_device(&device).map_err(anyhow::Error::msg)?;
@@ -290,7 +298,9 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     None
                 }
             };
-            let service = answer::Service { lake, table, ds: std::sync::Arc::new(ds), embedder, search: Default::default() };
+            let ds = std::sync::Arc::new(ds);
+            let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &search.overrides()).await?;
+            let service = answer::Service { lake, table, ds, embedder, source };
             pipeline::serve::serve(service, addr, max_body).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -318,6 +328,27 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Vector-index search settings; unset ones are the ones measured for the table's kind of
+/// index (`benches/vector.rs`).
+#[derive(Debug, Clone, clap::Args)]
+struct SearchFlags {
+    /// IVF partitions probed.
+    #[arg(long)]
+    nprobes: Option<usize>,
+    /// Re-rank refine × k index candidates with the exact vectors (0: none).
+    #[arg(long)]
+    refine: Option<u32>,
+    /// HNSW search list size.
+    #[arg(long)]
+    ef: Option<usize>,
+}
+
+impl SearchFlags {
+    fn overrides(&self) -> pipeline::vector::SearchOverrides {
+        pipeline::vector::SearchOverrides { nprobes: self.nprobes, refine: self.refine, ef: self.ef }
     }
 }
 

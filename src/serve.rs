@@ -86,7 +86,7 @@ async fn similar_id(State(s): State<Shared>, Path(id): Path<String>, Query(p): Q
         Ok(kx) => kx,
         Err(r) => return r,
     };
-    match answer::similar_to_id(&s.ds, &id, k, &s.search, x).await {
+    match answer::similar_to_id(&s.ds, &s.source, &id, k, x).await {
         Ok(Some(a)) => Json(a).into_response(),
         Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -109,7 +109,7 @@ async fn similar_upload(State(s): State<Shared>, Query(p): Query<KParam>, body: 
         Err(Error::BadImage(m)) => return err(StatusCode::BAD_REQUEST, format!("not a readable image: {m}")),
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    match answer::similar_to_vector(&s.ds, "upload", &v, k, &s.search, x).await {
+    match answer::similar_to_vector(&s.ds, &s.source, "upload", &v, k, x).await {
         Ok(a) => Json(a).into_response(),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -148,6 +148,7 @@ pub fn router(service: Service, max_body: usize) -> Router {
 pub async fn serve(service: Service, addr: SocketAddr, max_body: usize) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::Other(format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr().map_err(|e| Error::Other(e.to_string()))?;
+    println!("searching `{}` by {}", service.table, service.source.describe());
     println!("serving {} on http://{local} (GET /healthz, /models, /similar/{{photo_id}}?k=20, /photos/{{photo_id}}/thumbnail; POST /similar)", service.table);
     axum::serve(listener, router(service, max_body))
         .with_graceful_shutdown(async {

@@ -1,5 +1,7 @@
 //! Nearest-neighbour search over an embeddings table (Lance): through its vector index when it
-//! has one (IVF_PQ with exact re-ranking, or IVF_HNSW_SQ), exactly otherwise. Cosine distance
+//! has one (IVF_PQ with exact re-ranking, or IVF_HNSW_SQ), exactly otherwise — by Lance's scan
+//! for one-off questions, or over the embeddings held in memory ([`InMemory`]) where many
+//! questions are asked of a table without an index (`submit`, `serve`). Cosine distance
 //! everywhere: embeddings are unit length, so `distance = 1 − similarity`.
 
 use std::sync::Arc;
@@ -10,6 +12,8 @@ use lance::Dataset;
 use lance::index::DatasetIndexExt;
 use lance_linalg::distance::DistanceType;
 
+use crate::model::metrics::{self, UnitRows};
+use crate::stages::evaluate::EmbeddingSet;
 use crate::{Error, Result};
 
 /// Name of the vector index the `index` stage builds.
@@ -34,6 +38,50 @@ impl Default for SearchParams {
     }
 }
 
+impl SearchParams {
+    /// The settings measured for each kind of index (`IVF_HNSW_SQ`, `IVF_PQ`, as
+    /// `index_statistics` names them; None: no index). `benches/vector.rs`, 1M 512-d rows:
+    /// IVF_HNSW_SQ reaches recall@20 0.963 at nprobes 15 and ef 60 with no re-ranking (p50
+    /// 4.1 ms; re-ranking doubles the latency for little recall); IVF_PQ needs re-ranking
+    /// (nprobes 20, refine 10: 0.864 at 1M, ≥ 0.99 at 100k).
+    pub fn for_index(kind: Option<&str>) -> SearchParams {
+        match kind.map(str::to_ascii_lowercase).as_deref() {
+            Some("ivf_hnsw_sq") => SearchParams { nprobes: Some(15), refine: None, ef: Some(60), exact: false },
+            _ => SearchParams::default(),
+        }
+    }
+
+    /// The settings for `ds`'s index, with `over` on top.
+    pub async fn for_table(ds: &Dataset, over: &SearchOverrides) -> Result<SearchParams> {
+        Ok(over.apply(SearchParams::for_index(index_kind(ds).await?.as_deref())))
+    }
+}
+
+/// Search settings a user gave (a pipeline file, command-line flags); unset ones come from
+/// [`SearchParams::for_index`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SearchOverrides {
+    pub nprobes: Option<usize>,
+    /// `Some(0)`: no re-ranking.
+    pub refine: Option<u32>,
+    pub ef: Option<usize>,
+}
+
+impl SearchOverrides {
+    pub fn apply(&self, base: SearchParams) -> SearchParams {
+        SearchParams {
+            nprobes: self.nprobes.or(base.nprobes),
+            refine: match self.refine {
+                Some(0) => None,
+                Some(r) => Some(r),
+                None => base.refine,
+            },
+            ef: self.ef.or(base.ef),
+            exact: base.exact,
+        }
+    }
+}
+
 /// One neighbour: row values of `columns`, and the cosine distance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hit {
@@ -55,9 +103,128 @@ pub async fn has_index(ds: &Dataset) -> Result<bool> {
     Ok(indices.iter().any(|i| i.name == INDEX_NAME))
 }
 
+/// Lance's `index_statistics` of the table's vector index, None without one.
+pub async fn index_statistics(ds: &Dataset) -> Result<Option<serde_json::Value>> {
+    if !has_index(ds).await? {
+        return Ok(None);
+    }
+    let stats = ds.index_statistics(INDEX_NAME).await.map_err(|e| Error::Other(format!("index statistics: {e}")))?;
+    Ok(Some(serde_json::from_str(&stats).map_err(|e| Error::Other(format!("index statistics: {e}")))?))
+}
+
+/// The type of the table's vector index (`ivf_hnsw_sq`, `ivf_pq`), None without one.
+pub async fn index_kind(ds: &Dataset) -> Result<Option<String>> {
+    Ok(index_statistics(ds).await?.map(|v| v.get("index_type").and_then(|x| x.as_str()).unwrap_or("").to_ascii_lowercase()))
+}
+
 /// The `k` nearest rows to `query` in `ds` (its `embedding` column), nearest first.
 pub async fn nearest(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams) -> Result<Vec<Hit>> {
-    Ok(search(ds, query, k, p, false).await?.0)
+    Ok(search_table(ds, query, k, p, false).await?.0)
+}
+
+/// A table's embeddings in memory, for exact search: one pass of the dot-product kernels over
+/// all rows, far cheaper than Lance's exact scan (`benches/vector.rs`). What `submit` and
+/// `serve` search when the table has no index.
+pub struct InMemory {
+    set: Arc<EmbeddingSet>,
+    rows: UnitRows,
+}
+
+impl InMemory {
+    pub fn new(set: Arc<EmbeddingSet>) -> InMemory {
+        let rows = UnitRows::new(&set.values, set.dim);
+        InMemory { set, rows }
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// The rows searched.
+    pub fn into_set(self) -> Arc<EmbeddingSet> {
+        self.set
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// The `k` most similar rows to `query`, nearest first (ties: row order), each with its
+    /// embedding when `vectors` is asked for.
+    pub fn search(&self, query: &[f32], k: usize, vectors: bool) -> Result<(Vec<Hit>, Vec<Vec<f32>>)> {
+        if query.len() != self.rows.dim() {
+            return Err(Error::Other(format!("the query has {} values; the table's embeddings have {}", query.len(), self.rows.dim())));
+        }
+        let sims = self.rows.similarities(query);
+        let mut order: Vec<u32> = (0..sims.len() as u32).filter(|&i| sims[i as usize].is_finite()).collect();
+        let by = |a: &u32, b: &u32| sims[*b as usize].total_cmp(&sims[*a as usize]).then(a.cmp(b));
+        let k = k.min(order.len());
+        if k == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if k < order.len() {
+            order.select_nth_unstable_by(k - 1, by);
+            order.truncate(k);
+        }
+        order.sort_unstable_by(by);
+        let set = &self.set;
+        let hits = order
+            .iter()
+            .map(|&i| {
+                let i = i as usize;
+                Hit { photo_id: set.photo_ids[i].clone(), uri: set.uris[i].clone(), individual_id: set.labels[i].clone(), distance: 1.0 - sims[i] }
+            })
+            .collect();
+        let vectors = if vectors { order.iter().map(|&i| set.row(i as usize).to_vec()).collect() } else { Vec::new() };
+        Ok((hits, vectors))
+    }
+}
+
+/// Where neighbours are found.
+#[derive(Clone)]
+pub enum Source {
+    /// The Lance table: through its index with these settings, or by Lance's exact scan.
+    Table(Arc<Dataset>, SearchParams),
+    /// Exact search over the embeddings in memory.
+    Memory(Arc<InMemory>),
+}
+
+impl Source {
+    /// For many questions to `ds` (named `table`): its index with its measured settings and
+    /// `over` on top; without an index, its embeddings in memory.
+    pub async fn for_serving(ds: Arc<Dataset>, table: &str, over: &SearchOverrides) -> Result<Source> {
+        if has_index(&ds).await? {
+            let p = SearchParams::for_table(&ds, over).await?;
+            return Ok(Source::Table(ds, p));
+        }
+        let set = crate::stages::evaluate::read_set(&ds, table).await?;
+        Ok(Source::Memory(Arc::new(InMemory::new(Arc::new(set)))))
+    }
+
+    /// What the source is, for logs and summaries.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Table(_, p) if p.exact => "exact search (Lance scan)".into(),
+            Source::Table(_, p) => format!(
+                "vector index (nprobes {}, refine {}, ef {})",
+                p.nprobes.map(|n| n.to_string()).unwrap_or("auto".into()),
+                p.refine.map(|n| n.to_string()).unwrap_or("none".into()),
+                p.ef.map(|n| n.to_string()).unwrap_or("auto".into())
+            ),
+            Source::Memory(m) => format!("exact search in memory over {} rows", m.len()),
+        }
+    }
+
+    async fn search(&self, query: &[f32], k: usize, vectors: bool) -> Result<(Vec<Hit>, Vec<Vec<f32>>)> {
+        match self {
+            Source::Table(ds, p) => search_table(ds, query, k, p, vectors).await,
+            Source::Memory(m) => {
+                // A full pass over the rows: off the async workers.
+                let (m, q) = (m.clone(), query.to_vec());
+                tokio::task::spawn_blocking(move || m.search(&q, k, vectors)).await.map_err(|e| Error::Other(format!("exact search panicked: {e}")))?
+            }
+        }
+    }
 }
 
 /// α-query expansion (as in Radenović et al.): the query is replaced by the normalised sum of
@@ -83,27 +250,21 @@ impl Default for Expansion {
 /// itself). With expansion on, rows are ranked by the expanded query, while each hit's
 /// distance stays the query's own to that row: thresholds fitted on plain similarities (the
 /// new-individual one) keep their meaning.
-pub async fn similar(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams, x: Expansion, skip: Option<&str>) -> Result<Vec<Hit>> {
+pub async fn similar(src: &Source, query: &[f32], k: usize, x: Expansion, skip: Option<&str>) -> Result<Vec<Hit>> {
     let keep = |h: &Hit| skip.is_none_or(|s| h.uri != s);
     let extra = usize::from(skip.is_some());
     if x.k == 0 {
-        return Ok(nearest(ds, query, k + extra, p).await?.into_iter().filter(keep).take(k).collect());
+        return Ok(src.search(query, k + extra, false).await?.0.into_iter().filter(keep).take(k).collect());
     }
-    let (first, vectors) = search(ds, query, x.k + extra, p, true).await?;
+    let (first, vectors) = src.search(query, x.k + extra, true).await?;
     let neighbours = first.iter().zip(&vectors).filter(|(h, _)| keep(h)).take(x.k).map(|(h, v)| (h.similarity(), v.as_slice()));
-    let expanded = crate::model::metrics::expand_query(query, neighbours, x.alpha);
-    let (hits, vectors) = search(ds, &expanded, k + extra, p, true).await?;
-    Ok(hits
-        .into_iter()
-        .zip(vectors)
-        .filter(|(h, _)| keep(h))
-        .take(k)
-        .map(|(h, v)| Hit { distance: 1.0 - crate::model::metrics::cosine(query, &v), ..h })
-        .collect())
+    let expanded = metrics::expand_query(query, neighbours, x.alpha);
+    let (hits, vectors) = src.search(&expanded, k + extra, true).await?;
+    Ok(hits.into_iter().zip(vectors).filter(|(h, _)| keep(h)).take(k).map(|(h, v)| Hit { distance: 1.0 - metrics::cosine(query, &v), ..h }).collect())
 }
 
-/// One search; with `vectors`, the embedding of every hit too.
-async fn search(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams, vectors: bool) -> Result<(Vec<Hit>, Vec<Vec<f32>>)> {
+/// One search of the Lance table; with `vectors`, the embedding of every hit too.
+async fn search_table(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams, vectors: bool) -> Result<(Vec<Hit>, Vec<Vec<f32>>)> {
     let q = Float32Array::from(query.to_vec());
     let mut s = ds.scan();
     let columns: &[&str] = if vectors { &["photo_id", "uri", "individual_id", "embedding"] } else { &["photo_id", "uri", "individual_id"] };
@@ -125,24 +286,32 @@ async fn search(ds: &Dataset, query: &[f32], k: usize, p: &SearchParams, vectors
         }
     }
     let batch: RecordBatch = s.try_into_batch().await.map_err(|e| Error::Other(format!("vector search: {e}")))?;
-    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| Error::Other(format!("search result lacks `{name}`")));
-    let (pid, uri, ind) = (col("photo_id")?.as_string::<i32>().clone(), col("uri")?.as_string::<i32>().clone(), col("individual_id")?.as_string::<i32>().clone());
-    let dist = col("_distance")?.as_primitive::<Float32Type>().clone();
-    let hits = (0..batch.num_rows())
-        .map(|i| Hit {
-            photo_id: pid.value(i).to_string(),
-            uri: uri.value(i).to_string(),
-            individual_id: (ind.is_valid(i) && !ind.value(i).is_empty()).then(|| ind.value(i).to_string()),
-            distance: dist.value(i),
-        })
-        .collect();
-    let vectors = if vectors {
-        let list = col("embedding")?.as_fixed_size_list().clone();
-        (0..batch.num_rows()).map(|i| list.value(i).as_primitive::<Float32Type>().values().to_vec()).collect()
-    } else {
-        Vec::new()
-    };
+    let dist = column(&batch, "_distance")?.as_primitive::<Float32Type>().clone();
+    let hits = (0..batch.num_rows()).map(|i| Ok(Hit { distance: dist.value(i), ..hit_at(&batch, i)? })).collect::<Result<Vec<_>>>()?;
+    let vectors = if vectors { (0..batch.num_rows()).map(|i| vector_at(&batch, i)).collect::<Result<_>>()? } else { Vec::new() };
     Ok((hits, vectors))
+}
+
+fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a Arc<dyn Array>> {
+    b.column_by_name(name).ok_or_else(|| Error::Other(format!("search result lacks `{name}`")))
+}
+
+/// Row `i` of a result with `photo_id`, `uri` and `individual_id`, at distance 0.
+fn hit_at(b: &RecordBatch, i: usize) -> Result<Hit> {
+    let s = |name: &str| -> Result<_> { column(b, name)?.as_string_opt::<i32>().ok_or_else(|| Error::Other(format!("`{name}` is not a string column"))) };
+    let ind = s("individual_id")?;
+    Ok(Hit {
+        photo_id: s("photo_id")?.value(i).to_string(),
+        uri: s("uri")?.value(i).to_string(),
+        individual_id: (ind.is_valid(i) && !ind.value(i).is_empty()).then(|| ind.value(i).to_string()),
+        distance: 0.0,
+    })
+}
+
+/// The `embedding` of row `i` of a result.
+fn vector_at(b: &RecordBatch, i: usize) -> Result<Vec<f32>> {
+    let list = column(b, "embedding")?.as_fixed_size_list_opt().ok_or_else(|| Error::Other("`embedding` is not a vector column".into()))?;
+    Ok(list.value(i).as_primitive::<Float32Type>().values().to_vec())
 }
 
 /// The embedding of the row whose `photo_id` (or `uri`) is `id`.
@@ -156,17 +325,7 @@ pub async fn embedding_of(ds: &Dataset, id: &str) -> Result<Option<(Vec<f32>, Hi
     if b.num_rows() == 0 {
         return Ok(None);
     }
-    let list = b.column(3).as_fixed_size_list();
-    let v = list.value(0);
-    let v = v.as_primitive::<Float32Type>().values().to_vec();
-    let ind = b.column(2).as_string::<i32>();
-    let hit = Hit {
-        photo_id: b.column(0).as_string::<i32>().value(0).to_string(),
-        uri: b.column(1).as_string::<i32>().value(0).to_string(),
-        individual_id: (ind.is_valid(0) && !ind.value(0).is_empty()).then(|| ind.value(0).to_string()),
-        distance: 0.0,
-    };
-    Ok(Some((v, hit)))
+    Ok(Some((vector_at(&b, 0)?, hit_at(&b, 0)?)))
 }
 
 /// Fraction of `exact` found in `approx` (recall@k of one query).
@@ -205,7 +364,8 @@ impl KnnFunction {
             }
             KnnQuery::Vector(v) => (v, "vector".to_string(), None),
         };
-        let hits = similar(&ds, &vector, k, &SearchParams::default(), Expansion::OFF, exclude.as_deref()).await?;
+        let p = SearchParams::for_table(&ds, &SearchOverrides::default()).await?;
+        let hits = similar(&Source::Table(Arc::new(ds), p), &vector, k, Expansion::OFF, exclude.as_deref()).await?;
         let n = hits.len();
         Ok(RecordBatch::try_new(
             knn_schema(),

@@ -6,7 +6,7 @@ use pipeline::lake::{Catalog, Lake, WriteKind};
 use pipeline::model::data::Photo;
 use pipeline::stages::embed::embedding_batch;
 use pipeline::stages::index::IndexStage;
-use pipeline::vector::{self, SearchParams};
+use pipeline::vector::{self, SearchParams, Source};
 use rand::{Rng, SeedableRng};
 
 const DIM: usize = 64;
@@ -61,7 +61,11 @@ async fn indexed_top20_matches_exact_top20() {
         let said = stage.apply_with(&mut ds, n, DIM, |_| {}).await.unwrap();
         assert!(said.contains("built"), "{said}");
         assert!(vector::has_index(&ds).await.unwrap());
-        let r = mean_recall(&ds, &queries, &SearchParams::default()).await;
+        assert_eq!(vector::index_kind(&ds).await.unwrap().as_deref(), Some(kind));
+        // The settings every reader uses unless told otherwise: those measured for the kind.
+        let p = SearchParams::for_table(&ds, &Default::default()).await.unwrap();
+        assert_eq!(p, SearchParams::for_index(Some(kind)));
+        let r = mean_recall(&ds, &queries, &p).await;
         assert!(r >= min_recall, "{kind}: recall@20 {r}");
         // Asking again changes nothing.
         let again = stage.apply_with(&mut ds, n, DIM, |_| {}).await.unwrap();
@@ -104,15 +108,18 @@ async fn query_expansion_ranks_by_the_expanded_query_and_keeps_the_photos_own_di
     let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
     sink.send(batch(0, &all)).await.unwrap();
     sink.finish().await.unwrap();
-    let ds = lake.open("embeddings").await.unwrap().unwrap();
+    let ds = std::sync::Arc::new(lake.open("embeddings").await.unwrap().unwrap());
     let row = |i: usize| &all[i * DIM..(i + 1) * DIM];
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    let exact = SearchParams { exact: true, ..Default::default() };
+    let exact = Source::Table(ds.clone(), SearchParams { exact: true, ..Default::default() });
+    // The same table in memory: what `submit` and `serve` search when there is no index.
+    let memory = Source::for_serving(ds.clone(), "embeddings", &Default::default()).await.unwrap();
+    assert!(matches!(memory, Source::Memory(_)), "no index: {}", memory.describe());
     let x = vector::Expansion { k: 5, alpha: 3.0 };
     let mut reordered = 0;
-    for q in (0..n).step_by(37) {
+    for (q, src) in (0..n).step_by(37).flat_map(|q| [(q, &exact), (q, &memory)]) {
         let me = format!("file:///x/p{q:06}.jpg");
-        let hits = vector::similar(&ds, row(q), 20, &exact, x, Some(&me)).await.unwrap();
+        let hits = vector::similar(src, row(q), 20, x, Some(&me)).await.unwrap();
         assert_eq!(hits.len(), 20);
         assert!(hits.iter().all(|h| h.uri != me), "the query photo is left out");
         // Brute force: the first 5 others, the expanded query, its top-20.
@@ -135,7 +142,50 @@ async fn query_expansion_ranks_by_the_expanded_query_and_keeps_the_photos_own_di
     assert!(reordered > 0, "expansion changed no answer");
     // Off, it is the plain nearest search less the query photo.
     let me = "file:///x/p000000.jpg";
-    let off = vector::similar(&ds, row(0), 20, &exact, vector::Expansion::OFF, Some(me)).await.unwrap();
-    let plain = vector::nearest(&ds, row(0), 21, &exact).await.unwrap();
-    assert_eq!(off, plain.into_iter().filter(|h| h.uri != me).take(20).collect::<Vec<_>>());
+    let Source::Table(_, exact_p) = &exact else { unreachable!() };
+    let plain = vector::nearest(&ds, row(0), 21, exact_p).await.unwrap();
+    let plain: Vec<_> = plain.into_iter().filter(|h| h.uri != me).take(20).collect();
+    for src in [&exact, &memory] {
+        let off = vector::similar(src, row(0), 20, vector::Expansion::OFF, Some(me)).await.unwrap();
+        assert_eq!(off.iter().map(|h| &h.uri).collect::<Vec<_>>(), plain.iter().map(|h| &h.uri).collect::<Vec<_>>(), "{}", src.describe());
+        for (a, b) in off.iter().zip(&plain) {
+            assert!((a.distance - b.distance).abs() < 1e-5, "{}: {} vs {}", src.describe(), a.distance, b.distance);
+        }
+    }
+}
+
+/// Exact search in memory agrees with Lance's exact scan on every query, rank by rank, and a
+/// query of the wrong length is an error that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_search_in_memory_agrees_with_lances_exact_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).unwrap());
+    let n = 1500;
+    let all = vectors(n, 11);
+    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
+    sink.send(batch(0, &all)).await.unwrap();
+    sink.finish().await.unwrap();
+    let ds = std::sync::Arc::new(lake.open("embeddings").await.unwrap().unwrap());
+    let memory = Source::for_serving(ds.clone(), "embeddings", &Default::default()).await.unwrap();
+    let Source::Memory(m) = &memory else { panic!("no index, yet {}", memory.describe()) };
+    assert_eq!(m.len(), n);
+    let exact = SearchParams { exact: true, ..Default::default() };
+    for q in vectors(25, 12).chunks(DIM) {
+        let want = vector::nearest(&ds, q, 20, &exact).await.unwrap();
+        let (got, vecs) = m.search(q, 20, true).unwrap();
+        assert_eq!(got.len(), 20);
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            // Equal distances may come in either order; the distances must agree rank by rank.
+            assert!((g.distance - w.distance).abs() < 1e-5, "rank {}: {} ({}) vs {} ({})", r + 1, g.photo_id, g.distance, w.photo_id, w.distance);
+        }
+        assert!(vector::recall(&got, &want) >= 0.95, "ties aside, the same photos");
+        assert!(got.windows(2).all(|w| w[0].distance <= w[1].distance), "nearest first");
+        assert!(got[0].individual_id.is_some(), "labels come along");
+        let j: usize = got[0].photo_id[1..].parse().unwrap();
+        assert_eq!(vecs[0], all[j * DIM..(j + 1) * DIM], "the hit's own vector, p{j:06}");
+    }
+    let e = m.search(&[0.5; 3], 20, false).unwrap_err().to_string();
+    assert!(e.contains("3 values") && e.contains(&DIM.to_string()), "{e}");
+    // More than there are rows: all rows.
+    assert_eq!(m.search(&vectors(1, 13), n + 50, false).unwrap().0.len(), n);
 }

@@ -213,7 +213,16 @@ fn submit_refine_zero_turns_re_ranking_off() {
         let crate::stages::StageKind::Submit(s) = &plan.stage("submit").unwrap().kind else { panic!("submit is not a submit stage") };
         (s.search.refine, s.search.nprobes, s.search.ef)
     };
-    assert_eq!(refine(&["submit.refine=0".into(), "submit.nprobes=15".into(), "submit.ef=60".into()]), (None, Some(15), Some(60)));
+    let ivf_pq = crate::vector::SearchParams::for_index(Some("ivf_pq"));
+    assert_eq!(ivf_pq.refine, Some(10), "IVF_PQ re-ranks unless told otherwise");
+    let (r, n, e) = refine(&["submit.refine=0".into(), "submit.nprobes=15".into(), "submit.ef=60".into()]);
+    assert_eq!((r, n, e), (Some(0), Some(15), Some(60)));
+    let given = crate::vector::SearchOverrides { refine: r, nprobes: n, ef: e };
+    assert_eq!(given.apply(ivf_pq.clone()).refine, None, "refine = 0 is no re-ranking");
     assert_eq!(refine(&["submit.refine=4".into()]).0, Some(4));
-    assert_eq!(refine(&[]).0, crate::vector::SearchParams::default().refine);
+    // Nothing given: the measured settings of whatever index the table has.
+    let (r, n, e) = refine(&[]);
+    assert_eq!(crate::vector::SearchOverrides { refine: r, nprobes: n, ef: e }.apply(ivf_pq.clone()), ivf_pq);
+    let hnsw = crate::vector::SearchParams::for_index(Some("IVF_HNSW_SQ"));
+    assert_eq!((hnsw.nprobes, hnsw.refine, hnsw.ef), (Some(15), None, Some(60)));
 }

@@ -402,6 +402,43 @@ impl Packed {
     }
 }
 
+/// Rows of a matrix scaled to unit length, packed for the dot-product kernels: the gallery of
+/// an exact in-memory search ([`crate::vector::InMemory`]).
+pub struct UnitRows {
+    packed: Packed,
+    dim: usize,
+    rows: usize,
+}
+
+impl UnitRows {
+    /// `x`: row-major, `dim` floats a row.
+    pub fn new(x: &[f32], dim: usize) -> UnitRows {
+        UnitRows { packed: Packed::new(x, dim), dim, rows: x.len().checked_div(dim).unwrap_or(0) }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Cosine similarity of `query` (scaled to unit length here) to every row, in row order.
+    /// Panics unless `query` has `dim` values.
+    pub fn similarities(&self, query: &[f32]) -> Vec<f32> {
+        assert_eq!(query.len(), self.dim, "query length is not the rows' dimension");
+        let q = Packed::new(query, self.dim);
+        let mut out = vec![0f32; self.rows];
+        dots(&q.data, &self.packed.data, self.packed.lanes, &mut out);
+        out
+    }
+}
+
 /// `out[i·ng + j] = qs[i] · gallery[j]` for the `qs.len() / lanes` query rows and all gallery rows.
 fn dots(qs: &[Lane], gallery: &[Lane], lanes: usize, out: &mut [f32]) {
     if lanes == 0 {

@@ -73,6 +73,11 @@ impl EmbeddingSet {
 /// Reads a whole embeddings table.
 pub async fn read_embeddings(lake: &Lake, table: &str) -> Result<EmbeddingSet> {
     let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist in the lake")))?;
+    read_set(&ds, table).await
+}
+
+/// Reads a whole embeddings table (named `table` in errors) from an open dataset.
+pub async fn read_set(ds: &lance::Dataset, table: &str) -> Result<EmbeddingSet> {
     let mut scan = ds.scan();
     scan.project(&["photo_id", "uri", "individual_id", "model_id", "embedding"]).map_err(|e| Error::lance(table, e))?;
     let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;

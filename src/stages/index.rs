@@ -55,11 +55,7 @@ pub struct IndexStage {
 
 /// Indexed and unindexed row counts and the index type (`IVF_PQ`, ...) from `index_statistics`.
 async fn index_rows(ds: &lance::Dataset) -> Result<Option<(u64, u64, String)>> {
-    if !crate::vector::has_index(ds).await? {
-        return Ok(None);
-    }
-    let stats = ds.index_statistics(INDEX_NAME).await.map_err(|e| Error::Other(format!("index statistics: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(&stats).map_err(|e| Error::Other(format!("index statistics: {e}")))?;
+    let Some(v) = crate::vector::index_statistics(ds).await? else { return Ok(None) };
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let kind = v.get("index_type").and_then(|x| x.as_str()).unwrap_or("").to_ascii_lowercase();
     Ok(Some((n("num_indexed_rows"), n("num_unindexed_rows"), kind)))

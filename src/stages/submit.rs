@@ -34,7 +34,7 @@ use super::{Checked, Inputs, Outcome};
 use crate::config::{Context, Keys, Loc, Reporter, Val};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, WriteKind, store};
-use crate::vector::{self, Hit, SearchParams};
+use crate::vector::{self, Hit, InMemory, SearchOverrides, SearchParams, Source};
 use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
@@ -56,7 +56,8 @@ pub struct SubmitStage {
     pub individuals: usize,
     /// None: fitted on the validation split.
     pub threshold: Option<f64>,
-    pub search: SearchParams,
+    /// Index search settings given in the file; the rest are those measured for the index.
+    pub search: SearchOverrides,
     pub concurrency: usize,
     pub output: String,
     /// α-query expansion: each query is searched again as itself plus its first `k` neighbours
@@ -178,7 +179,6 @@ impl SubmitStage {
                 None
             }
         };
-        let d = SearchParams::default();
         let s = SubmitStage {
             embeddings: k.str("embeddings").unwrap_or_else(|| "embeddings".into()),
             splits: k.str("splits"),
@@ -187,16 +187,11 @@ impl SubmitStage {
             csv,
             individuals: k.int("individuals", 1, 100).unwrap_or(5) as usize,
             threshold,
-            search: SearchParams {
-                nprobes: k.int("nprobes", 1, 100_000).map(|n| n as usize).or(d.nprobes),
+            search: SearchOverrides {
+                nprobes: k.int("nprobes", 1, 100_000).map(|n| n as usize),
                 // 0: no re-ranking (IVF_HNSW_SQ's own distances are close enough, and cheaper).
-                refine: match k.int("refine", 0, 1000) {
-                    Some(0) => None,
-                    Some(n) => Some(n as u32),
-                    None => d.refine,
-                },
-                ef: k.int("ef", 1, 100_000).map(|n| n as usize).or(d.ef),
-                exact: false,
+                refine: k.int("refine", 0, 1000).map(|n| n as u32),
+                ef: k.int("ef", 1, 100_000).map(|n| n as usize),
             },
             concurrency: k.int("concurrency", 1, 256).unwrap_or(8) as usize,
             output: k.str("output").unwrap_or_else(|| "submissions".into()),
@@ -260,18 +255,23 @@ impl SubmitStage {
         };
 
         let ds = Arc::new(ctx.lake.open(&self.embeddings).await?.ok_or_else(|| Error::Other(format!("table `{}` does not exist", self.embeddings)))?);
-        let indexed = vector::has_index(&ds).await?;
+        // Through the index when there is one; otherwise exactly, over the embeddings already
+        // in memory (Lance's exact scan per query would cost 30× more: benches/vector.rs).
+        let src = if vector::has_index(&ds).await? {
+            Source::Table(ds.clone(), SearchParams::for_table(&ds, &self.search).await?)
+        } else {
+            Source::Memory(Arc::new(InMemory::new(set.clone())))
+        };
         ctx.progress.set_length(rows.len() as u64);
         ctx.progress.set_message("queries");
         let k = self.k;
         let expansion = vector::Expansion { k: self.query_expansion, alpha: self.qe_alpha };
         let mut answers = futures::stream::iter(rows.iter().copied())
             .map(|q| {
-                let ds = ds.clone();
+                let src = src.clone();
                 let set = set.clone();
-                let params = self.search.clone();
                 async move {
-                    let hits = vector::similar(&ds, set.row(q), k, &params, expansion, Some(&set.uris[q])).await?;
+                    let hits = vector::similar(&src, set.row(q), k, expansion, Some(&set.uris[q])).await?;
                     Ok::<_, Error>((q, hits))
                 }
             })
@@ -317,7 +317,7 @@ impl SubmitStage {
                 "top-{k} of {} query photos among {} ({}{}){short}; new_individual threshold {}{wrote}",
                 rows.len(),
                 set.len(),
-                if indexed { "vector index" } else { "exact search" },
+                src.describe(),
                 if expansion.k > 0 { format!(", alpha-query expansion k {} alpha {}", expansion.k, expansion.alpha) } else { String::new() },
                 threshold.map(|t| format!("{t:.3} ({fitted})")).unwrap_or(fitted),
             ),
