@@ -37,20 +37,14 @@ pub struct PseudoLabelStage {
 /// at least `threshold`.
 pub fn pseudo_labels(set: &EmbeddingSet, threshold: f64) -> Vec<(usize, usize, f64)> {
     let labelled: Vec<usize> = (0..set.len()).filter(|&i| set.labels[i].is_some()).collect();
-    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    let norms: Vec<f32> = (0..set.len()).map(|i| norm(set.row(i))).collect();
+    let values: Vec<f32> = labelled.iter().flat_map(|&l| set.row(l).iter().copied()).collect();
+    let gallery = crate::model::metrics::UnitRows::new(&values, set.dim);
     let mut out = Vec::new();
     for u in (0..set.len()).filter(|&i| set.labels[i].is_none()) {
-        let q = set.row(u);
-        let best = labelled
-            .iter()
-            .map(|&l| {
-                (l, (crate::model::metrics::dot(q, set.row(l)) / (norms[u] * norms[l])) as f64)
-            })
-            .max_by(|a, b| a.1.total_cmp(&b.1));
-        if let Some((l, sim)) = best {
-            if sim >= threshold {
-                out.push((u, l, sim));
+        let best = gallery.similarities(set.row(u)).into_iter().enumerate().max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+        if let Some((j, sim)) = best {
+            if sim as f64 >= threshold {
+                out.push((u, labelled[j], sim as f64));
             }
         }
     }

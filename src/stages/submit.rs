@@ -98,18 +98,18 @@ pub fn fit_threshold(pairs: &[(f32, f32)]) -> Option<(f64, f64)> {
     Some(best)
 }
 
-/// `(known, other)` best similarities of each labelled row of `rows` (exact, in memory).
+/// `(known, other)` best similarities of each labelled row of `rows` (exact, in memory: one
+/// pass of the dot-product kernels over all rows per query).
 fn known_other(set: &EmbeddingSet, rows: &[usize]) -> Vec<(f32, f32)> {
+    let all = crate::model::metrics::UnitRows::new(&set.values, set.dim);
     let mut out = Vec::new();
     for &q in rows {
         let Some(lq) = &set.labels[q] else { continue };
         let (mut known, mut other) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-        let qv = set.row(q);
-        for g in 0..set.len() {
+        for (g, s) in all.similarities(set.row(q)).into_iter().enumerate() {
             if g == q {
                 continue;
             }
-            let s = crate::model::metrics::dot(qv, set.row(g));
             if set.labels[g].as_ref() == Some(lq) {
                 known = known.max(s);
             } else {
