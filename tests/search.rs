@@ -32,6 +32,16 @@ fn batch(start: usize, values: &[f32]) -> RecordBatch {
     embedding_batch(&photos, values, DIM, "m", "none", "r").unwrap()
 }
 
+/// A lake in a temporary folder whose table `embeddings` holds `all` (rows of `DIM`).
+async fn lake_with(all: &[f32]) -> (tempfile::TempDir, Lake) {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).unwrap());
+    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
+    sink.send(batch(0, all)).await.unwrap();
+    sink.finish().await.unwrap();
+    (dir, lake)
+}
+
 async fn mean_recall(ds: &lance::Dataset, queries: &[f32], p: &SearchParams) -> f64 {
     let exact = SearchParams { exact: true, ..p.clone() };
     let mut sum = 0.0;
@@ -47,12 +57,8 @@ async fn mean_recall(ds: &lance::Dataset, queries: &[f32], p: &SearchParams) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexed_top20_matches_exact_top20() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).unwrap());
     let n = 3000;
-    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
-    sink.send(batch(0, &vectors(n, 1))).await.unwrap();
-    sink.finish().await.unwrap();
+    let (_dir, lake) = lake_with(&vectors(n, 1)).await;
     let queries = vectors(40, 2);
 
     for (kind, min_recall) in [("ivf_hnsw_sq", 0.9), ("ivf_pq", 0.9)] {
@@ -101,13 +107,9 @@ async fn indexed_top20_matches_exact_top20() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_expansion_ranks_by_the_expanded_query_and_keeps_the_photos_own_distance() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).unwrap());
     let n = 600;
     let all = vectors(n, 5);
-    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
-    sink.send(batch(0, &all)).await.unwrap();
-    sink.finish().await.unwrap();
+    let (_dir, lake) = lake_with(&all).await;
     let ds = std::sync::Arc::new(lake.open("embeddings").await.unwrap().unwrap());
     let row = |i: usize| &all[i * DIM..(i + 1) * DIM];
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
@@ -158,13 +160,9 @@ async fn query_expansion_ranks_by_the_expanded_query_and_keeps_the_photos_own_di
 /// query of the wrong length is an error that says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_search_in_memory_agrees_with_lances_exact_scan() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).unwrap());
     let n = 1500;
     let all = vectors(n, 11);
-    let mut sink = lake.sink("embeddings", Catalog::builtin("embeddings"), WriteKind::Overwrite);
-    sink.send(batch(0, &all)).await.unwrap();
-    sink.finish().await.unwrap();
+    let (_dir, lake) = lake_with(&all).await;
     let ds = std::sync::Arc::new(lake.open("embeddings").await.unwrap().unwrap());
     let memory = Source::for_serving(ds.clone(), "embeddings", &Default::default()).await.unwrap();
     let Source::Memory(m) = &memory else { panic!("no index, yet {}", memory.describe()) };
