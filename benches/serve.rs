@@ -154,7 +154,7 @@ async fn main() {
     let embedder = Embedder::for_table(&lake, &table, tch::Device::Cpu).await.expect("model of the table");
     let model = embedder.model_id.clone();
     let ds = Arc::new(ds);
-    let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &Default::default()).await.expect("search source");
+    let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &Default::default(), None).await.expect("search source");
     println!("search: {}", source.describe());
     let service = Service { lake, table: table.clone(), ds, embedder: Some(embedder), source };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -124,17 +124,18 @@ async fn main() {
         flat_qps
     );
     // Exact search over the vectors in memory: what `submit` and `serve` do without an index.
+    // The set keeps the only copy of the vectors; numpy's file is written from it below.
+    let set = Arc::new(EmbeddingSet {
+        model_id: "bench".into(),
+        photo_ids: (0..rows).map(|i| format!("p{i:08}")).collect(),
+        uris: (0..rows).map(|i| format!("p{i:08}")).collect(),
+        labels: vec![None; rows],
+        values: base,
+        dim,
+    });
     {
         let t = Instant::now();
-        let set = EmbeddingSet {
-            model_id: "bench".into(),
-            photo_ids: (0..rows).map(|i| format!("p{i:08}")).collect(),
-            uris: (0..rows).map(|i| format!("p{i:08}")).collect(),
-            labels: vec![None; rows],
-            values: std::mem::take(&mut base),
-            dim,
-        };
-        let src = Source::Memory(Arc::new(InMemory::new(Arc::new(set))));
+        let src = Source::Memory(Arc::new(InMemory::new(set.clone())));
         let load = t.elapsed().as_secs_f64();
         let (mut lat, mut recall) = (Vec::new(), 0.0);
         for (q, e) in queries.chunks(dim).zip(&exact) {
@@ -150,9 +151,6 @@ async fn main() {
             pct(&mut lat.clone(), 0.5),
             pct(&mut lat, 0.99)
         );
-        let Source::Memory(m) = src else { unreachable!() };
-        let Ok(m) = Arc::try_unwrap(m) else { panic!("the in-memory source is still shared") };
-        base = Arc::try_unwrap(m.into_set()).map(|s| s.values).unwrap_or_else(|_| panic!("the set is still shared"));
     }
     // Search settings per index: nprobes/refine/ef, refine 0 = none.
     let settings = |name: &str, default: &str| -> Vec<SearchParams> {
@@ -196,7 +194,7 @@ async fn main() {
     {
         use std::io::Write;
         let mut w = std::io::BufWriter::new(std::fs::File::create(&bf).expect("create base"));
-        for x in &base {
+        for x in &set.values {
             w.write_all(&x.to_le_bytes()).expect("write base");
         }
         w.flush().expect("write base");

@@ -299,7 +299,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             };
             let ds = std::sync::Arc::new(ds);
-            let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &search.overrides()).await?;
+            let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &search.overrides(), None).await?;
             let service = answer::Service { lake, table, ds, embedder, source };
             pipeline::serve::serve(service, addr, max_body).await?;
             Ok(ExitCode::SUCCESS)

@@ -112,9 +112,14 @@ pub async fn index_statistics(ds: &Dataset) -> Result<Option<serde_json::Value>>
     Ok(Some(serde_json::from_str(&stats).map_err(|e| Error::Other(format!("index statistics: {e}")))?))
 }
 
+/// The index type in `index_statistics` (`ivf_hnsw_sq`, `ivf_pq`; empty when unnamed).
+pub fn index_type(stats: &serde_json::Value) -> String {
+    stats.get("index_type").and_then(|x| x.as_str()).unwrap_or("").to_ascii_lowercase()
+}
+
 /// The type of the table's vector index (`ivf_hnsw_sq`, `ivf_pq`), None without one.
 pub async fn index_kind(ds: &Dataset) -> Result<Option<String>> {
-    Ok(index_statistics(ds).await?.map(|v| v.get("index_type").and_then(|x| x.as_str()).unwrap_or("").to_ascii_lowercase()))
+    Ok(index_statistics(ds).await?.as_ref().map(index_type))
 }
 
 /// The `k` nearest rows to `query` in `ds` (its `embedding` column), nearest first.
@@ -140,13 +145,13 @@ impl InMemory {
         self.set.len()
     }
 
-    /// The rows searched.
-    pub fn into_set(self) -> Arc<EmbeddingSet> {
-        self.set
-    }
-
     pub fn is_empty(&self) -> bool {
         self.set.is_empty()
+    }
+
+    /// Cosine similarity of `query` (of the rows' length) to every row, in row order.
+    pub fn similarities(&self, query: &[f32]) -> Vec<f32> {
+        self.rows.similarities(query)
     }
 
     /// The `k` most similar rows to `query`, nearest first (ties: row order), each with its
@@ -155,7 +160,7 @@ impl InMemory {
         if query.len() != self.rows.dim() {
             return Err(Error::Other(format!("the query has {} values; the table's embeddings have {}", query.len(), self.rows.dim())));
         }
-        let sims = self.rows.similarities(query);
+        let sims = self.similarities(query);
         let mut order: Vec<u32> = (0..sims.len() as u32).filter(|&i| sims[i as usize].is_finite()).collect();
         let by = |a: &u32, b: &u32| sims[*b as usize].total_cmp(&sims[*a as usize]).then(a.cmp(b));
         let k = k.min(order.len());
@@ -191,14 +196,16 @@ pub enum Source {
 
 impl Source {
     /// For many questions to `ds` (named `table`): its index with its measured settings and
-    /// `over` on top; without an index, its embeddings in memory.
-    pub async fn for_serving(ds: Arc<Dataset>, table: &str, over: &SearchOverrides) -> Result<Source> {
-        if has_index(&ds).await? {
-            let p = SearchParams::for_table(&ds, over).await?;
+    /// `over` on top; without an index, its embeddings in memory (`memory`, or read now).
+    pub async fn for_serving(ds: Arc<Dataset>, table: &str, over: &SearchOverrides, memory: Option<Arc<InMemory>>) -> Result<Source> {
+        if let Some(kind) = index_kind(&ds).await? {
+            let p = over.apply(SearchParams::for_index(Some(&kind)));
             return Ok(Source::Table(ds, p));
         }
-        let set = crate::stages::evaluate::read_set(&ds, table).await?;
-        Ok(Source::Memory(Arc::new(InMemory::new(Arc::new(set)))))
+        match memory {
+            Some(m) => Ok(Source::Memory(m)),
+            None => Ok(Source::Memory(Arc::new(InMemory::new(Arc::new(crate::stages::evaluate::read_set(&ds, table).await?))))),
+        }
     }
 
     /// What the source is, for logs and summaries.

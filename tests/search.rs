@@ -115,7 +115,7 @@ async fn query_expansion_ranks_by_the_expanded_query_and_keeps_the_photos_own_di
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let exact = Source::Table(ds.clone(), SearchParams { exact: true, ..Default::default() });
     // The same table in memory: what `submit` and `serve` search when there is no index.
-    let memory = Source::for_serving(ds.clone(), "embeddings", &Default::default()).await.unwrap();
+    let memory = Source::for_serving(ds.clone(), "embeddings", &Default::default(), None).await.unwrap();
     assert!(matches!(memory, Source::Memory(_)), "no index: {}", memory.describe());
     let x = vector::Expansion { k: 5, alpha: 3.0 };
     let mut reordered = 0;
@@ -164,7 +164,7 @@ async fn exact_search_in_memory_agrees_with_lances_exact_scan() {
     let all = vectors(n, 11);
     let (_dir, lake) = lake_with(&all).await;
     let ds = std::sync::Arc::new(lake.open("embeddings").await.unwrap().unwrap());
-    let memory = Source::for_serving(ds.clone(), "embeddings", &Default::default()).await.unwrap();
+    let memory = Source::for_serving(ds.clone(), "embeddings", &Default::default(), None).await.unwrap();
     let Source::Memory(m) = &memory else { panic!("no index, yet {}", memory.describe()) };
     assert_eq!(m.len(), n);
     let exact = SearchParams { exact: true, ..Default::default() };

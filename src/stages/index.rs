@@ -63,8 +63,7 @@ pub struct IndexStage {
 async fn index_rows(ds: &lance::Dataset) -> Result<Option<(u64, u64, String)>> {
     let Some(v) = crate::vector::index_statistics(ds).await? else { return Ok(None) };
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-    let kind = v.get("index_type").and_then(|x| x.as_str()).unwrap_or("").to_ascii_lowercase();
-    Ok(Some((n("num_indexed_rows"), n("num_unindexed_rows"), kind)))
+    Ok(Some((n("num_indexed_rows"), n("num_unindexed_rows"), crate::vector::index_type(&v))))
 }
 
 impl IndexStage {

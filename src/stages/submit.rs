@@ -34,7 +34,7 @@ use super::{Checked, Inputs, Outcome};
 use crate::config::{Context, Keys, Loc, Reporter, Val};
 use crate::dag::StageCtx;
 use crate::lake::{Catalog, WriteKind, store};
-use crate::vector::{self, Hit, InMemory, SearchOverrides, SearchParams, Source};
+use crate::vector::{self, Hit, InMemory, SearchOverrides, Source};
 use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
@@ -99,9 +99,8 @@ pub fn fit_threshold(pairs: &[(f32, f32)]) -> Option<(f64, f64)> {
 }
 
 /// `(known, other)` best similarities of each labelled row of `rows` (exact, in memory: one
-/// pass of the dot-product kernels over all rows per query).
-fn known_other(set: &EmbeddingSet, rows: &[usize]) -> Vec<(f32, f32)> {
-    let all = crate::model::metrics::UnitRows::new(&set.values, set.dim);
+/// pass of the dot-product kernels over all rows of `all`, the set's rows, per query).
+fn known_other(set: &EmbeddingSet, all: &InMemory, rows: &[usize]) -> Vec<(f32, f32)> {
     let mut out = Vec::new();
     for &q in rows {
         let Some(lq) = &set.labels[q] else { continue };
@@ -221,6 +220,8 @@ impl SubmitStage {
         if set.len() < 2 {
             return Err(Error::Other(format!("table `{}` has {} embeddings: nothing to search", self.embeddings, set.len())));
         }
+        // The rows packed for exact search: the threshold fit, and the queries without an index.
+        let memory = Arc::new(InMemory::new(set.clone()));
         let splits = match &self.splits {
             Some(t) => read_splits(&ctx.lake, t).await?,
             None => HashMap::new(),
@@ -243,8 +244,8 @@ impl SubmitStage {
             None => {
                 let val: Vec<usize> = (0..set.len()).filter(|&i| split_of(i).starts_with("val")).collect();
                 let basis = if val.is_empty() { (0..set.len()).collect::<Vec<_>>() } else { val };
-                let s2 = set.clone();
-                let pairs = tokio::task::spawn_blocking(move || known_other(&s2, &basis))
+                let (s2, m2) = (set.clone(), memory.clone());
+                let pairs = tokio::task::spawn_blocking(move || known_other(&s2, &m2, &basis))
                     .await
                     .map_err(|e| Error::Other(format!("threshold fit panicked: {e}")))?;
                 match fit_threshold(&pairs) {
@@ -257,11 +258,7 @@ impl SubmitStage {
         let ds = Arc::new(ctx.lake.open(&self.embeddings).await?.ok_or_else(|| Error::Other(format!("table `{}` does not exist", self.embeddings)))?);
         // Through the index when there is one; otherwise exactly, over the embeddings already
         // in memory (Lance's exact scan per query would cost 30× more: benches/vector.rs).
-        let src = if vector::has_index(&ds).await? {
-            Source::Table(ds.clone(), SearchParams::for_table(&ds, &self.search).await?)
-        } else {
-            Source::Memory(Arc::new(InMemory::new(set.clone())))
-        };
+        let src = Source::for_serving(ds.clone(), &self.embeddings, &self.search, Some(memory)).await?;
         ctx.progress.set_length(rows.len() as u64);
         ctx.progress.set_message("queries");
         let k = self.k;
