@@ -113,7 +113,7 @@ fn main() {
     .expect("write pipeline");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let secs = rt.block_on(async {
-        let plan = pipeline::config::load(&pipe, &[]).await.expect("plan");
+        let plan = pipeline::load(&pipe, &[]).await.expect("plan");
         let t = Instant::now();
         let r = pipeline::dag::run(&plan, &pipeline::dag::RunOptions { quiet: true, force: true, ..Default::default() }).await.expect("run");
         assert_eq!(r.stage("ingest").map(|s| s.rows_out as usize), Some(bytes.len()));

@@ -7,7 +7,8 @@
 //! 10 and α in 1, 3.
 
 use pipeline::lake::{Catalog, Lake};
-use pipeline::stages::evaluate::{evaluate, read_embeddings, read_splits};
+use pipeline::stages::evaluate::evaluate;
+use pipeline::tables::{read_embeddings, read_splits};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())

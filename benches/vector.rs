@@ -18,9 +18,9 @@ use arrow::array::RecordBatch;
 use futures::StreamExt;
 use pipeline::lake::{Catalog, Lake, WriteKind};
 use pipeline::model::data::Photo;
-use pipeline::stages::embed::embedding_batch;
+use pipeline::model::data::embedding_batch;
 use pipeline::stages::index::IndexStage;
-use pipeline::stages::evaluate::EmbeddingSet;
+use pipeline::tables::EmbeddingSet;
 use pipeline::vector::{self, InMemory, SearchParams, Source};
 use rand::{Rng, SeedableRng};
 

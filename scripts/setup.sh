@@ -23,6 +23,7 @@ apt_install() {
 }
 
 command -v protoc >/dev/null || apt_install protobuf-compiler
+command -v mold >/dev/null || apt_install mold
 command -v cc >/dev/null || apt_install build-essential
 command -v pkg-config >/dev/null || apt_install pkg-config
 if [ -z "$system_python" ] || ! "$system_python" -c 'import venv, ensurepip' 2>/dev/null; then

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-cargo nextest run --no-fail-fast "$@"
+cargo nextest run --workspace --no-fail-fast "$@"

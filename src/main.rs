@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use pipeline::config::{self, Plan};
+use pipeline::config::Plan;
 use pipeline::dag::{self, RunOptions};
 use pipeline::lake::{Catalog, Lake, store};
 use pipeline::query::{self, Format};
@@ -205,9 +205,9 @@ fn main() -> ExitCode {
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Run { file, sets, until, force, resume, device, quiet } => {
-            let plan = config::load(&file, &sets).await?;
+            let plan = pipeline::load(&file, &sets).await?;
             println!("pipeline {} ({}), lake {}", plan.name, file.display(), plan.lake);
-            let report = dag::run(&plan, &RunOptions { force, until, quiet, resume, device }).await?;
+            let report = dag::run(&plan, &RunOptions { force, until, quiet, resume, device, fail_after: None }).await?;
             print_report(&report);
             if let Ok(lake) = lake_of(&plan) {
                 if let Ok((_, b)) = query::query(&lake, "SELECT count(*) AS n FROM rejects").await {
@@ -219,12 +219,12 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Validate { file, sets } => {
-            let plan = config::load(&file, &sets).await?;
+            let plan = pipeline::load(&file, &sets).await?;
             println!("{}: ok, {} stage(s): {}", file.display(), plan.stages.len(), names(&plan));
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Graph { file, dot } => {
-            let plan = config::load(&file, &[]).await?;
+            let plan = pipeline::load(&file, &[]).await?;
             print!("{}", if dot { graph_dot(&plan) } else { graph_text(&plan) });
             Ok(ExitCode::SUCCESS)
         }
@@ -415,7 +415,7 @@ async fn open_lake(lake: Option<&str>, pipeline: &Path) -> anyhow::Result<Lake> 
             let cwd = std::env::current_dir()?;
             Ok(Lake::new(store::resolve(l, &cwd)?, Default::default(), Catalog::load(None)?))
         }
-        None if pipeline.exists() => Ok(lake_of(&config::load(pipeline, &[]).await?)?),
+        None if pipeline.exists() => Ok(lake_of(&pipeline::load(pipeline, &[]).await?)?),
         None => anyhow::bail!("no lake given: pass --lake URI, set PIPELINE_LAKE, or --pipeline FILE ({} not found)", pipeline.display()),
     }
 }
@@ -434,8 +434,16 @@ fn print_report(r: &dag::RunReport) {
 fn graph_text(plan: &Plan) -> String {
     let mut out = format!("pipeline {} (lake {})\n", plan.name, plan.lake);
     for s in &plan.stages {
-        let consumers: Vec<&str> =
-            plan.stages.iter().filter(|c| c.inputs.contains(&s.name)).map(|c| c.name.as_str()).collect();
+        // `-> c` waits for this stage's commit; `~> c (table)` streams the table as it is written.
+        let consumers: Vec<String> = plan
+            .stages
+            .iter()
+            .filter(|c| c.inputs.contains(&s.name))
+            .map(|c| match c.streamed.iter().find(|(p, _)| p == &s.name) {
+                Some((_, t)) => format!("~{} ({t} streamed)", c.name),
+                None => c.name.clone(),
+            })
+            .collect();
         out.push_str(&format!("  {} [{}] writes {}", s.name, s.kind.describe(), s.writes.join(", ")));
         if !consumers.is_empty() {
             out.push_str(&format!(" -> {}", consumers.join(", ")));
@@ -457,7 +465,11 @@ fn graph_dot(plan: &Plan) -> String {
             q(&s.writes.join(", "))
         ));
         for i in &s.inputs {
-            out.push_str(&format!("  \"{}\" -> \"{}\";\n", q(i), q(&s.name)));
+            // A streamed edge: dashed, labelled with the table that flows while it is written.
+            match s.streamed.iter().find(|(p, _)| p == i) {
+                Some((_, t)) => out.push_str(&format!("  \"{}\" -> \"{}\" [style=dashed, label=\"{} (streamed)\"];\n", q(i), q(&s.name), q(t))),
+                None => out.push_str(&format!("  \"{}\" -> \"{}\";\n", q(i), q(&s.name))),
+            }
         }
     }
     out.push_str("}\n");

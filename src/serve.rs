@@ -23,9 +23,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use crate::answer::{self, Service};
-use crate::vector::Expansion;
-use crate::{Error, Result};
+use answer::{self, Service};
+use lake::vector::Expansion;
+use lake::{Error, Result};
 
 /// `?k=20&expand=5&alpha=3`: neighbours wanted, and α-query expansion (off unless `expand`).
 #[derive(Deserialize)]
@@ -69,10 +69,10 @@ async fn healthz(State(s): State<Shared>) -> Response {
 async fn models(State(s): State<Shared>) -> Response {
     let sql = "SELECT model_id, kind, backbone, embedding_dim, input_size, best_epoch, best_map_at_20, checkpoint_uri, \
                CAST(created_at AS VARCHAR) AS created_at FROM models ORDER BY created_at DESC";
-    match crate::query::query(&s.lake, sql).await {
+    match lake::query::query(&s.lake, sql).await {
         Ok((schema, batches)) => {
             let mut out = Vec::new();
-            if crate::query::write(crate::query::Format::Json, &schema, &batches, &mut out).is_err() {
+            if lake::query::write(lake::query::Format::Json, &schema, &batches, &mut out).is_err() {
                 return err(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the models");
             }
             ([(header::CONTENT_TYPE, "application/json")], out).into_response()
@@ -116,7 +116,7 @@ async fn similar_upload(State(s): State<Shared>, Query(p): Query<KParam>, body: 
 }
 
 async fn thumbnail(State(s): State<Shared>, Path(id): Path<String>) -> Response {
-    let hit = match crate::vector::embedding_of(&s.ds, &id).await {
+    let hit = match lake::vector::embedding_of(&s.ds, &id).await {
         Ok(Some((_, h))) => h,
         Ok(None) => return err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -1,0 +1,272 @@
+//! The neighbours of one photo (`pipeline similar`, `pipeline serve`): a photo of the
+//! collection is looked up by photo id or URI and searched with its stored embedding; a new
+//! photo (a path, a URI or bytes) is decoded, cropped by the model's detector, embedded with the
+//! model that made the table's embeddings (loaded once, on one worker thread that batches
+//! concurrent requests) and searched the same way. [`Service`] is the HTTP API's shared state.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::AsArray;
+use object_store::ObjectStoreExt;
+use tch::{Device, Tensor};
+use tokio::sync::oneshot;
+
+use lake::{Lake, store};
+use model::detect::{Detection, Detector};
+use model::net::{Net, to_input};
+use model::detect;
+use model::train::model_files;
+use lake::models::resolve_model;
+use lake::models::model_dir;
+use lake::vector::{self, Expansion, Hit, Source};
+use vision::{self, DecodeLimits};
+use crate::{Error, Result};
+
+/// The model of an embeddings table, on a worker thread that embeds batches of photos; with
+/// the model's subject detector when it was trained on crops, so a new photo is cropped the
+/// way the collection was.
+pub struct Embedder {
+    pub model_id: String,
+    pub input_size: u32,
+    pub flip_tta: bool,
+    /// Input side of the detector and the crop margin, for a model trained on crops.
+    crop: Option<(u32, f32)>,
+    tx: std::sync::mpsc::Sender<Job>,
+}
+
+/// Work for the model thread: pixels at the model's (or the detector's) input size.
+enum Job {
+    Embed(Vec<u8>, oneshot::Sender<Result<Vec<f32>>>),
+    Detect(Vec<u8>, oneshot::Sender<Result<Detection>>),
+}
+
+/// Largest number of queued photos embedded in one forward pass.
+const MAX_BATCH: usize = 16;
+
+impl Embedder {
+    /// Loads the model whose embeddings fill `table` (from its `model_id` and `tta` columns).
+    pub async fn for_table(lake: &Lake, table: &str, device: Device) -> Result<Embedder> {
+        let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist")))?;
+        let mut scan = ds.scan();
+        scan.project(&["model_id", "tta"]).map_err(|e| Error::lance(table, e))?;
+        scan.limit(Some(1), None).map_err(|e| Error::lance(table, e))?;
+        let b = scan.try_into_batch().await.map_err(|e| Error::lance(table, e))?;
+        if b.num_rows() == 0 {
+            return Err(Error::Other(format!("table `{table}` is empty")));
+        }
+        let model_id = b.column(0).as_string::<i32>().value(0).to_string();
+        let flip_tta = b.column(1).as_string::<i32>().value(0) == "flip";
+        let (id, dir) = resolve_model(lake, &model_id).await?;
+        let (spec, best) = model_files(&dir, &id).map_err(|e| {
+            Error::Other(format!("{e} (an ensemble's embeddings cannot embed new photos: ask by photo id, or embed with a member model)"))
+        })?;
+        let mut net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+        net.use_channels_last();
+        let (detector, det_dir) = match &spec.crop {
+            Some(c) => {
+                let ddir = model_dir(lake, &c.detector).await?;
+                let info_file = ddir.local.join(detect::INFO);
+                let info: detect::DetectorInfo = std::fs::read_to_string(&info_file)
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .ok_or_else(|| Error::Other(format!("model `{id}` crops with detector `{}`, whose {} is missing", c.detector, info_file.display())))?;
+                let det = Detector::load(&info.spec, &ddir.local.join(detect::WEIGHTS), device).map_err(|e| Error::Other(e.to_string()))?;
+                (Some(det), Some(ddir))
+            }
+            None => (None, None),
+        };
+        let crop = match (&spec.crop, &detector) {
+            (Some(c), Some(d)) => Some((d.spec.input_size, c.margin)),
+            _ => None,
+        };
+        let input_size = spec.input_size;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("embedder".into())
+            .spawn(move || {
+                let _keep = (dir, det_dir);
+                while let Ok(first) = rx.recv() {
+                    // Whatever else is already waiting goes in the same forward pass.
+                    let mut jobs = vec![first];
+                    std::thread::sleep(Duration::from_millis(2));
+                    while jobs.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(item) => jobs.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    let (mut embeds, mut detects) = (Vec::new(), Vec::new());
+                    for j in jobs {
+                        match j {
+                            Job::Embed(px, reply) => embeds.push((px, reply)),
+                            Job::Detect(px, reply) => detects.push((px, reply)),
+                        }
+                    }
+                    if let (false, Some(det)) = (detects.is_empty(), &detector) {
+                        let x = stack(&detects, det.spec.input_size);
+                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| det.detect(&to_input(&x, det.device()))));
+                        for (i, (_, reply)) in detects.into_iter().enumerate() {
+                            let r = match &out {
+                                Ok(v) if v.len() > i => Ok(v[i]),
+                                _ => Err(Error::Other("the detector failed on this batch".into())),
+                            };
+                            let _ = reply.send(r);
+                        }
+                    }
+                    if embeds.is_empty() {
+                        continue;
+                    }
+                    let x = stack(&embeds, input_size);
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let e = net.embed(&to_input(&x, net.device()), flip_tta).to_device(Device::Cpu).contiguous();
+                        Vec::<f32>::try_from(e.flatten(0, -1)).unwrap_or_default()
+                    }));
+                    let dim = net.spec.neck.embedding_dim as usize;
+                    for (i, (_, reply)) in embeds.into_iter().enumerate() {
+                        let r = match &out {
+                            Ok(v) if v.len() >= (i + 1) * dim => Ok(v[i * dim..(i + 1) * dim].to_vec()),
+                            _ => Err(Error::Other("the model failed on this batch".into())),
+                        };
+                        let _ = reply.send(r);
+                    }
+                }
+            })
+            .map_err(|e| Error::Other(format!("cannot start the embedding thread: {e}")))?;
+        Ok(Embedder { model_id: id, input_size, flip_tta, crop, tx })
+    }
+
+    /// Decodes `bytes` (JPEG, PNG, TIFF), crops the subject when the model was trained on
+    /// crops, and embeds it. A bad image is an error saying why.
+    pub async fn embed_bytes(&self, bytes: Vec<u8>) -> Result<Vec<f32>> {
+        let bytes = Arc::new(bytes);
+        let stopped = || Error::Other("the embedding thread has stopped".into());
+        let crop = match self.crop {
+            Some((det_side, margin)) => {
+                let b = bytes.clone();
+                let px = tokio::task::spawn_blocking(move || vision::decode_square(&b, &DecodeLimits::default(), det_side))
+                    .await
+                    .map_err(|e| Error::Other(format!("decoder panicked: {e}")))?
+                    .map_err(|e| Error::BadImage(e.to_string()))?;
+                let (tx, rx) = oneshot::channel();
+                self.tx.send(Job::Detect(px.into_raw(), tx)).map_err(|_| stopped())?;
+                let d = rx.await.map_err(|_| stopped())??;
+                Some(vision::expand_box(d.bbox, margin))
+            }
+            None => None,
+        };
+        let side = self.input_size;
+        let px = tokio::task::spawn_blocking(move || match crop {
+            Some(c) => vision::decode_crop_square(&bytes, &DecodeLimits::default(), side, c),
+            None => vision::decode_square(&bytes, &DecodeLimits::default(), side),
+        })
+        .await
+        .map_err(|e| Error::Other(format!("decoder panicked: {e}")))?
+        .map_err(|e| Error::BadImage(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Job::Embed(px.into_raw(), tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+/// `[N, side, side, 3]` u8 from the jobs' pixels.
+fn stack<R>(jobs: &[(Vec<u8>, R)], side: u32) -> Tensor {
+    let s = side as i64;
+    let mut buf = Vec::with_capacity(jobs.len() * (s * s * 3) as usize);
+    for (px, _) in jobs {
+        buf.extend_from_slice(px);
+    }
+    Tensor::from_slice(&buf).view([jobs.len() as i64, s, s, 3])
+}
+
+/// What `similar` found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Similar {
+    pub query: String,
+    /// Whether the query is a photo of the table (searched with its stored embedding).
+    pub in_collection: bool,
+    pub model_id: String,
+    pub neighbours: Vec<Neighbour>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Neighbour {
+    pub rank: usize,
+    pub photo_id: String,
+    pub individual_id: Option<String>,
+    pub similarity: f32,
+    pub distance: f32,
+    pub uri: String,
+}
+
+fn neighbours(hits: Vec<Hit>) -> Vec<Neighbour> {
+    hits.into_iter()
+        .enumerate()
+        .map(|(i, h)| Neighbour {
+            rank: i + 1,
+            similarity: h.similarity(),
+            distance: h.distance,
+            photo_id: h.photo_id,
+            individual_id: h.individual_id,
+            uri: h.uri,
+        })
+        .collect()
+}
+
+/// The `k` nearest photos of table `ds` (searched through `src`) to the photo with this id or
+/// URI, itself excluded, with query expansion `x` (off: `Expansion::OFF`); None when no photo
+/// has that id.
+pub async fn similar_to_id(ds: &lance::Dataset, src: &Source, id: &str, k: usize, x: Expansion) -> Result<Option<Similar>> {
+    let Some((v, me)) = vector::embedding_of(ds, id).await? else { return Ok(None) };
+    let hits = vector::similar(src, &v, k, x, Some(&me.uri)).await?;
+    let model_id = model_of(ds).await?;
+    Ok(Some(Similar { query: me.photo_id.clone(), in_collection: true, model_id, neighbours: neighbours(hits) }))
+}
+
+/// The `k` nearest photos to an embedding, with query expansion `x`.
+pub async fn similar_to_vector(ds: &lance::Dataset, src: &Source, label: &str, v: &[f32], k: usize, x: Expansion) -> Result<Similar> {
+    let hits = vector::similar(src, v, k, x, None).await?;
+    Ok(Similar { query: label.to_string(), in_collection: false, model_id: model_of(ds).await?, neighbours: neighbours(hits) })
+}
+
+pub(crate) async fn model_of(ds: &lance::Dataset) -> Result<String> {
+    let mut scan = ds.scan();
+    scan.project(&["model_id"]).map_err(|e| Error::Other(e.to_string()))?;
+    scan.limit(Some(1), None).map_err(|e| Error::Other(e.to_string()))?;
+    let b = scan.try_into_batch().await.map_err(|e| Error::Other(e.to_string()))?;
+    Ok(if b.num_rows() > 0 { b.column(0).as_string::<i32>().value(0).to_string() } else { String::new() })
+}
+
+/// Reads a photo given as a local path or an object-store URI.
+pub async fn read_photo(target: &str, options: &HashMap<String, String>) -> Result<Vec<u8>> {
+    if !target.contains("://") {
+        let p = PathBuf::from(target);
+        return std::fs::read(&p).map_err(|e| Error::io(&p, e));
+    }
+    let (store, path) = store::open(target, options)?;
+    let bytes = async { store.get(&path).await?.bytes().await }.await.map_err(|e| Error::ObjectStore { uri: target.into(), source: e })?;
+    Ok(bytes.to_vec())
+}
+
+/// A small JPEG of a photo (longest side `side`), for reports and the HTTP API.
+pub fn thumbnail(bytes: &[u8], side: u32) -> Result<Vec<u8>> {
+    let (_, rgb) = vision::decode_rgb(bytes, &DecodeLimits::default(), (side, side)).map_err(|e| Error::BadImage(e.to_string()))?;
+    let mut out = Vec::new();
+    let enc = jpeg_encoder::Encoder::new(&mut out, 82);
+    enc.encode(rgb.as_raw(), rgb.width() as u16, rgb.height() as u16, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| Error::Other(format!("thumbnail: {e}")))?;
+    Ok(out)
+}
+
+/// Shared state of the HTTP API.
+pub struct Service {
+    pub lake: Lake,
+    pub table: String,
+    pub ds: Arc<lance::Dataset>,
+    pub embedder: Option<Embedder>,
+    /// How `/similar` searches `ds`: its index, or its embeddings in memory.
+    pub source: Source,
+}
+

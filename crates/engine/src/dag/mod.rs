@@ -1,0 +1,537 @@
+//! The executor: runs a [`Plan`]'s stages as tokio tasks.
+//!
+//! A stage starts when every input stage has committed; it reads their tables at the versions
+//! they committed, and its own output travels over a bounded channel into one Lance commit
+//! (see [`lake::TableSink`]). Before running, a stage is compared with its last
+//! successful run in the ledger: same options, same input table versions, same external
+//! fingerprint and its output tables untouched since → it is skipped as up to date. The first
+//! failure (or Ctrl-C) cancels everything still running; nothing half-written is committed.
+
+pub mod ledger;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use indicatif::ProgressBar;
+use std::sync::Mutex;
+
+use arrow::datatypes::SchemaRef;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use lake::stream::{EDGE_CAPACITY, Tap, TapSenders, Tee};
+use lake::{TableSink, WriteKind};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Plan, StagePlan};
+use lake::Lake;
+use crate::progress::Progress;
+use crate::{Error, Result};
+use ledger::{Entry, Status};
+
+/// What a running stage gets from the engine.
+pub struct StageCtx {
+    pub name: String,
+    pub run_id: String,
+    pub lake: Lake,
+    pub progress: ProgressBar,
+    pub cancel: CancellationToken,
+    /// `pipeline run --resume`: training stages continue from their last checkpoint.
+    pub resume: bool,
+    /// `pipeline run --device`: overrides the `device` key of model stages.
+    pub device: Option<String>,
+    /// The sending ends of the streamed edges this stage feeds, by table (taken by [`Self::sink`]).
+    taps: Mutex<HashMap<String, TapSenders>>,
+    /// The streamed edges this stage reads, by table (taken by [`Self::read`]).
+    streams: Mutex<HashMap<String, StreamIn>>,
+    /// Every producer this stage streams from: its commit waits for theirs.
+    producers: Vec<(String, watch::Receiver<Phase>)>,
+    /// Fault injection: the sink of this table fails after this many rows.
+    fail_after: Option<(String, u64)>,
+}
+
+/// The reading end of a streamed edge.
+struct StreamIn {
+    producer: String,
+    rx: mpsc::Receiver<Tap>,
+    phase: watch::Receiver<Phase>,
+}
+
+/// Where a stage is, as its dependants see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for its inputs, preparing, or checking whether it is up to date.
+    Waiting,
+    /// Running: it will write its tables this run.
+    Running,
+    /// Done: succeeded (or up to date), or not.
+    Done(bool),
+}
+
+/// Batches of one table, as a stage reads them.
+pub type BatchStream = BoxStream<'static, Result<arrow::array::RecordBatch>>;
+
+/// Waits until `phase` is done; an error naming the producer when it failed.
+async fn producer_done(name: &str, mut phase: watch::Receiver<Phase>) -> Result<()> {
+    match phase.wait_for(|p| matches!(p, Phase::Done(_))).await.map(|p| *p) {
+        Ok(Phase::Done(true)) => Ok(()),
+        _ => Err(Error::Cancelled(format!("stage `{name}`, which this stage streams from, did not complete"))),
+    }
+}
+
+impl StageCtx {
+    /// A context outside any run (tests of a single stage, tools): no streamed edges.
+    pub fn detached(name: &str, run_id: &str, lake: Lake) -> StageCtx {
+        StageCtx {
+            name: name.to_string(),
+            run_id: run_id.to_string(),
+            lake,
+            progress: ProgressBar::hidden(),
+            cancel: CancellationToken::new(),
+            resume: false,
+            device: None,
+            taps: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            producers: Vec::new(),
+            fail_after: None,
+        }
+    }
+
+    /// Starts the writer of one of the stage's tables: [`Lake::sink`], plus the stage's place in
+    /// the run. The stages that stream the table get its batches as they are sent, and when this
+    /// stage streams from others the commit waits for theirs.
+    pub async fn sink(&self, table: &str, schema: SchemaRef, kind: WriteKind) -> Result<TableSink> {
+        let readers = self.taps.lock().map_err(|_| Error::Other("stage context poisoned".into()))?.remove(table);
+        let mut sink = self.lake.sink(table, schema, kind.clone());
+        if let Some(readers) = readers {
+            let tee = match &kind {
+                WriteKind::Overwrite => Tee::overwrite(table, readers),
+                WriteKind::Append => Tee::append(&self.lake, table, readers).await?,
+                WriteKind::Merge { keys, update_existing } => Tee::merge(&self.lake, table, keys, *update_existing, readers).await?,
+            };
+            sink = sink.with_tee(tee);
+        }
+        if !self.producers.is_empty() {
+            let producers = self.producers.clone();
+            sink = sink.with_gate(Box::pin(async move {
+                for (name, phase) in producers {
+                    producer_done(&name, phase).await?;
+                }
+                Ok(())
+            }));
+        }
+        if let Some((t, rows)) = &self.fail_after {
+            if t == table {
+                sink = sink.fail_after(*rows);
+            }
+        }
+        Ok(sink)
+    }
+
+    /// Whether `table` reaches this stage over a streamed edge this run.
+    pub fn is_streamed(&self, table: &str) -> bool {
+        self.streams.lock().map(|s| s.contains_key(table)).unwrap_or(false)
+    }
+
+    /// The rows of `table` (the `columns` given, all when empty) as batches: as its producer
+    /// writes them when the table reaches this stage over a streamed edge, else from the
+    /// committed table. Nothing is waited for until the stream is first polled, so a stage can
+    /// hold several and read them together. Streamed, the stream ends in an error if the
+    /// producer fails. Polling it again after its end gives `None` again.
+    pub fn read(&self, table: &str, columns: &[&str]) -> BatchStream {
+        let edge = self.streams.lock().ok().and_then(|mut s| s.remove(table));
+        let (t, cols): (String, Vec<String>) = (table.to_string(), columns.iter().map(|c| c.to_string()).collect());
+        let lake = self.lake.clone();
+        let state = match edge {
+            Some(edge) => Read::Edge(edge),
+            None => Read::Committed,
+        };
+        futures::stream::unfold(state, move |state| {
+            let (lake, t, cols) = (lake.clone(), t.clone(), cols.clone());
+            async move {
+                let mut state = state;
+                loop {
+                    state = match state {
+                        Read::Done => return None,
+                        Read::Edge(StreamIn { producer, mut rx, phase }) => match rx.recv().await {
+                            Some(Tap::Start) => Read::Streaming(producer, rx),
+                            // The producer wrote nothing this run: once it is done, its committed
+                            // table is what there is to read.
+                            None => match producer_done(&producer, phase).await {
+                                Ok(()) => Read::Committed,
+                                Err(e) => return Some((Err(e), Read::Done)),
+                            },
+                            Some(other) => {
+                                return Some((Err(Error::Other(format!("stage `{producer}`: its stream began with {other:?}"))), Read::Done));
+                            }
+                        },
+                        Read::Streaming(producer, mut rx) => {
+                            return match rx.recv().await {
+                                Some(Tap::Batch(b)) => Some((project(&t, &cols, b), Read::Streaming(producer, rx))),
+                                Some(Tap::End) => None,
+                                Some(Tap::Start) => Some((Err(Error::Other(format!("stage `{producer}` started its stream twice"))), Read::Done)),
+                                None => Some((Err(Error::Cancelled(format!("stage `{producer}` stopped before its stream ended"))), Read::Done)),
+                            };
+                        }
+                        Read::Committed => match scan(&lake, &t, &cols).await {
+                            Ok(s) => Read::Scan(s),
+                            Err(e) => return Some((Err(e), Read::Done)),
+                        },
+                        Read::Scan(mut s) => {
+                            return match s.next().await {
+                                Some(r) => Some((r, Read::Scan(s))),
+                                None => None,
+                            };
+                        }
+                    }
+                }
+            }
+        })
+        // Ended stays ended: a stage may poll again after the last batch.
+        .fuse()
+        .boxed()
+    }
+}
+
+/// Where [`StageCtx::read`] is.
+enum Read {
+    Edge(StreamIn),
+    Streaming(String, mpsc::Receiver<Tap>),
+    Committed,
+    Scan(BatchStream),
+    Done,
+}
+
+/// The `columns` of a streamed batch of `table` (all when empty).
+fn project(table: &str, columns: &[String], b: arrow::array::RecordBatch) -> Result<arrow::array::RecordBatch> {
+    if columns.is_empty() {
+        return Ok(b);
+    }
+    let idx = columns
+        .iter()
+        .map(|c| {
+            b.schema().index_of(c).map_err(|_| Error::Schema {
+                table: table.to_string(),
+                column: c.clone(),
+                detail: "is missing from the streamed batches".into(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(b.project(&idx)?)
+}
+
+/// The committed table, `columns` of it (all when empty).
+async fn scan(lake: &Lake, table: &str, columns: &[String]) -> Result<BatchStream> {
+    let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist in the lake")))?;
+    let mut scan = ds.scan();
+    if !columns.is_empty() {
+        scan.project(columns).map_err(|e| Error::lance(table, e))?;
+    }
+    let t = table.to_string();
+    let s = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
+    Ok(s.map(move |r| r.map_err(|e| Error::lance(&t, e))).boxed())
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Re-run stages even when they are up to date.
+    pub force: bool,
+    /// Run only this stage and what it depends on.
+    pub until: Option<String>,
+    /// No progress bars.
+    pub quiet: bool,
+    /// Training stages continue from their last checkpoint.
+    pub resume: bool,
+    /// Device for model stages (`auto`, `cpu`, `cuda`), overriding their `device` key.
+    pub device: Option<String>,
+    /// Fault injection, for tests of failure handling: the writer of this table fails once it
+    /// was sent this many rows, and nothing it wrote is committed.
+    pub fail_after: Option<(String, u64)>,
+}
+
+/// How one stage ended.
+#[derive(Debug, Clone)]
+pub struct StageReport {
+    pub stage: String,
+    pub kind: String,
+    pub status: Status,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub seconds: f64,
+    pub summary: String,
+    pub written: BTreeMap<String, u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub run_id: String,
+    pub lake: String,
+    pub stages: Vec<StageReport>,
+}
+
+impl RunReport {
+    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+        self.stages.iter().find(|s| s.stage == name)
+    }
+}
+
+/// Runs the plan. Returns the report when every stage succeeded or was up to date, else the
+/// first stage error (the report of a failed run is in the ledger).
+pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
+    let selected: Vec<StagePlan> = match &opts.until {
+        Some(u) => plan
+            .until(u)
+            .ok_or_else(|| Error::Other(format!("--until `{u}`: no such stage in {}", plan.file.display())))?
+            .into_iter()
+            .cloned()
+            .collect(),
+        None => plan.stages.clone(),
+    };
+    let lake = Lake::new(plan.lake.clone(), plan.storage_options.clone(), plan.catalog.clone());
+    let run_id = format!("{}-{}", Utc::now().format("%Y%m%dT%H%M%SZ"), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // The ledger knows a pipeline by its name, not its path: a moved project is the same one.
+    let pipeline = plan.name.clone();
+    let progress = Progress::new(opts.quiet);
+    let cancel = CancellationToken::new();
+
+    // Ctrl-C cancels the run the same way a failing stage does.
+    let on_signal = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        })
+    };
+
+    // Every stage's phase, and the streamed edges between the selected stages.
+    let mut senders: HashMap<String, watch::Sender<Phase>> = HashMap::new();
+    let mut phases: HashMap<String, watch::Receiver<Phase>> = HashMap::new();
+    for stage in &selected {
+        let (tx, rx) = watch::channel(Phase::Waiting);
+        senders.insert(stage.name.clone(), tx);
+        phases.insert(stage.name.clone(), rx);
+    }
+    let mut taps: HashMap<String, HashMap<String, TapSenders>> = HashMap::new();
+    let mut streams: HashMap<String, HashMap<String, StreamIn>> = HashMap::new();
+    for stage in &selected {
+        for (producer, table) in &stage.streamed {
+            let Some(phase) = phases.get(producer) else { continue };
+            let (tx, rx) = mpsc::channel(EDGE_CAPACITY);
+            taps.entry(producer.clone()).or_default().entry(table.clone()).or_default().push(tx);
+            let edge = StreamIn { producer: producer.clone(), rx, phase: phase.clone() };
+            streams.entry(stage.name.clone()).or_default().insert(table.clone(), edge);
+        }
+    }
+
+    let mut set: JoinSet<(StageReport, Option<Error>)> = JoinSet::new();
+    let shared = Arc::new(Shared { lake: lake.clone(), run_id: run_id.clone(), pipeline, pipeline_hash: plan.hash.clone(), force: opts.force });
+    for stage in &selected {
+        let Some(tx) = senders.remove(&stage.name) else { continue };
+        let streams = streams.remove(&stage.name).unwrap_or_default();
+        let producers: Vec<(String, watch::Receiver<Phase>)> = streams.values().map(|e| (e.producer.clone(), e.phase.clone())).collect();
+        // Inputs it streams from need only be running; the others must have committed.
+        let inputs: Vec<(String, watch::Receiver<Phase>, bool)> = stage
+            .inputs
+            .iter()
+            .filter_map(|i| phases.get(i).map(|rx| (i.clone(), rx.clone(), producers.iter().any(|(p, _)| p == i))))
+            .collect();
+        let ctx = StageCtx {
+            name: stage.name.clone(),
+            run_id: run_id.clone(),
+            lake: lake.clone(),
+            progress: progress.stage(&stage.name),
+            cancel: cancel.clone(),
+            resume: opts.resume,
+            device: opts.device.clone(),
+            taps: Mutex::new(taps.remove(&stage.name).unwrap_or_default()),
+            streams: Mutex::new(streams),
+            producers,
+            fail_after: opts.fail_after.clone(),
+        };
+        let stage = stage.clone();
+        let shared = shared.clone();
+        set.spawn(async move {
+            let (report, error) = run_one(&shared, &stage, ctx, inputs, &tx).await;
+            // Receivers may be gone when the run is being torn down; nothing to tell then.
+            let _ = tx.send(Phase::Done(matches!(report.status, Status::Succeeded | Status::UpToDate)));
+            (report, error)
+        });
+    }
+
+    let mut reports = Vec::new();
+    let mut first_error: Option<Error> = None;
+    while let Some(joined) = set.join_next().await {
+        let (report, error) = joined.map_err(|e| Error::Other(format!("a stage task panicked: {e}")))?;
+        if report.status == Status::Failed && first_error.is_none() {
+            cancel.cancel();
+            // The stage's own error, typed, with its cause chain.
+            let e = error.unwrap_or_else(|| Error::Other(report.error.clone().unwrap_or_default()));
+            first_error = Some(e.in_stage(&report.stage));
+        }
+        reports.push(report);
+    }
+    on_signal.abort();
+    let order: HashMap<&str, usize> = selected.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    reports.sort_by_key(|r| order.get(r.stage.as_str()).copied().unwrap_or(usize::MAX));
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::Cancelled("interrupted; nothing half-written was committed".into()));
+    }
+    Ok(RunReport { run_id, lake: lake.root().to_string(), stages: reports })
+}
+
+struct Shared {
+    lake: Lake,
+    run_id: String,
+    pipeline: String,
+    pipeline_hash: String,
+    force: bool,
+}
+
+async fn run_one(
+    shared: &Shared,
+    stage: &StagePlan,
+    ctx: StageCtx,
+    mut inputs: Vec<(String, watch::Receiver<Phase>, bool)>,
+    phase: &watch::Sender<Phase>,
+) -> (StageReport, Option<Error>) {
+    let span = tracing::info_span!("stage", name = %stage.name, kind = %stage.kind_name);
+    let _enter = span.enter();
+    let mut report = StageReport {
+        stage: stage.name.clone(),
+        kind: stage.kind_name.clone(),
+        status: Status::Cancelled,
+        rows_in: 0,
+        rows_out: 0,
+        seconds: 0.0,
+        summary: String::new(),
+        written: BTreeMap::new(),
+        error: None,
+    };
+    // Wait for the inputs: committed, or, for a streamed one, at least running. A failed or
+    // cancelled input cancels this stage.
+    for (_, rx, streamed) in &mut inputs {
+        let streamed = *streamed;
+        let ok = tokio::select! {
+            _ = ctx.cancel.cancelled() => false,
+            r = rx.wait_for(|p| matches!(p, Phase::Done(_)) || (streamed && *p == Phase::Running)) => {
+                r.map(|p| !matches!(*p, Phase::Done(false))).unwrap_or(false)
+            }
+        };
+        if !ok {
+            report.summary = "not run: an input did not complete".into();
+            ctx.progress.finish_and_clear();
+            return (report, None);
+        }
+    }
+    // Streaming this run: a streamed producer is running, so what this stage reads is being
+    // written now (it cannot be up to date).
+    let streaming = inputs.iter().any(|(_, rx, streamed)| *streamed && *rx.borrow() == Phase::Running);
+    // The stage's time starts when its inputs are ready, not when the run starts.
+    let started = Instant::now();
+    let started_at = Utc::now();
+    let result = tokio::select! {
+        _ = ctx.cancel.cancelled() => Err(Error::Cancelled("cancelled".into())),
+        r = execute(shared, stage, &ctx, streaming, phase) => r,
+    };
+    report.seconds = started.elapsed().as_secs_f64();
+    let mut error = None;
+    let mut entry = Entry {
+        run_id: shared.run_id.clone(),
+        pipeline: shared.pipeline.clone(),
+        pipeline_hash: shared.pipeline_hash.clone(),
+        stage: stage.name.clone(),
+        kind: stage.kind_name.as_str().to_string(),
+        config_hash: stage.config_hash.clone(),
+        input_fingerprint: None,
+        status: Status::Failed,
+        started_at,
+        ended_at: Utc::now(),
+        rows_in: 0,
+        rows_out: 0,
+        tables_read: BTreeMap::new(),
+        tables_written: BTreeMap::new(),
+        error: None,
+    };
+    match result {
+        Ok(done) => {
+            report.status = done.status;
+            report.rows_in = done.outcome.rows_in;
+            report.rows_out = done.outcome.rows_out;
+            report.summary = done.outcome.summary.clone();
+            report.written = done.outcome.written.clone();
+            entry.status = done.status;
+            entry.rows_in = done.outcome.rows_in;
+            entry.rows_out = done.outcome.rows_out;
+            entry.input_fingerprint = done.fingerprint;
+            entry.tables_read = done.read;
+            entry.tables_written = done.outcome.written;
+        }
+        Err(Error::Cancelled(_)) => {
+            report.status = Status::Cancelled;
+            entry.status = Status::Cancelled;
+        }
+        Err(e) => {
+            tracing::error!(stage = %stage.name, "{e}");
+            report.status = Status::Failed;
+            report.error = Some(e.to_string());
+            entry.error = Some(e.to_string());
+            error = Some(e);
+        }
+    }
+    ctx.progress.finish_and_clear();
+    if let Err(e) = ledger::record(&shared.lake, &entry).await {
+        // The stage's own result stands; a ledger failure is reported, not hidden.
+        tracing::error!("could not record stage `{}` in the runs ledger: {e}", stage.name);
+        if report.status == Status::Succeeded {
+            report.status = Status::Failed;
+            report.error = Some(format!("runs ledger: {e}"));
+            error = Some(e);
+        }
+    }
+    (report, error)
+}
+
+struct Done {
+    status: Status,
+    outcome: crate::stage::Outcome,
+    fingerprint: Option<String>,
+    read: BTreeMap<String, u64>,
+}
+
+async fn execute(shared: &Shared, stage: &StagePlan, ctx: &StageCtx, streaming: bool, phase: &watch::Sender<Phase>) -> Result<Done> {
+    let prepared = stage.kind.prepare(ctx).await?;
+    let fingerprint = prepared.fingerprint.clone();
+    let read = shared.lake.versions(&stage.reads).await?;
+    if !shared.force && !streaming {
+        if let Some(last) = ledger::last_success(&shared.lake, &shared.pipeline, &stage.name).await? {
+            let written_now = shared.lake.versions(&stage.writes).await?;
+            let unchanged = last.config_hash == stage.config_hash
+                && last.input_fingerprint == fingerprint
+                && last.tables_read == read
+                && last.tables_written == written_now;
+            if unchanged {
+                let outcome = crate::stage::Outcome { written: written_now, summary: "up to date".into(), ..Default::default() };
+                return Ok(Done { status: Status::UpToDate, outcome, fingerprint, read });
+            }
+        }
+    }
+    // Dependants that stream from this stage may start now.
+    let _ = phase.send(Phase::Running);
+    let mut outcome = stage.kind.run(ctx, prepared).await?;
+    // What was read, as committed: a streamed table's version is known once its producer is.
+    let read = if streaming { shared.lake.versions(&stage.reads).await? } else { read };
+    // Record every table the stage owns, written this time or not, so the next up-to-date
+    // check compares like with like.
+    for (t, v) in shared.lake.versions(&stage.writes).await? {
+        outcome.written.entry(t).or_insert(v);
+    }
+    Ok(Done { status: Status::Succeeded, outcome, fingerprint, read })
+}

@@ -1,0 +1,245 @@
+//! The config compiler over the real stage kinds: every problem of a pipeline file at once.
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+
+use engine::config::{Diagnostic, Loc};
+use lake::Error;
+
+fn load(file: &Path, sets: &[String]) -> impl Future<Output = lake::Result<engine::config::Plan>> {
+    let (file, sets) = (file.to_path_buf(), sets.to_vec());
+    async move { engine::config::load(&file, &sets, &crate::registry()).await }
+}
+
+/// The options of stage `name` of a plan, as the kind's own type.
+fn options<'a, T: 'static>(plan: &'a engine::config::Plan, name: &str) -> &'a T {
+    let any: &dyn Any = plan.stage(name).expect("stage").kind.as_ref();
+    any.downcast_ref::<T>().expect("stage of another kind")
+}
+
+/// A pipeline folder with sql/ and schemas/ next to it, like the repository's.
+fn fixture(toml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    std::fs::create_dir_all(dir.path().join("sql")).unwrap();
+    std::fs::create_dir_all(dir.path().join("schemas")).unwrap();
+    std::fs::write(dir.path().join("sql/usable.sql"), "SELECT * FROM images WHERE width >= $min_width").unwrap();
+    std::fs::write(dir.path().join("sql/count.sql"), "SELECT individual_id, count(*) AS n FROM usable GROUP BY 1").unwrap();
+    std::fs::write(dir.path().join("schemas/usable.toml"), "table = \"usable\"\nlike = \"images\"\n").unwrap();
+    let file = dir.path().join("pipelines/p.toml");
+    std::fs::write(&file, toml).unwrap();
+    (dir, file)
+}
+
+fn diags(toml: &str, sets: &[&str]) -> Vec<Diagnostic> {
+    let (_d, file) = fixture(toml);
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    match rt.block_on(load(&file, &sets)) {
+        Err(Error::Config(d)) => d.0,
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => Vec::new(),
+    }
+}
+
+fn line_of(d: &Diagnostic) -> usize {
+    match d.at {
+        Loc::File { line, .. } => line,
+        _ => 0,
+    }
+}
+
+const GOOD: &str = r#"[pipeline]
+name = "t"
+lake = "lake"
+
+[stages.ingest]
+kind = "ingest"
+source = "../photos"
+
+[stages.usable]
+kind = "sql"
+inputs = ["ingest"]
+query = "../sql/usable.sql"
+params = { min_width = 800 }
+
+[stages.count]
+kind = "sql"
+inputs = ["usable"]
+query = "../sql/count.sql"
+"#;
+
+#[test]
+fn a_good_file_compiles_in_run_order() {
+    let (_d, file) = fixture(GOOD);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let plan = rt.block_on(load(&file, &[])).unwrap();
+    let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["ingest", "usable", "count"]);
+    assert_eq!(plan.stage("usable").unwrap().reads, vec!["images".to_string()]);
+    assert_eq!(plan.stage("count").unwrap().writes, vec!["count".to_string()]);
+    assert!(plan.lake.starts_with("file:///") && plan.lake.ends_with("/pipelines/lake"), "{}", plan.lake);
+    let until: Vec<&str> = plan.until("usable").unwrap().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(until, ["ingest", "usable"]);
+}
+
+#[test]
+fn every_error_is_reported_at_once_with_its_line_and_stage() {
+    let broken = r#"[pipeline]
+name = "broken"
+colour = "red"
+
+[stages.ingest]
+kind = "ingest"
+source = "../photos"
+concurrency = "many"
+sauce = 1
+
+[stages.usable]
+kind = "sql"
+inputs = ["ingest", "nowhere"]
+query = "../sql/missing.sql"
+
+[stages.weird]
+kind = "teleport"
+
+[stages.count]
+kind = "sql"
+inputs = ["usable"]
+query = "../sql/count.sql"
+qurey = "x"
+
+[stages.bad_sql]
+kind = "sql"
+inputs = ["ingest"]
+query = "../sql/count.sql"
+"#;
+    let d = diags(broken, &[]);
+    let shown: Vec<String> = d.iter().map(|x| x.to_string()).collect();
+    let find = |needle: &str| {
+        d.iter().find(|x| x.to_string().contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in {shown:#?}"))
+    };
+    assert_eq!(line_of(find("unknown key `colour`")), 3);
+    let c = find("`concurrency` must be an integer");
+    assert_eq!((line_of(c), c.stage.as_deref()), (8, Some("ingest")));
+    assert_eq!(line_of(find("unknown key `sauce`")), 9);
+    let i = find("input `nowhere`");
+    assert_eq!((line_of(i), i.stage.as_deref()), (13, Some("usable")));
+    assert_eq!(line_of(find("missing.sql")), 14);
+    assert_eq!(line_of(find("unknown kind `teleport`")), 17);
+    let q = find("did you mean `query`");
+    assert_eq!((line_of(q), q.stage.as_deref()), (23, Some("count")));
+    // count.sql reads `usable`, which bad_sql's inputs do not provide.
+    let b = find("does not plan");
+    assert_eq!((line_of(b), b.stage.as_deref()), (28, Some("bad_sql")));
+    assert!(b.message.contains("usable"), "{}", b.message);
+    assert_eq!(d.len(), 8, "{shown:#?}");
+    // Sorted by line, each formatted as file:line:col.
+    assert!(shown[0].contains("p.toml:3:1: unknown key `colour`"), "{}", shown[0]);
+}
+
+#[test]
+fn cycles_are_errors() {
+    let cyc = r#"[stages.a]
+kind = "sql"
+inputs = ["c"]
+query = "../sql/usable.sql"
+params = { min_width = 1 }
+output = "ta"
+
+[stages.b]
+kind = "sql"
+inputs = ["a"]
+query = "../sql/usable.sql"
+params = { min_width = 1 }
+output = "tb"
+
+[stages.c]
+kind = "sql"
+inputs = ["b"]
+query = "../sql/usable.sql"
+params = { min_width = 1 }
+output = "tc"
+"#;
+    let d = diags(cyc, &[]);
+    let c = d.iter().find(|x| x.message.contains("cycle")).expect("cycle reported");
+    assert!(c.message.contains("a -> ") || c.message.contains("b -> ") || c.message.contains("c -> "), "{}", c.message);
+}
+
+#[test]
+fn missing_sql_parameter_and_bad_column_do_not_plan() {
+    let no_param = GOOD.replace("params = { min_width = 800 }", "");
+    let d = diags(&no_param, &[]);
+    assert!(d.iter().any(|x| x.message.contains("does not plan") && x.message.contains("min_width")), "{d:#?}");
+    let (_d, file) = fixture(GOOD);
+    std::fs::write(file.parent().unwrap().join("../sql/usable.sql"), "SELECT * FROM images WHERE wdith > $min_width").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let Err(Error::Config(d)) = rt.block_on(load(&file, &[])) else { panic!("expected errors") };
+    assert!(d.0.iter().any(|x| x.message.contains("wdith")), "{d}");
+}
+
+#[test]
+fn result_schema_must_match_the_declared_one() {
+    let (_d, file) = fixture(GOOD);
+    std::fs::write(file.parent().unwrap().join("../sql/usable.sql"), "SELECT photo_id FROM images WHERE width > $min_width").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let Err(Error::Config(d)) = rt.block_on(load(&file, &[])) else { panic!("expected errors") };
+    assert!(d.0.iter().any(|x| x.message.contains("schemas/usable.toml") && x.message.contains("column `uri`")), "{d}");
+}
+
+#[test]
+fn set_overrides_are_typed_and_checked() {
+    let (_d, file) = fixture(GOOD);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let plan = rt.block_on(load(&file, &["ingest.concurrency=3".into(), "usable.params.min_width=10".into()])).unwrap();
+    let c: &crate::ingest::IngestConfig = options(&plan, "ingest");
+    assert_eq!(c.concurrency, 3);
+    let d = diags(GOOD, &["ingest.concurrency=lots", "nostage.x=1", "ingest.bogus=1"]);
+    assert!(d.iter().any(|x| matches!(&x.at, Loc::Set(s) if s == "ingest.concurrency=lots") && x.message.contains("integer")), "{d:#?}");
+    assert!(d.iter().any(|x| x.message.contains("no stage `nostage`")), "{d:#?}");
+    assert!(d.iter().any(|x| x.message.contains("unknown key `bogus`")), "{d:#?}");
+}
+
+#[test]
+fn config_hash_follows_options_and_sql_text() {
+    let (_d, file) = fixture(GOOD);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let a = rt.block_on(load(&file, &[])).unwrap();
+    let b = rt.block_on(load(&file, &["usable.params.min_width=801".into()])).unwrap();
+    assert_eq!(a.stage("ingest").unwrap().config_hash, b.stage("ingest").unwrap().config_hash);
+    assert_ne!(a.stage("usable").unwrap().config_hash, b.stage("usable").unwrap().config_hash);
+    std::fs::write(file.parent().unwrap().join("../sql/count.sql"), "SELECT individual_id, count(*) AS n FROM usable GROUP BY 1 -- edited").unwrap();
+    let c = rt.block_on(load(&file, &[])).unwrap();
+    assert_ne!(a.stage("count").unwrap().config_hash, c.stage("count").unwrap().config_hash);
+}
+
+#[test]
+fn not_toml_is_one_error_with_a_line() {
+    let d = diags("[stages.a]\nkind = \"sql\"\nquery = \n", &[]);
+    assert_eq!(d.len(), 1);
+    assert_eq!(line_of(&d[0]), 3);
+    assert!(d[0].message.contains("not valid TOML"));
+}
+
+#[test]
+fn submit_refine_zero_turns_re_ranking_off() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/ingest-to-submission.toml");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let refine = |set: &[String]| {
+        let plan = rt.block_on(load(&file, set)).unwrap();
+        let s: &crate::submit::SubmitStage = options(&plan, "submit");
+        (s.search.refine, s.search.nprobes, s.search.ef)
+    };
+    let ivf_pq = lake::vector::SearchParams::for_index(Some("ivf_pq"));
+    assert_eq!(ivf_pq.refine, Some(10), "IVF_PQ re-ranks unless told otherwise");
+    let (r, n, e) = refine(&["submit.refine=0".into(), "submit.nprobes=15".into(), "submit.ef=60".into()]);
+    assert_eq!((r, n, e), (Some(0), Some(15), Some(60)));
+    let given = lake::vector::SearchOverrides { refine: r, nprobes: n, ef: e };
+    assert_eq!(given.apply(ivf_pq.clone()).refine, None, "refine = 0 is no re-ranking");
+    assert_eq!(refine(&["submit.refine=4".into()]).0, Some(4));
+    // Nothing given: the measured settings of whatever index the table has.
+    let (r, n, e) = refine(&[]);
+    assert_eq!(lake::vector::SearchOverrides { refine: r, nprobes: n, ef: e }.apply(ivf_pq.clone()), ivf_pq);
+    let hnsw = lake::vector::SearchParams::for_index(Some("IVF_HNSW_SQ"));
+    assert_eq!((hnsw.nprobes, hnsw.refine, hnsw.ef), (Some(15), None, Some(60)));
+}

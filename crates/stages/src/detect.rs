@@ -1,0 +1,547 @@
+//! Stage kind `detect`: trains the one-class subject detector ([`model::detect`]) on a
+//! file of boxes (~300 are enough) and runs it over every photo of a table, writing one row per
+//! photo to `detections`: the best box and the score that there is a subject at all.
+//!
+//! The cleaning SQL drops photos whose score is under a threshold (no fluke in the frame), and
+//! `train` / `embed` with `crops = "detections"` cut each photo's box (plus a margin) out of it,
+//! so the embedding model sees the fluke at a useful size instead of a thin strip of a
+//! 2400×1000 seascape.
+//!
+//! The detector is named by a hash of its configuration and its training boxes; its files
+//! (`detector.safetensors`, `detector.json` with the validation IoU) live under
+//! `<lake>/models/<detector id>/`, and a later run with the same boxes reuses it.
+//!
+//! ```toml
+//! [stages.detect]
+//! kind = "detect"
+//! inputs = ["ingest"]
+//! table = "images"                                  # photo_id, uri, width, height
+//! boxes = "file://../data/demo-lake/boxes.csv"      # photo,x0,y0,x1,y1 in displayed pixels
+//! input_size = 384
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Float32Array, RecordBatch, StringArray};
+use arrow::datatypes::SchemaRef;
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Tensor};
+
+use futures::future::BoxFuture;
+use engine::stage::{Checked, Inputs, Outcome, Prepared, Stage};
+use engine::config::{Context, Keys, Loc, Reporter};
+use engine::StageCtx;
+use lake::tables::Columns;
+use lake::{Catalog, WriteKind, store};
+use model::data::{Loader, Photo, prefetch};
+use model::detect::{self, Detection, Detector, DetectorInfo, DetectorSpec, HeadTrainConfig, INFO, WEIGHTS};
+use model::net::to_input;
+use model::train;
+use crate::{Error, Result};
+
+const KEYS: &[&str] = &[
+    "table", "boxes", "boxes_photo_column", "output", "model", "backbone", "input_size", "hidden", "epochs", "batch_size",
+    "lr", "weight_decay", "val_fraction", "seed", "device", "loader_threads", "prefetch",
+];
+
+/// Files of a detector's folder.
+
+#[derive(Debug, Clone)]
+pub struct DetectStage {
+    pub table: String,
+    /// Resolved location of the boxes file (CSV: photo, x0, y0, x1, y1 in displayed pixels).
+    pub boxes: String,
+    pub boxes_photo_column: String,
+    pub output: String,
+    pub model: Option<String>,
+    pub spec: DetectorSpec,
+    pub train: HeadTrainConfig,
+    pub val_fraction: f64,
+    pub device: String,
+    pub loader_threads: usize,
+    pub prefetch: usize,
+}
+
+
+impl DetectStage {
+    pub fn parse(k: &mut Keys, ctx: &Context) -> Option<DetectStage> {
+        let mut ok = true;
+        let boxes = match k.str("boxes") {
+            Some(b) => match ctx.location(&b) {
+                Ok(u) => u,
+                Err(e) => {
+                    k.error("boxes", e.to_string());
+                    ok = false;
+                    String::new()
+                }
+            },
+            None => {
+                if !k.has("boxes") {
+                    k.missing("boxes", "a CSV of training boxes: photo,x0,y0,x1,y1 in displayed pixels");
+                }
+                ok = false;
+                String::new()
+            }
+        };
+        let backbone = k.str("backbone").unwrap_or_else(|| "mobilenet_v2".into());
+        if backbone.parse::<model::backbone::Arch>().is_err() {
+            let names: Vec<&str> = model::backbone::Arch::ALL.iter().map(|a| a.name()).collect();
+            k.error("backbone", format!("unknown backbone `{backbone}` (known: {})", names.join(", ")));
+            ok = false;
+        }
+        let device = k.device();
+        ok &= device.is_some();
+        let device = device.unwrap_or_default();
+        let (loader_threads, prefetch) = k.loader();
+        let s = DetectStage {
+            table: k.str("table").unwrap_or_else(|| "images".into()),
+            boxes,
+            boxes_photo_column: k.str("boxes_photo_column").unwrap_or_else(|| "photo".into()),
+            output: k.str("output").unwrap_or_else(|| "detections".into()),
+            model: k.str("model"),
+            spec: DetectorSpec {
+                backbone,
+                input_size: k.int("input_size", 64, 2048).unwrap_or(384) as u32,
+                hidden: k.int("hidden", 4, 4096).unwrap_or(64),
+            },
+            train: HeadTrainConfig {
+                epochs: k.int("epochs", 1, 100_000).unwrap_or(80) as u32,
+                batch_size: k.int("batch_size", 1, 4096).unwrap_or(32) as usize,
+                lr: k.float("lr", 1e-8, 10.0).unwrap_or(2e-3),
+                weight_decay: k.float("weight_decay", 0.0, 1.0).unwrap_or(1e-4),
+                seed: k.int("seed", 0, i64::MAX).unwrap_or(42) as u64,
+            },
+            val_fraction: k.float("val_fraction", 0.0, 0.9).unwrap_or(0.2),
+            device,
+            loader_threads,
+            prefetch,
+        };
+        engine::stage::finish_keys(k, KEYS);
+        ok.then_some(s)
+    }
+
+    pub fn check(&self, stage: &str, at: &Loc, visible: &HashMap<String, SchemaRef>, broken: bool, rep: &mut Reporter) -> Checked {
+        let mut reads = Vec::new();
+        let ins = Inputs { stage, at, visible, broken };
+        ins.need(rep, &mut reads, &self.table, &["photo_id", "uri", "width", "height"]);
+        Checked {
+            reads,
+            writes: vec![(self.output.clone(), Catalog::builtin("detections"))],
+            hash_extra: serde_json::to_string(&(&self.spec, &self.train, self.val_fraction, &self.boxes, &self.boxes_photo_column))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Reads the boxes file; its content is the stage's outside input.
+    pub async fn prepare(&self, _ctx: &StageCtx) -> Result<Prepared> {
+        let bytes = fetch(&self.boxes).await?;
+        Ok(Prepared { fingerprint: Some(blake3::hash(&bytes).to_hex().to_string()), state: Some(Box::new(bytes)) })
+    }
+
+    pub async fn run(&self, ctx: &StageCtx, mut prepared: Prepared) -> Result<Outcome> {
+        let bytes = match prepared.take::<bytes::Bytes>() {
+            Some(b) => b,
+            None => fetch(&self.boxes).await?,
+        };
+        // The photos arrive as the table is written (streamed from its producer) or from the
+        // committed table. The detector needs every photo its boxes name: rows are gathered
+        // (ids and sizes only, no pixels) until each box row names a gathered photo by its exact
+        // id, or the input ends; then detection runs as rows keep coming.
+        let mut rows = ctx.read(&self.table, &["photo_id", "uri", "width", "height"]);
+        let mut photos: Vec<(Photo, u32, u32)> = Vec::new();
+        let (boxed, unmatched, mut ended) = loop {
+            let Some(b) = rows.try_next().await? else {
+                photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
+                let (boxed, unmatched, _) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
+                break (boxed, unmatched, true);
+            };
+            photos.extend(frames(&self.table, &b)?);
+            let (boxed, unmatched, by_name) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
+            if unmatched == 0 && by_name == 0 && !boxed.is_empty() {
+                break (boxed, unmatched, false);
+            }
+        };
+        if photos.is_empty() {
+            return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
+        }
+        if boxed.is_empty() {
+            return Err(Error::Other(format!(
+                "boxes file `{}`: none of its {unmatched} rows names a photo of table `{}`",
+                self.boxes, self.table
+            )));
+        }
+        let device = train::pick_device(ctx.device.as_deref().unwrap_or(&self.device)).map_err(Error::Other)?;
+        let mut h = blake3::Hasher::new();
+        h.update(serde_json::to_string(&(&self.spec, &self.train, self.val_fraction)).unwrap_or_default().as_bytes());
+        for (p, b) in &boxed {
+            h.update(p.uri.as_bytes());
+            for v in b {
+                h.update(&v.to_le_bytes());
+            }
+        }
+        let name = self.model.clone().unwrap_or_else(|| ctx.name.clone());
+        let detector_id = format!("{name}-{}", &h.finalize().to_hex()[..12]);
+        let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
+        let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()));
+        let handle = tokio::runtime::Handle::current();
+        let (batch, depth) = (self.train.batch_size.max(8), self.prefetch);
+
+        // The detector: reused when this configuration already trained on these boxes.
+        let (weights, info_file) = (dir.local.join(WEIGHTS), dir.local.join(INFO));
+        let existing = std::fs::read_to_string(&info_file).ok().and_then(|t| serde_json::from_str::<DetectorInfo>(&t).ok());
+        let (det, info, trained) = match existing {
+            Some(info) if weights.is_file() => {
+                let det = Detector::load(&self.spec, &weights, device).map_err(|e| Error::Other(e.to_string()))?;
+                (det, info, false)
+            }
+            _ => {
+                ctx.progress.set_message(format!("{detector_id}: training on {} boxes", boxed.len()));
+                let (spec, cfg, val_fraction) = (self.spec.clone(), self.train.clone(), self.val_fraction);
+                let (loader, handle, cancel, id) = (loader.clone(), handle.clone(), ctx.cancel.clone(), detector_id.clone());
+                let (det, info) = tokio::task::spawn_blocking(move || {
+                    train_detector(&spec, &cfg, val_fraction, boxed, device, &loader, &handle, batch, depth, &id, &|| cancel.is_cancelled())
+                })
+                .await
+                .map_err(|e| Error::Other(format!("detector training panicked: {e}")))??;
+                std::fs::create_dir_all(&dir.local).map_err(|e| Error::io(&dir.local, e))?;
+                det.save(&weights).map_err(|e| Error::Other(e.to_string()))?;
+                let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Other(e.to_string()))?;
+                std::fs::write(&info_file, text).map_err(|e| Error::io(&info_file, e))?;
+                dir.upload().await?;
+                (det, info, true)
+            }
+        };
+
+        // Every photo of the table, a chunk at a time: those gathered, then the rest as it comes.
+        ctx.progress.set_message(format!("{detector_id}: photos"));
+        let mut sink = ctx.sink(&self.output, Catalog::builtin("detections"), WriteKind::Overwrite).await?;
+        let mut det = Some(det);
+        let (mut found, mut total) = (0usize, 0usize);
+        let mut pending: Vec<Photo> = photos.into_iter().map(|(p, _, _)| p).collect();
+        while !ended || !pending.is_empty() {
+            while !ended && pending.len() < CHUNK {
+                match rows.try_next().await? {
+                    Some(b) => pending.extend(frames(&self.table, &b)?.into_iter().map(|(p, _, _)| p)),
+                    None => ended = true,
+                }
+            }
+            let chunk: Arc<Vec<Photo>> = Arc::new(pending.drain(..pending.len().min(CHUNK)).collect());
+            if chunk.is_empty() {
+                continue;
+            }
+            let d = det.take().expect("detector comes back after each chunk");
+            let (loader, handle, cancel, c2) = (loader.clone(), handle.clone(), ctx.cancel.clone(), chunk.clone());
+            let (d, res) = tokio::task::spawn_blocking(move || {
+                let r = detect_photos(&d, &loader, &c2, batch, &handle, depth, &|| cancel.is_cancelled());
+                (d, r)
+            })
+            .await
+            .map_err(|e| Error::Other(format!("detection panicked: {e}")))?;
+            det = Some(d);
+            let dets = res?;
+            found += dets.iter().filter(|d| d.score >= 0.5).count();
+            total += chunk.len();
+            sink.send(detections_batch(&chunk, &dets, &detector_id, &ctx.run_id)?).await?;
+            ctx.progress.inc(chunk.len() as u64);
+        }
+        let version = sink.finish().await?.version;
+        let quality = match (info.val_mean_iou, info.val_hit_rate) {
+            (Some(m), Some(r)) => format!(", held-out boxes: mean IoU {m:.3}, {:.0} % found at IoU >= 0.5", r * 100.0),
+            _ => String::new(),
+        };
+        Ok(Outcome {
+            rows_in: total as u64,
+            rows_out: total as u64,
+            written: BTreeMap::from([(self.output.clone(), version)]),
+            summary: format!(
+                "{total} photos, {found} with a subject (score >= 0.5); detector {detector_id} {} on {} boxes{quality}{}",
+                if trained { "trained" } else { "reused, trained" },
+                info.train_photos + info.val_photos,
+                if unmatched > 0 { format!("; {unmatched} box rows name no photo of `{}`", self.table) } else { String::new() },
+            ),
+        })
+    }
+}
+
+async fn fetch(uri: &str) -> Result<bytes::Bytes> {
+    let (s, path) = store::open(uri, &HashMap::new())?;
+    let get = async { s.get(&path).await?.bytes().await };
+    get.await.map_err(|e| Error::Location { uri: uri.into(), reason: format!("cannot read the boxes file: {e}") })
+}
+
+/// Photos detected per blocking task (one chunk of the input at a time).
+const CHUNK: usize = 1024;
+
+/// `photo_id`, `uri`, `width`, `height` of every row of a batch of `table`.
+fn frames(table: &str, b: &RecordBatch) -> Result<Vec<(Photo, u32, u32)>> {
+    let c = Columns::new(table, b);
+    let (pid, uri, w, h) = (c.strings("photo_id")?, c.strings("uri")?, c.i32s("width")?, c.i32s("height")?);
+    Ok((0..b.num_rows())
+        .map(|i| {
+            let photo = Photo { photo_id: pid.value(i).to_string(), uri: uri.value(i).to_string(), ..Photo::default() };
+            (photo, w.value(i).max(1) as u32, h.value(i).max(1) as u32)
+        })
+        .collect())
+}
+
+/// The boxes of the file that name a photo of the table (by photo id, or by file name), as
+/// fractions of the displayed frame; and how many rows named none. A malformed row is an error
+/// naming the file and its line.
+pub fn parse_boxes(bytes: &[u8], file: &str, photo_col: &str, photos: &[(Photo, u32, u32)]) -> Result<(Vec<(Photo, [f32; 4])>, usize)> {
+    match_boxes(bytes, file, photo_col, photos).map(|(boxed, unmatched, _)| (boxed, unmatched))
+}
+
+/// [`parse_boxes`], and how many rows matched a photo by file name rather than by exact id
+/// (such a match can change as more photos arrive, so a streamed input waits for its end).
+fn match_boxes(bytes: &[u8], file: &str, photo_col: &str, photos: &[(Photo, u32, u32)]) -> Result<(Vec<(Photo, [f32; 4])>, usize, usize)> {
+    let err = |detail: String| Error::Location { uri: file.to_string(), reason: detail };
+    let mut by_id: HashMap<&str, usize> = HashMap::new();
+    for (i, (p, _, _)) in photos.iter().enumerate() {
+        by_id.insert(p.photo_id.as_str(), i);
+        by_id.entry(p.photo_id.rsplit('/').next().unwrap_or(&p.photo_id)).or_insert(i);
+    }
+    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(bytes);
+    let headers = rdr.headers().map_err(|e| err(format!("not a CSV with a header row: {e}")))?.clone();
+    let find = |c: &str| {
+        headers
+            .iter()
+            .position(|h| h == c)
+            .ok_or_else(|| err(format!("no column `{c}` (columns: {})", headers.iter().collect::<Vec<_>>().join(", "))))
+    };
+    let cols = [find(photo_col)?, find("x0")?, find("y0")?, find("x1")?, find("y1")?];
+    let mut out = Vec::new();
+    let (mut unmatched, mut by_name) = (0, 0);
+    let ids: std::collections::HashSet<&str> = photos.iter().map(|(p, _, _)| p.photo_id.as_str()).collect();
+    for (n, rec) in rdr.records().enumerate() {
+        let line = n + 2;
+        let rec = rec.map_err(|e| err(format!("line {line}: {e}")))?;
+        let field = |c: usize| rec.get(c).ok_or_else(|| err(format!("line {line}: expected at least {} fields", c + 1)));
+        let name = field(cols[0])?;
+        let mut v = [0f64; 4];
+        for (k, c) in cols[1..].iter().enumerate() {
+            let s = field(*c)?;
+            v[k] = s.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| err(format!("line {line}: `{s}` is not a number")))?;
+        }
+        let exact = ids.contains(name);
+        let Some(&i) = by_id.get(name).or_else(|| by_id.get(name.rsplit('/').next().unwrap_or(name))) else {
+            unmatched += 1;
+            continue;
+        };
+        by_name += usize::from(!exact);
+        let (p, w, h) = &photos[i];
+        let (w, h) = (f64::from(*w), f64::from(*h));
+        if v[2] <= v[0] || v[3] <= v[1] {
+            return Err(err(format!("line {line}: box of `{name}` is empty or inverted ({}, {}, {}, {})", v[0], v[1], v[2], v[3])));
+        }
+        // A pixel of slack for inclusive right/bottom edges; anything further out is a wrong box.
+        if v[0] < -1.0 || v[1] < -1.0 || v[2] > w + 1.0 || v[3] > h + 1.0 {
+            return Err(err(format!(
+                "line {line}: box of `{name}` ({}, {}, {}, {}) lies outside the {w}x{h} photo",
+                v[0], v[1], v[2], v[3]
+            )));
+        }
+        let b = vision::clamp_box([(v[0] / w) as f32, (v[1] / h) as f32, (v[2] / w) as f32, (v[3] / h) as f32]);
+        out.push((p.clone(), b));
+    }
+    out.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
+    out.dedup_by(|a, b| a.0.uri == b.0.uri);
+    Ok((out, unmatched, by_name))
+}
+
+/// Feature maps of `photos` (and of their mirror images when `flip`, appended after them).
+#[allow(clippy::too_many_arguments)]
+fn features(
+    det: &Detector,
+    loader: &Arc<Loader>,
+    photos: &Arc<Vec<Photo>>,
+    batch: usize,
+    flip: bool,
+    handle: &tokio::runtime::Handle,
+    depth: usize,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Tensor> {
+    let batches: Vec<Vec<usize>> = (0..photos.len()).collect::<Vec<_>>().chunks(batch.max(1)).map(<[usize]>::to_vec).collect();
+    let mut rx = prefetch(loader.clone(), photos.clone(), batches, depth, handle);
+    let (mut plain, mut mirrored) = (Vec::new(), Vec::new());
+    while let Some(item) = rx.blocking_recv() {
+        if cancelled() {
+            return Err(Error::Cancelled("interrupted while detecting".into()));
+        }
+        let x = to_input(&item?.1, det.device());
+        plain.push(det.features(&x));
+        if flip {
+            mirrored.push(det.features(&x.flip([3])));
+        }
+    }
+    let n: i64 = plain.iter().map(|t| t.size()[0]).sum();
+    if n as usize != photos.len() {
+        return Err(Error::Cancelled("the photo loader stopped early".into()));
+    }
+    plain.extend(mirrored);
+    Ok(Tensor::cat(&plain, 0))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_detector(
+    spec: &DetectorSpec,
+    cfg: &HeadTrainConfig,
+    val_fraction: f64,
+    mut boxed: Vec<(Photo, [f32; 4])>,
+    device: Device,
+    loader: &Arc<Loader>,
+    handle: &tokio::runtime::Handle,
+    batch: usize,
+    depth: usize,
+    id: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(Detector, DetectorInfo)> {
+    let started = std::time::Instant::now();
+    tch::manual_seed(train::seed_for(cfg.seed, u32::MAX));
+    let det = Detector::new(spec, device).map_err(|e| Error::Other(e.to_string()))?;
+    let weights_dir =
+        std::env::var_os("PIPELINE_WEIGHTS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/pipeline/weights"));
+    det.load_imagenet(&weights_dir).map_err(|e| Error::Other(format!("detector: {e}")))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    boxed.shuffle(&mut rng);
+    let n_val = if boxed.len() >= 5 { ((boxed.len() as f64 * val_fraction).round() as usize).min(boxed.len() - 2) } else { 0 };
+    let (val, tr) = boxed.split_at(n_val);
+    let tr_photos: Arc<Vec<Photo>> = Arc::new(tr.iter().map(|(p, _)| p.clone()).collect());
+    let mut tr_boxes: Vec<[f32; 4]> = tr.iter().map(|(_, b)| *b).collect();
+    tr_boxes.extend(tr.iter().map(|(_, b)| detect::hflip_box(b)));
+    let feats = features(&det, loader, &tr_photos, batch, true, handle, depth, cancelled)?;
+    let history = detect::train_head(&det.head_vs, &det.head, &feats, &tr_boxes, cfg, cancelled).map_err(Error::Other)?;
+    drop(feats);
+    let (mut mean_iou, mut hit_rate, mut min_score) = (None, None, None);
+    if !val.is_empty() {
+        let val_photos: Arc<Vec<Photo>> = Arc::new(val.iter().map(|(p, _)| p.clone()).collect());
+        let found = detect_photos(&det, loader, &val_photos, batch, handle, depth, cancelled)?;
+        let ious: Vec<f64> = found.iter().zip(val).map(|(d, (_, b))| f64::from(detect::iou(&d.bbox, b))).collect();
+        mean_iou = Some(ious.iter().sum::<f64>() / ious.len() as f64);
+        hit_rate = Some(ious.iter().filter(|&&x| x >= 0.5).count() as f64 / ious.len() as f64);
+        min_score = found.iter().map(|d| f64::from(d.score)).reduce(f64::min);
+    }
+    let info = DetectorInfo {
+        detector_id: id.to_string(),
+        spec: spec.clone(),
+        train: cfg.clone(),
+        train_photos: tr.len(),
+        val_photos: val.len(),
+        val_mean_iou: mean_iou,
+        val_hit_rate: hit_rate,
+        val_min_score: min_score,
+        loss_per_epoch: history,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((det, info))
+}
+
+/// The detection of every photo, in order.
+pub fn detect_photos(
+    det: &Detector,
+    loader: &Arc<Loader>,
+    photos: &Arc<Vec<Photo>>,
+    batch: usize,
+    handle: &tokio::runtime::Handle,
+    depth: usize,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Detection>> {
+    let batches: Vec<Vec<usize>> = (0..photos.len()).collect::<Vec<_>>().chunks(batch.max(1)).map(<[usize]>::to_vec).collect();
+    let mut rx = prefetch(loader.clone(), photos.clone(), batches, depth, handle);
+    let mut out = Vec::with_capacity(photos.len());
+    while let Some(item) = rx.blocking_recv() {
+        if cancelled() {
+            return Err(Error::Cancelled("interrupted while detecting".into()));
+        }
+        out.extend(det.detect(&to_input(&item?.1, det.device())));
+    }
+    if out.len() != photos.len() {
+        return Err(Error::Cancelled("the photo loader stopped early".into()));
+    }
+    Ok(out)
+}
+
+fn detections_batch(photos: &[Photo], dets: &[Detection], detector_id: &str, run_id: &str) -> Result<RecordBatch> {
+    let n = photos.len();
+    let coord = |k: usize| Arc::new(Float32Array::from_iter_values(dets.iter().map(|d| d.bbox[k])));
+    Ok(RecordBatch::try_new(
+        Catalog::builtin("detections"),
+        vec![
+            Arc::new(StringArray::from_iter_values(photos.iter().map(|p| p.photo_id.as_str()))),
+            Arc::new(StringArray::from_iter_values(photos.iter().map(|p| p.uri.as_str()))),
+            Arc::new(StringArray::from(vec![detector_id; n])),
+            Arc::new(Float32Array::from_iter_values(dets.iter().map(|d| d.score))),
+            coord(0),
+            coord(1),
+            coord(2),
+            coord(3),
+            Arc::new(StringArray::from(vec![run_id; n])),
+        ],
+    )?)
+}
+
+
+
+impl Stage for DetectStage {
+    fn describe(&self) -> String {
+        format!("detect {} on {}, boxes {}", self.spec.backbone, self.table, self.boxes)
+    }
+
+    fn check<'a>(&'a self, i: Inputs<'a>, _ctx: &'a Context, rep: &'a mut Reporter) -> BoxFuture<'a, Checked> {
+        Box::pin(std::future::ready(DetectStage::check(self, i.stage, i.at, i.visible, i.broken, rep)))
+    }
+
+    fn streams(&self, table: &str) -> bool {
+        table == self.table
+    }
+
+    fn prepare<'a>(&'a self, ctx: &'a StageCtx) -> BoxFuture<'a, Result<Prepared>> {
+        Box::pin(DetectStage::prepare(self, ctx))
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StageCtx, prepared: Prepared) -> BoxFuture<'a, Result<Outcome>> {
+        Box::pin(DetectStage::run(self, ctx, prepared))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames() -> Vec<(Photo, u32, u32)> {
+        ["a/IMG_1.jpg", "b/IMG_2.jpg"]
+            .iter()
+            .map(|id| (Photo { photo_id: id.to_string(), uri: format!("file:///p/{id}"), ..Photo::default() }, 2000, 1000))
+            .collect()
+    }
+
+    #[test]
+    fn boxes_are_matched_by_id_or_file_name_and_normalised() {
+        let csv = "photo,x0,y0,x1,y1\nIMG_1.jpg,500,250,1500,750\nb/IMG_2.jpg,0,0,2000,1000\nother.jpg,1,1,2,2\n";
+        let (b, unmatched) = parse_boxes(csv.as_bytes(), "boxes.csv", "photo", &frames()).unwrap();
+        assert_eq!(unmatched, 1);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].0.photo_id, "a/IMG_1.jpg");
+        assert_eq!(b[0].1, [0.25, 0.25, 0.75, 0.75]);
+        assert_eq!(b[1].1, [0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn bad_boxes_name_the_line() {
+        let cases = [
+            ("photo,x0,y0,x1,y1\nIMG_1.jpg,500,250,400,750\n", "line 2: box of `IMG_1.jpg` is empty or inverted"),
+            ("photo,x0,y0,x1,y1\nIMG_2.jpg,0,0,10,10\nIMG_1.jpg,0,0,2600,750\n", "line 3: box of `IMG_1.jpg`"),
+            ("photo,x0,y0,x1,y1\nIMG_1.jpg,a,0,10,10\n", "line 2: `a` is not a number"),
+            ("photo,left,top\nIMG_1.jpg,1,2\n", "no column `x0`"),
+        ];
+        for (csv, want) in cases {
+            let e = parse_boxes(csv.as_bytes(), "boxes.csv", "photo", &frames()).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("boxes.csv"), "{e}");
+        }
+    }
+}

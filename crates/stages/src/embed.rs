@@ -1,0 +1,328 @@
+//! Stage kind `embed`: embeds every photo of a table with a trained model, in batches, with
+//! optional flip test-time augmentation, and writes unit-length vectors to a table (default
+//! `embeddings`). It streams: photos are read, decoded, embedded and written a chunk at a time,
+//! so memory does not grow with the table.
+//!
+//! Incremental: when the table already holds this model's embeddings (same model id and TTA),
+//! only photos it lacks are embedded and appended, and rows of photos no longer in the input
+//! are deleted — the nightly re-ingest embeds the night's new photos, not the collection, and a
+//! vector index on the table takes the appended rows as a delta.
+//!
+//! ```toml
+//! [stages.embed]
+//! kind = "embed"
+//! inputs = ["train", "ingest"]
+//! model = "train"          # the table a train stage wrote (it names the model), or a model id
+//! table = "images"         # photos to embed: every photo of the collection
+//! flip_tta = true
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use futures::{StreamExt, TryStreamExt};
+
+use lake::models::resolve_model;
+use futures::future::BoxFuture;
+use engine::stage::{Checked, Inputs, Outcome, Prepared, Stage};
+use engine::config::{Context, Keys, Loc, Reporter};
+use engine::StageCtx;
+use lake::tables::Columns;
+use lake::{Catalog, Lake, WriteKind};
+use model::data::{Loader, Photo};
+use model::net::{Net, NetSpec};
+use model::data::embedding_batch;
+use model::train::{self, embed_photos, model_files};
+use crate::{Error, Result};
+
+const KEYS: &[&str] = &["model", "table", "output", "crops", "flip_tta", "batch_size", "chunk", "device", "loader_threads", "prefetch", "channels_last"];
+
+#[derive(Debug, Clone)]
+pub struct EmbedStage {
+    pub model: String,
+    pub table: String,
+    pub output: String,
+    /// Table of detector boxes to crop with, for a model trained on crops (default: the table
+    /// the model was trained with).
+    pub crops: Option<String>,
+    pub flip_tta: bool,
+    pub batch_size: usize,
+    /// Photos read, embedded and written at a time.
+    pub chunk: usize,
+    pub device: String,
+    pub loader_threads: usize,
+    pub prefetch: usize,
+    /// Convolutions in channels-last memory order (faster; same embeddings to float rounding).
+    pub channels_last: bool,
+}
+
+impl EmbedStage {
+    pub fn parse(k: &mut Keys) -> Option<EmbedStage> {
+        let model = k.str("model");
+        if model.is_none() && !k.has("model") {
+            k.missing("model", "the table a train stage wrote, or a model id");
+        }
+        let device = k.device();
+        let ok = model.is_some() && device.is_some();
+        let device = device.unwrap_or_default();
+        let (loader_threads, prefetch) = k.loader();
+        let s = EmbedStage {
+            model: model.unwrap_or_default(),
+            table: k.str("table").unwrap_or_else(|| "images".into()),
+            output: k.str("output").unwrap_or_else(|| "embeddings".into()),
+            crops: k.str("crops"),
+            flip_tta: k.bool("flip_tta").unwrap_or(true),
+            batch_size: k.int("batch_size", 1, 4096).unwrap_or(32) as usize,
+            chunk: k.int("chunk", 1, 1_000_000).unwrap_or(1024) as usize,
+            device,
+            loader_threads,
+            prefetch,
+            channels_last: k.bool("channels_last").unwrap_or(true),
+        };
+        engine::stage::finish_keys(k, KEYS);
+        ok.then_some(s)
+    }
+
+    pub fn check(&self, stage: &str, at: &Loc, visible: &HashMap<String, SchemaRef>, broken: bool, rep: &mut Reporter) -> Checked {
+        let mut reads = Vec::new();
+        let ins = Inputs { stage, at, visible, broken };
+        ins.need(rep, &mut reads, &self.table, &["photo_id", "uri", "individual_id"]);
+        if let Some(c) = &self.crops {
+            ins.need(rep, &mut reads, c, &["photo_id", "detector_id", "x0", "y0", "x1", "y1"]);
+        }
+        // `model` is a train stage's table when one is visible, else a model id in the lake.
+        if let Some(s) = visible.get(&self.model) {
+            if s.field_with_name("model_id").is_err() {
+                rep.error(at, Some(stage), format!("`model = \"{}\"` names a table without `model_id` (a train stage's table)", self.model));
+            }
+            reads.push(self.model.clone());
+        }
+        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("embeddings"))], hash_extra: String::new() }
+    }
+
+    pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        let (model_id, dir) = resolve_model(&ctx.lake, &self.model).await?;
+        let (spec, best) = model_files(&dir, &model_id)?;
+        let device = train::pick_device(ctx.device.as_deref().unwrap_or(&self.device)).map_err(Error::Other)?;
+        // Crops: the model's detector's boxes, from the crops table; streamed with the photos
+        // when both are being written now, each photo then waiting for its box.
+        let crops_streamed = spec.crop.is_some() && self.crops.as_deref().is_some_and(|c| ctx.is_streamed(c));
+        let mut crops = if crops_streamed { HashMap::new() } else { crop_boxes(&ctx.lake, &spec, self.crops.as_deref()).await? };
+        let mut uncropped = 0u64;
+        let mut net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+        if self.channels_last {
+            net.use_channels_last();
+        }
+        let loader = Arc::new(Loader::new(spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()));
+        if !ctx.is_streamed(&self.table) {
+            if let Some(ds) = ctx.lake.open(&self.table).await? {
+                ctx.progress.set_length(ds.count_rows(None).await.map_err(|e| Error::lance(&self.table, e))? as u64);
+            }
+        }
+        ctx.progress.set_message(format!("{model_id}: photos"));
+        let tta = if self.flip_tta { "flip" } else { "none" };
+        // What the output already holds of this very embedding (model and TTA).
+        let have = existing(&ctx.lake, &self.output, &model_id, tta).await?;
+        let incremental = have.is_some();
+        let have = have.unwrap_or_default();
+        let mut seen_uris: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let photos = ctx.read(&self.table, &["photo_id", "uri", "individual_id"]).map(Input::Photos);
+        let mut input = match (crops_streamed, &self.crops, &spec.crop) {
+            (true, Some(table), Some(c)) => {
+                let boxes = ctx.read(table, &["photo_id", "detector_id", "x0", "y0", "x1", "y1"]).map(Input::Boxes);
+                let ended = futures::stream::once(async { Input::BoxesEnded });
+                futures::stream::select(photos, boxes.chain(ended)).boxed().map(move |i| (i, Some((table.clone(), c.detector.clone(), c.margin)))).boxed()
+            }
+            _ => photos.map(|i| (i, None)).boxed(),
+        };
+        let kind = if incremental { WriteKind::Append } else { WriteKind::Overwrite };
+        let mut sink = ctx.sink(&self.output, Catalog::builtin("embeddings"), kind).await?;
+        let (mut kept, mut total) = (0u64, 0u64);
+        let mut net = Some(net);
+        let mut pending: Vec<Photo> = Vec::new();
+        // Streamed crops: photos whose box has not come yet, and whether the boxes are all in.
+        let mut waiting: HashMap<String, Photo> = HashMap::new();
+        let (mut boxes_done, mut boxes_seen) = (!crops_streamed, 0usize);
+        let mut rows = 0u64;
+        let mut dim = 0usize;
+        loop {
+            let next = input.next().await;
+            let done = next.is_none();
+            match next {
+                None => {}
+                Some((Input::Photos(b), _)) => {
+                    let b = b?;
+                    let c = Columns::new(&self.table, &b);
+                    let (pid, uri, lab) = (c.strings("photo_id")?, c.strings("uri")?, c.strings("individual_id")?);
+                    for i in 0..b.num_rows() {
+                        total += 1;
+                        if incremental {
+                            seen_uris.insert(uri.value(i).to_string());
+                            if have.contains(uri.value(i)) {
+                                kept += 1;
+                                ctx.progress.inc(1);
+                                continue;
+                            }
+                        }
+                        let photo = Photo {
+                            photo_id: pid.value(i).to_string(),
+                            uri: uri.value(i).to_string(),
+                            label: lab.is_valid(i).then(|| lab.value(i).to_string()),
+                            crop: crops.get(pid.value(i)).copied(),
+                        };
+                        if photo.crop.is_none() && !boxes_done {
+                            waiting.insert(photo.photo_id.clone(), photo);
+                        } else {
+                            uncropped += u64::from(spec.crop.is_some() && photo.crop.is_none());
+                            pending.push(photo);
+                        }
+                    }
+                }
+                Some((Input::Boxes(b), Some((table, detector, margin)))) => {
+                    let b = b?;
+                    let c = Columns::new(&table, &b);
+                    let (pid, did) = (c.strings("photo_id")?, c.strings("detector_id")?);
+                    let xy = [c.f32s("x0")?, c.f32s("y0")?, c.f32s("x1")?, c.f32s("y1")?];
+                    for i in 0..b.num_rows() {
+                        if did.value(i) != detector {
+                            continue;
+                        }
+                        boxes_seen += 1;
+                        let bx = vision::expand_box([xy[0].value(i), xy[1].value(i), xy[2].value(i), xy[3].value(i)], margin);
+                        match waiting.remove(pid.value(i)) {
+                            Some(mut p) => {
+                                p.crop = Some(bx);
+                                pending.push(p);
+                            }
+                            None => {
+                                crops.insert(pid.value(i).to_string(), bx);
+                            }
+                        }
+                    }
+                }
+                Some((Input::BoxesEnded, Some((table, detector, _)))) => {
+                    if boxes_seen == 0 {
+                        return Err(Error::Other(format!(
+                            "crops table `{table}` holds no box of detector `{detector}`, which the model was trained with: run that detect stage first"
+                        )));
+                    }
+                    boxes_done = true;
+                    uncropped += waiting.len() as u64;
+                    pending.extend(waiting.drain().map(|(_, p)| p));
+                }
+                Some((_, None)) => unreachable!("boxes come only with a crops table"),
+            }
+            while pending.len() >= self.chunk || (done && !pending.is_empty()) {
+                let take = pending.len().min(self.chunk);
+                let chunk: Arc<Vec<Photo>> = Arc::new(pending.drain(..take).collect());
+                let m = net.take().expect("model is returned after each chunk");
+                let (loader, handle, cancel) = (loader.clone(), tokio::runtime::Handle::current(), ctx.cancel.clone());
+                let (batch, prefetch, flip) = (self.batch_size, self.prefetch, self.flip_tta);
+                let c2 = chunk.clone();
+                let (m, res) = tokio::task::spawn_blocking(move || {
+                    let r = embed_photos(&m, &loader, &c2, batch, flip, &handle, prefetch, &|| cancel.is_cancelled());
+                    (m, r)
+                })
+                .await
+                .map_err(|e| Error::Other(format!("embedding panicked: {e}")))?;
+                net = Some(m);
+                let (values, d) = res?;
+                dim = d;
+                sink.send(embedding_batch(&chunk, &values, d, &model_id, tta, &ctx.run_id)?).await?;
+                rows += chunk.len() as u64;
+                ctx.progress.inc(chunk.len() as u64);
+            }
+            if done {
+                break;
+            }
+        }
+        let mut version = sink.finish().await?.version;
+        // Photos that left the input leave the table.
+        let gone: Vec<&String> = if incremental { have.iter().filter(|u| !seen_uris.contains(*u)).collect() } else { Vec::new() };
+        if !gone.is_empty() {
+            if let Some(mut out) = ctx.lake.open(&self.output).await? {
+                for chunk in gone.chunks(1000) {
+                    let list = chunk.iter().map(|u| format!("'{}'", u.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
+                    out.delete(&format!("uri IN ({list})")).await.map_err(|e| Error::lance(&self.output, e))?;
+                }
+                version = out.version().version;
+            }
+        }
+        let how = if incremental {
+            format!("{rows} new photos embedded, {kept} already embedded, {} removed", gone.len())
+        } else {
+            format!("{rows} photos embedded")
+        };
+        let how = if uncropped > 0 { format!("{how} ({uncropped} without a detection, embedded whole)") } else { how };
+        Ok(Outcome {
+            rows_in: total,
+            rows_out: rows,
+            written: BTreeMap::from([(self.output.clone(), version)]),
+            summary: format!(
+                "{how} with {model_id} ({}{})",
+                if dim > 0 { format!("{dim}-d") } else { "model unchanged".into() },
+                if self.flip_tta { ", flip TTA" } else { "" }
+            ),
+        })
+    }
+}
+
+
+
+/// The crop of every photo the model's detector found, by photo id, margin included; empty for
+/// a model that sees whole photos. `table` overrides the table the model was trained with.
+pub async fn crop_boxes(lake: &Lake, spec: &NetSpec, table: Option<&str>) -> Result<HashMap<String, [f32; 4]>> {
+    let Some(c) = &spec.crop else { return Ok(HashMap::new()) };
+    let (_, boxes) = lake::tables::read_boxes(lake, table.unwrap_or(&c.table), Some(&c.detector)).await?;
+    Ok(boxes.into_iter().map(|(k, b)| (k, vision::expand_box(b, c.margin))).collect())
+}
+
+/// What embed reads: photos, and (streamed crops) the detector's boxes, then their end.
+enum Input {
+    Photos(Result<RecordBatch>),
+    Boxes(Result<RecordBatch>),
+    BoxesEnded,
+}
+
+/// URIs in `table` when every row of it is of `model_id` with `tta`; None when the table is
+/// missing, empty or of another embedding (then it is rewritten whole).
+async fn existing(lake: &Lake, table: &str, model_id: &str, tta: &str) -> Result<Option<std::collections::HashSet<String>>> {
+    let Some(ds) = lake.open(table).await? else { return Ok(None) };
+    if ds.schema().field("tta").is_none() {
+        return Ok(None);
+    }
+    let mut scan = ds.scan();
+    scan.project(&["uri", "model_id", "tta"]).map_err(|e| Error::lance(table, e))?;
+    let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
+    let mut uris = std::collections::HashSet::new();
+    while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
+        let (u, m, t) = (b.column(0).as_string::<i32>(), b.column(1).as_string::<i32>(), b.column(2).as_string::<i32>());
+        for i in 0..b.num_rows() {
+            if m.value(i) != model_id || t.value(i) != tta {
+                return Ok(None);
+            }
+            uris.insert(u.value(i).to_string());
+        }
+    }
+    Ok((!uris.is_empty()).then_some(uris))
+}
+
+impl Stage for EmbedStage {
+    fn describe(&self) -> String {
+        format!("embed {} with {}", self.table, self.model)
+    }
+
+    fn check<'a>(&'a self, i: Inputs<'a>, _ctx: &'a Context, rep: &'a mut Reporter) -> BoxFuture<'a, Checked> {
+        Box::pin(std::future::ready(EmbedStage::check(self, i.stage, i.at, i.visible, i.broken, rep)))
+    }
+
+    fn streams(&self, table: &str) -> bool {
+        table == self.table || self.crops.as_deref() == Some(table)
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StageCtx, _: Prepared) -> BoxFuture<'a, Result<Outcome>> {
+        Box::pin(EmbedStage::run(self, ctx))
+    }
+}

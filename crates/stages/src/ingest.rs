@@ -1,0 +1,525 @@
+//! Stage kind `ingest`: lists photos under an object-store prefix, fetches the new or changed
+//! ones with bounded concurrency, decodes them off the async workers, measures them
+//! ([`vision::analyze`]), hashes them, joins their labels, and upserts table `images`
+//! (keyed on the object URI). Objects that cannot be read go to table `rejects` with the
+//! reason and the run goes on. Re-running over the same source adds no rows.
+//!
+//! ```toml
+//! [stages.ingest]
+//! kind = "ingest"
+//! source = "file://../data/demo-lake/photos"   # or s3://bucket/prefix, gs://, az://
+//! labels = "file://../data/demo-lake/labels.csv" # CSV or Parquet
+//! include = ["*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff"]
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt64Array,
+};
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, path::Path as ObjectPath};
+use tokio::sync::Semaphore;
+
+use futures::future::BoxFuture;
+use engine::stage::{Checked, Inputs, Outcome, Prepared, Stage};
+use engine::config::{Context, Keys, Reporter};
+use engine::StageCtx;
+use lake::{Catalog, WriteKind, store};
+use vision::{self, Analysis, DecodeLimits, VisionError};
+use crate::{Error, Result};
+
+const KEYS: &[&str] = &[
+    "source",
+    "labels",
+    "labels_photo_column",
+    "labels_id_column",
+    "include",
+    "concurrency",
+    "decode_threads",
+    "max_pixels",
+    "batch_size",
+    "storage_options",
+];
+
+const DEFAULT_INCLUDE: &[&str] = &["*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff"];
+
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Resolved source URI (no trailing slash).
+    pub source: String,
+    pub labels: Option<String>,
+    pub labels_photo_column: String,
+    pub labels_id_column: String,
+    pub include: Vec<String>,
+    /// Objects fetched (and held in memory) at once.
+    pub concurrency: usize,
+    /// Photos decoded at once (default: the number of cores).
+    pub decode_threads: usize,
+    pub max_pixels: u64,
+    pub batch_size: usize,
+    pub storage_options: BTreeMap<String, String>,
+}
+
+impl IngestConfig {
+    pub fn parse(k: &mut Keys, ctx: &Context) -> Option<IngestConfig> {
+        let mut ok = true;
+        let source = match k.str("source") {
+            Some(s) => match ctx.location(&s) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    k.error("source", e.to_string());
+                    None
+                }
+            },
+            None => {
+                if !k.has("source") {
+                    k.missing("source", "where the photos are: a path, file://, s3://, gs:// or az:// prefix");
+                }
+                None
+            }
+        };
+        let labels = match k.str("labels") {
+            Some(s) => match ctx.location(&s) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    k.error("labels", e.to_string());
+                    ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
+        let include = k.str_list("include").unwrap_or_else(|| DEFAULT_INCLUDE.iter().map(|s| s.to_string()).collect());
+        if let Err(e) = globs(&include) {
+            k.error("include", e);
+            ok = false;
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cfg = IngestConfig {
+            source: source.unwrap_or_default(),
+            labels,
+            labels_photo_column: k.str("labels_photo_column").unwrap_or_else(|| "photo".into()),
+            labels_id_column: k.str("labels_id_column").unwrap_or_else(|| "individual_id".into()),
+            include,
+            concurrency: k.int("concurrency", 1, 1024).unwrap_or(16) as usize,
+            decode_threads: k.int("decode_threads", 1, 256).map(|n| n as usize).unwrap_or(cores),
+            max_pixels: k.int("max_pixels", 1, 4_000_000_000).unwrap_or(120_000_000) as u64,
+            batch_size: k.int("batch_size", 1, 1_000_000).unwrap_or(256) as usize,
+            storage_options: k.str_map("storage_options").unwrap_or_default().into_iter().collect(),
+        };
+        engine::stage::finish_keys(k, KEYS);
+        (ok && !cfg.source.is_empty()).then_some(cfg)
+    }
+
+    fn options(&self) -> HashMap<String, String> {
+        self.storage_options.clone().into_iter().collect()
+    }
+
+    /// Lists the source and fingerprints the listing and the labels file.
+    pub async fn prepare(&self, ctx: &StageCtx) -> Result<Prepared> {
+        let (store, prefix) = store::open(&self.source, &self.options())?;
+        let include = globs(&self.include).map_err(Error::Other)?;
+        let mut objects: Vec<ObjectMeta> = store
+            .list(Some(&prefix))
+            .map_err(|e| Error::ObjectStore { uri: self.source.clone(), source: e })
+            .try_filter(|m| {
+                let rel = relative(&prefix, &m.location);
+                futures::future::ready(include.is_match(rel.as_str()))
+            })
+            .try_collect()
+            .await?;
+        if objects.is_empty() {
+            // An empty or mistyped source is almost always a mistake; say so instead of
+            // "succeeding" with nothing.
+            return Err(Error::Location {
+                uri: self.source.clone(),
+                reason: format!("no objects matching {} under it", self.include.join(", ")),
+            });
+        }
+        objects.sort_by(|a, b| a.location.cmp(&b.location));
+        let mut h = blake3::Hasher::new();
+        for m in &objects {
+            h.update(m.location.as_ref().as_bytes());
+            h.update(&m.size.to_le_bytes());
+            h.update(m.e_tag.as_deref().unwrap_or("").as_bytes());
+            h.update(&m.last_modified.timestamp_micros().to_le_bytes());
+        }
+        if let Some(l) = &self.labels {
+            let (lstore, lpath) = store::open(l, &self.options())?;
+            let meta = lstore.head(&lpath).await.map_err(|e| Error::Labels { uri: l.clone(), detail: e.to_string() })?;
+            h.update(l.as_bytes());
+            h.update(&meta.size.to_le_bytes());
+            h.update(meta.e_tag.as_deref().unwrap_or("").as_bytes());
+            h.update(&meta.last_modified.timestamp_micros().to_le_bytes());
+        }
+        ctx.progress.set_message(format!("{} objects listed", objects.len()));
+        Ok(Prepared {
+            fingerprint: Some(h.finalize().to_hex().to_string()),
+            state: Some(Box::new(Listing { store, prefix, objects })),
+        })
+    }
+
+    pub async fn run(&self, ctx: &StageCtx, mut prepared: Prepared) -> Result<Outcome> {
+        let Listing { store, prefix, objects } =
+            prepared.take::<Listing>().ok_or_else(|| Error::Other("ingest ran without its listing".into()))?;
+        let labels = match &self.labels {
+            Some(l) => Some(load_labels(l, &self.options(), &self.labels_photo_column, &self.labels_id_column).await?),
+            None => None,
+        };
+        let label_of = |rel: &str| -> Option<String> {
+            let labels = labels.as_ref()?;
+            labels.get(rel).or_else(|| labels.get(rel.rsplit('/').next().unwrap_or(rel))).cloned()
+        };
+        let listed = objects.len() as u64;
+        let etag = |m: &ObjectMeta| m.e_tag.clone().unwrap_or_else(|| format!("{}-{}", m.size, m.last_modified.timestamp_micros()));
+        let uri_of = |m: &ObjectMeta| format!("{}/{}", self.source, relative(&prefix, &m.location));
+        let current: HashMap<String, String> = objects.iter().map(|m| (uri_of(m), etag(m))).collect();
+
+        let images_schema = Catalog::builtin("images");
+        let mut images = ctx.sink("images", images_schema.clone(), WriteKind::Merge { keys: vec!["uri".into()], update_existing: true }).await?;
+        let mut rejects = ctx.sink("rejects", Catalog::builtin("rejects"), WriteKind::Merge { keys: vec!["uri".into()], update_existing: true }).await?;
+
+        // What the lake already has: unchanged objects are not fetched again; rows whose label
+        // changed in the labels file are rewritten with the new label.
+        let mut known: HashMap<String, String> = HashMap::new();
+        let mut relabelled = 0u64;
+        if let Some(ds) = ctx.lake.open("images").await? {
+            let mut stream = ds.scan().try_into_stream().await.map_err(|e| Error::lance("images", e))?;
+            while let Some(batch) = stream.try_next().await.map_err(|e| Error::lance("images", e))? {
+                let uris = batch.column_by_name("uri").map(|c| c.as_string::<i32>().clone());
+                let (Some(uris), Some(tags), Some(ids), Some(pids)) = (
+                    uris,
+                    batch.column_by_name("etag").map(|c| c.as_string::<i32>().clone()),
+                    batch.column_by_name("individual_id").map(|c| c.as_string::<i32>().clone()),
+                    batch.column_by_name("photo_id").map(|c| c.as_string::<i32>().clone()),
+                ) else {
+                    return Err(Error::Schema { table: "images".into(), column: "uri".into(), detail: "existing table lacks key columns".into() });
+                };
+                let mut changed = Vec::with_capacity(batch.num_rows());
+                let mut new_ids: Vec<Option<String>> = Vec::with_capacity(batch.num_rows());
+                for i in 0..batch.num_rows() {
+                    let tag = tags.is_valid(i).then(|| tags.value(i).to_string());
+                    known.insert(uris.value(i).to_string(), tag.unwrap_or_default());
+                    let still_listed = current.contains_key(uris.value(i));
+                    let new_label = if labels.is_some() { label_of(pids.value(i)) } else { ids.is_valid(i).then(|| ids.value(i).to_string()) };
+                    let old_label = ids.is_valid(i).then(|| ids.value(i).to_string());
+                    changed.push(still_listed && new_label != old_label);
+                    new_ids.push(new_label);
+                }
+                if changed.iter().any(|c| *c) {
+                    let mask = BooleanArray::from(changed);
+                    let idx = images_schema.index_of("individual_id")?;
+                    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+                    cols[idx] = Arc::new(StringArray::from(new_ids));
+                    let relabel = RecordBatch::try_new(batch.schema(), cols)?;
+                    let relabel = arrow::compute::filter_record_batch(&relabel, &mask)?;
+                    relabelled += relabel.num_rows() as u64;
+                    images.send(relabel).await?;
+                }
+            }
+        }
+        if let Some(ds) = ctx.lake.open("rejects").await? {
+            let mut scan = ds.scan();
+            scan.project(&["uri", "etag"]).map_err(|e| Error::lance("rejects", e))?;
+            let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance("rejects", e))?;
+            while let Some(batch) = stream.try_next().await.map_err(|e| Error::lance("rejects", e))? {
+                let uris = batch.column(0).as_string::<i32>();
+                let tags = batch.column(1).as_string::<i32>();
+                for i in 0..batch.num_rows() {
+                    known.insert(uris.value(i).to_string(), if tags.is_valid(i) { tags.value(i).to_string() } else { String::new() });
+                }
+            }
+        }
+        let todo: Vec<ObjectMeta> =
+            objects.into_iter().filter(|m| known.get(&uri_of(m)).is_none_or(|t| *t != etag(m))).collect();
+        let unchanged = listed - todo.len() as u64;
+        ctx.progress.set_length(todo.len() as u64);
+        ctx.progress.set_message("photos");
+
+        let limits = DecodeLimits { max_pixels: self.max_pixels };
+        let decode_slots = Arc::new(Semaphore::new(self.decode_threads));
+        let run_id = ctx.run_id.clone();
+        let mut results = futures::stream::iter(todo)
+            .map(|meta| {
+                let store = store.clone();
+                let slots = decode_slots.clone();
+                let limits = limits.clone();
+                async move {
+                    let fetched = async { store.get(&meta.location).await?.bytes().await }.await;
+                    let outcome = match fetched {
+                        Err(e) => Err(("fetch_error", e.to_string())),
+                        Ok(bytes) => {
+                            // Decoding is CPU-bound: it runs on the blocking pool, at most
+                            // `decode_threads` at once, so the async workers keep fetching.
+                            let _permit = slots.acquire_owned().await;
+                            let b = bytes.clone();
+                            match tokio::task::spawn_blocking(move || {
+                                let hash = blake3::hash(&b).to_hex().to_string();
+                                vision::analyze(&b, &limits).map(|a| (a, hash))
+                            })
+                            .await
+                            {
+                                Ok(Ok(ok)) => Ok(ok),
+                                Ok(Err(e)) => Err((reason(&e), e.to_string())),
+                                Err(e) => Err(("decode_error", format!("decoder panicked: {e}"))),
+                            }
+                        }
+                    };
+                    (meta, outcome)
+                }
+            })
+            .buffer_unordered(self.concurrency);
+
+        let mut img_rows: Vec<ImageRow> = Vec::new();
+        let mut rej_rows: Vec<RejectRow> = Vec::new();
+        let (mut n_images, mut n_rejects) = (0u64, 0u64);
+        let mut decoded_uris = Vec::new();
+        while let Some((meta, outcome)) = results.next().await {
+            ctx.progress.inc(1);
+            let rel = relative(&prefix, &meta.location);
+            let uri = format!("{}/{rel}", self.source);
+            match outcome {
+                Ok((analysis, content_hash)) => {
+                    n_images += 1;
+                    if known.contains_key(&uri) {
+                        decoded_uris.push(uri.clone());
+                    }
+                    img_rows.push(ImageRow {
+                        individual_id: label_of(&rel),
+                        photo_id: rel,
+                        uri,
+                        size_bytes: meta.size as i64,
+                        etag: etag(&meta),
+                        last_modified: meta.last_modified,
+                        analysis,
+                        content_hash,
+                    });
+                }
+                Err((why, detail)) => {
+                    n_rejects += 1;
+                    tracing::debug!(%uri, why, %detail, "rejected");
+                    rej_rows.push(RejectRow { photo_id: rel, uri, size_bytes: meta.size as i64, etag: etag(&meta), reason: why, detail });
+                }
+            }
+            if img_rows.len() >= self.batch_size {
+                images.send(image_batch(&std::mem::take(&mut img_rows), &run_id)?).await?;
+            }
+            if rej_rows.len() >= self.batch_size {
+                rejects.send(reject_batch(&std::mem::take(&mut rej_rows), &run_id)?).await?;
+            }
+        }
+        if !img_rows.is_empty() {
+            images.send(image_batch(&img_rows, &run_id)?).await?;
+        }
+        if !rej_rows.is_empty() {
+            rejects.send(reject_batch(&rej_rows, &run_id)?).await?;
+        }
+        let img = images.finish().await?;
+        let rej = rejects.finish().await?;
+        let mut written = BTreeMap::from([("images".to_string(), img.version), ("rejects".to_string(), rej.version)]);
+        // An object that used to be rejected and now reads fine (it was replaced) leaves rejects.
+        if !decoded_uris.is_empty() {
+            if let Some(mut ds) = ctx.lake.open("rejects").await? {
+                let list = decoded_uris.iter().map(|u| format!("'{}'", u.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
+                ds.delete(&format!("uri IN ({list})")).await.map_err(|e| Error::lance("rejects", e))?;
+                written.insert("rejects".into(), ds.version().version);
+            }
+        }
+        Ok(Outcome {
+            rows_in: listed,
+            rows_out: n_images,
+            written,
+            summary: format!(
+                "{listed} listed, {unchanged} unchanged, {n_images} new photos, {n_rejects} rejected{}",
+                if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() }
+            ),
+        })
+    }
+}
+
+/// The source listing made by `prepare`.
+pub struct Listing {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    objects: Vec<ObjectMeta>,
+}
+
+fn globs(patterns: &[String]) -> std::result::Result<GlobSet, String> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        let g = GlobBuilder::new(p).case_insensitive(true).build().map_err(|e| format!("bad glob `{p}`: {e}"))?;
+        b.add(g);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+fn relative(prefix: &ObjectPath, loc: &ObjectPath) -> String {
+    match loc.prefix_match(prefix) {
+        Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
+        None => loc.as_ref().to_string(),
+    }
+}
+
+fn reason(e: &VisionError) -> &'static str {
+    match e {
+        VisionError::Empty => "empty",
+        VisionError::UnknownFormat { .. } => "unknown_format",
+        VisionError::Truncated => "truncated",
+        VisionError::TooManyPixels { .. } => "too_many_pixels",
+        VisionError::Decode(_) => "decode_error",
+    }
+}
+
+/// Reads `photo → individual` from a CSV (header row) or Parquet file.
+async fn load_labels(
+    uri: &str,
+    options: &HashMap<String, String>,
+    photo_col: &str,
+    id_col: &str,
+) -> Result<HashMap<String, String>> {
+    let err = |detail: String| Error::Labels { uri: uri.to_string(), detail };
+    let (store, path) = store::open(uri, options)?;
+    let bytes = store.get(&path).await.map_err(|e| err(e.to_string()))?.bytes().await.map_err(|e| err(e.to_string()))?;
+    let mut out = HashMap::new();
+    if bytes.starts_with(b"PAR1") {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(|e| err(e.to_string()))?
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| err(e.to_string()))?;
+            let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+            let col = |c: &str| {
+                batch.column_by_name(c).ok_or_else(|| err(format!("no column `{c}` (columns: {})", names.join(", "))))
+            };
+            let as_str = |a: &ArrayRef| arrow::compute::cast(a, &arrow::datatypes::DataType::Utf8).map_err(|e| err(e.to_string()));
+            let (p, i) = (as_str(col(photo_col)?)?, as_str(col(id_col)?)?);
+            let (p, i) = (p.as_string::<i32>(), i.as_string::<i32>());
+            for r in 0..batch.num_rows() {
+                if p.is_valid(r) && i.is_valid(r) && !i.value(r).is_empty() {
+                    out.insert(p.value(r).to_string(), i.value(r).to_string());
+                }
+            }
+        }
+        return Ok(out);
+    }
+    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(bytes.as_ref());
+    let headers = rdr.headers().map_err(|e| err(format!("not a CSV with a header row: {e}")))?.clone();
+    let find = |c: &str| {
+        headers.iter().position(|h| h == c).ok_or_else(|| {
+            err(format!(
+                "no column `{c}` (columns: {}); set labels_photo_column / labels_id_column",
+                headers.iter().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    };
+    let (pi, ii) = (find(photo_col)?, find(id_col)?);
+    for (n, rec) in rdr.records().enumerate() {
+        let rec = rec.map_err(|e| err(format!("line {}: {e}", n + 2)))?;
+        let (Some(p), Some(i)) = (rec.get(pi), rec.get(ii)) else {
+            return Err(err(format!("line {}: expected at least {} fields", n + 2, pi.max(ii) + 1)));
+        };
+        if !p.is_empty() && !i.is_empty() {
+            out.insert(p.to_string(), i.to_string());
+        }
+    }
+    Ok(out)
+}
+
+struct ImageRow {
+    photo_id: String,
+    uri: String,
+    individual_id: Option<String>,
+    size_bytes: i64,
+    etag: String,
+    last_modified: DateTime<Utc>,
+    analysis: Analysis,
+    content_hash: String,
+}
+
+struct RejectRow {
+    photo_id: String,
+    uri: String,
+    size_bytes: i64,
+    etag: String,
+    reason: &'static str,
+    detail: String,
+}
+
+fn ts(v: Vec<i64>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+}
+
+fn image_batch(rows: &[ImageRow], run_id: &str) -> Result<RecordBatch> {
+    let now = Utc::now().timestamp_micros();
+    let s = |f: &dyn Fn(&ImageRow) -> String| Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>())) as ArrayRef;
+    let f = |g: &dyn Fn(&ImageRow) -> f64| Arc::new(Float64Array::from(rows.iter().map(g).collect::<Vec<_>>())) as ArrayRef;
+    let i32s = |g: &dyn Fn(&ImageRow) -> i32| Arc::new(Int32Array::from(rows.iter().map(g).collect::<Vec<_>>())) as ArrayRef;
+    let cols: Vec<(&str, ArrayRef)> = vec![
+        ("photo_id", s(&|r| r.photo_id.clone())),
+        ("uri", s(&|r| r.uri.clone())),
+        ("individual_id", Arc::new(StringArray::from(rows.iter().map(|r| r.individual_id.clone()).collect::<Vec<_>>()))),
+        ("size_bytes", Arc::new(Int64Array::from(rows.iter().map(|r| r.size_bytes).collect::<Vec<_>>()))),
+        ("etag", s(&|r| r.etag.clone())),
+        ("last_modified", ts(rows.iter().map(|r| r.last_modified.timestamp_micros()).collect())),
+        ("format", s(&|r| r.analysis.probe.format.to_string())),
+        ("color", s(&|r| r.analysis.probe.color.clone())),
+        ("width", i32s(&|r| r.analysis.probe.width as i32)),
+        ("height", i32s(&|r| r.analysis.probe.height as i32)),
+        ("orientation", i32s(&|r| r.analysis.probe.orientation as i32)),
+        ("sharpness", f(&|r| r.analysis.quality.sharpness)),
+        ("brightness", f(&|r| r.analysis.quality.brightness)),
+        ("clipped_dark", f(&|r| r.analysis.quality.clipped_dark)),
+        ("clipped_bright", f(&|r| r.analysis.quality.clipped_bright)),
+        ("contrast", f(&|r| r.analysis.quality.contrast)),
+        ("noise", f(&|r| r.analysis.quality.noise)),
+        ("subject_fraction", f(&|r| r.analysis.quality.subject_fraction)),
+        ("content_hash", s(&|r| r.content_hash.clone())),
+        ("phash", Arc::new(UInt64Array::from(rows.iter().map(|r| r.analysis.phash).collect::<Vec<_>>()))),
+        ("ingested_at", ts(vec![now; rows.len()])),
+        ("run_id", s(&|_| run_id.to_string())),
+    ];
+    Ok(RecordBatch::try_from_iter(cols)?)
+}
+
+fn reject_batch(rows: &[RejectRow], run_id: &str) -> Result<RecordBatch> {
+    let now = Utc::now().timestamp_micros();
+    let s = |f: &dyn Fn(&RejectRow) -> String| Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>())) as ArrayRef;
+    Ok(RecordBatch::try_from_iter(vec![
+        ("photo_id", s(&|r| r.photo_id.clone())),
+        ("uri", s(&|r| r.uri.clone())),
+        ("size_bytes", Arc::new(Int64Array::from(rows.iter().map(|r| r.size_bytes).collect::<Vec<_>>())) as ArrayRef),
+        ("etag", s(&|r| r.etag.clone())),
+        ("reason", s(&|r| r.reason.to_string())),
+        ("detail", s(&|r| r.detail.clone())),
+        ("rejected_at", ts(vec![now; rows.len()])),
+        ("run_id", s(&|_| run_id.to_string())),
+    ])?)
+}
+
+impl Stage for IngestConfig {
+    fn describe(&self) -> String {
+        format!("ingest {}", self.source)
+    }
+
+    fn check<'a>(&'a self, _: Inputs<'a>, _: &'a Context, _: &'a mut Reporter) -> BoxFuture<'a, Checked> {
+        Box::pin(std::future::ready(Checked {
+            reads: Vec::new(),
+            writes: ["images", "rejects"].iter().map(|t| (t.to_string(), lake::Catalog::builtin(t))).collect(),
+            hash_extra: String::new(),
+        }))
+    }
+
+    fn prepare<'a>(&'a self, ctx: &'a StageCtx) -> BoxFuture<'a, Result<Prepared>> {
+        Box::pin(IngestConfig::prepare(self, ctx))
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StageCtx, prepared: Prepared) -> BoxFuture<'a, Result<Outcome>> {
+        Box::pin(IngestConfig::run(self, ctx, prepared))
+    }
+}

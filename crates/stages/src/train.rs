@@ -1,0 +1,749 @@
+//! Stage kind `train`: a barrier that reads every labelled photo of its input table, splits
+//! them by individual (seeded), trains an embedding model on libtorch and writes
+//!
+//! - its own table (named after the stage, schema `splits`): the split of every photo and the
+//!   model id, which `embed` reads;
+//! - a row in the shared `models` registry;
+//! - the model's files under `<lake>/models/<model id>/`: `best.safetensors` (weights of the
+//!   best epoch by validation mAP@20), `model.json` (the full configuration), `last.*` (for
+//!   `--resume`) and `tensorboard/` (events: `tensorboard --logdir <lake>/models`).
+//!
+//! ```toml
+//! [stages.train]
+//! kind = "train"
+//! inputs = ["clean"]
+//! table = "clean"              # photos with photo_id, uri, individual_id
+//! backbone = "mobilenet_v2"    # resnet18/34/50, densenet121, mobilenet_v2, efficientnet_b0, efficientnet_lite0
+//! pretrained = "imagenet"      # or "none", or a model id / checkpoint file to start from
+//! input_size = 480
+//! loss = "arcface"             # terms summed with weights: "arcface + 0.2*cross_entropy"
+//! epochs = 80
+//! ```
+//! Every key and its default is in [`TrainStage::parse`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Float64Array, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::SchemaRef;
+use futures::TryStreamExt;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use futures::future::BoxFuture;
+use engine::stage::{Checked, Inputs, Outcome, Prepared, Stage};
+use engine::config::{Context, Keys, Loc, Reporter, Val};
+use engine::StageCtx;
+use lake::models::model_dir;
+use lake::{Catalog, Lake, WriteKind};
+use model::augment::{Aug, AugOp, Augmenter};
+use model::data::{Loader, Photo};
+use model::loss::LossSpec;
+use model::neck::{NeckConfig, Pooling};
+use model::net::{CropSpec, NetSpec};
+use model::optim::{OptimConfig, OptimKind};
+use model::sampler::Sampler;
+use model::train::{self, Pretrained, ScheduleConfig, TrainConfig, TrainEnv};
+use crate::{Error, Result};
+
+const KEYS: &[&str] = &[
+    "table", "extra", "crops", "crop_margin", "output", "model", "backbone", "pretrained", "input_size", "embedding_dim", "pooling", "gem_p",
+    "gem_learnable", "dropout", "loss", "arcface_s", "arcface_m", "easy_margin", "subcenter_k", "margin_a",
+    "margin_lambda", "margin_b", "triplet_margin", "sampler", "pk_p", "pk_k", "batch_size", "epochs", "optimizer",
+    "lr", "head_lr", "weight_decay", "clip_grad_norm", "schedule", "warmup_epochs", "warmup_start", "lr_floor",
+    "step_epochs", "milestones", "gamma", "augment", "seed", "val_individuals", "val_photos", "min_photos",
+    "early_stop", "device", "amp", "channels_last", "threads", "loader_threads", "cache_mb", "prefetch", "eval_batch",
+];
+
+/// How the labelled photos are split.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SplitConfig {
+    /// Fraction of individuals held out entirely (their photos are `val_unseen`).
+    pub val_individuals: f64,
+    /// Fraction of the photos of each trained individual held out (`val_seen`); at least
+    /// `min_photos` stay in training.
+    pub val_photos: f64,
+    /// Individuals with fewer labelled photos are not trained on (`excluded`): a singleton
+    /// gives ArcFace a class with nothing to pull together.
+    pub min_photos: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainStage {
+    pub table: String,
+    pub extra: Vec<String>,
+    /// Table of detector boxes (a detect stage's output): the model trains on the crops.
+    pub crops: Option<String>,
+    /// Fraction of a box's size added on every side of the crop.
+    pub crop_margin: f32,
+    pub output: Option<String>,
+    pub model: Option<String>,
+    /// `pretrained = "<model id>"` as written; resolved at run time to the model's folder.
+    pub pretrained_model: Option<String>,
+    pub config: TrainConfig,
+    pub split: SplitConfig,
+    pub device: String,
+    pub amp: bool,
+    /// Convolutions in channels-last memory order (faster on CPU and GPU; same results).
+    pub channels_last: bool,
+    pub threads: usize,
+    pub loader_threads: usize,
+    pub cache_mb: usize,
+    pub prefetch: usize,
+    pub eval_batch: usize,
+}
+
+fn parse_loss(text: &str, k: &mut Keys) -> Option<Vec<(f64, String)>> {
+    let mut out = Vec::new();
+    for term in text.split('+') {
+        let term = term.trim();
+        let (w, name) = match term.split_once('*') {
+            Some((w, n)) => match w.trim().parse::<f64>() {
+                Ok(w) if w.is_finite() && w > 0.0 => (w, n.trim()),
+                _ => {
+                    k.error("loss", format!("bad weight `{}` in term `{term}` (a positive number)", w.trim()));
+                    return None;
+                }
+            },
+            None => (1.0, term),
+        };
+        if !["arcface", "subcenter_arcface", "triplet", "cross_entropy"].contains(&name) {
+            k.error(
+                "loss",
+                format!("unknown loss `{name}` (known: arcface, subcenter_arcface, triplet, cross_entropy; combine as \"arcface + 0.2*cross_entropy\")"),
+            );
+            return None;
+        }
+        out.push((w, name.to_string()));
+    }
+    Some(out)
+}
+
+/// `augment = "heavy" | "none" | [{ op = "hflip", p = 0.5 }, { op = "rotate", p = 0.5, degrees = 15 }]`.
+fn parse_augment(k: &mut Keys) -> Option<Vec<Aug>> {
+    let Some(node) = k.node("augment") else {
+        return Some(Augmenter::heavy().ops);
+    };
+    match &node.val {
+        Val::Str(s) if s == "heavy" => Some(Augmenter::heavy().ops),
+        Val::Str(s) if s == "none" => Some(Vec::new()),
+        Val::Array(items) => {
+            let mut ops = Vec::new();
+            for it in items {
+                let Some(entries) = it.as_table() else {
+                    k.reporter().error(&it.at, None, "each `augment` item must be a table like { op = \"hflip\", p = 0.5 }");
+                    return None;
+                };
+                let mut name = None;
+                let mut p = 1.0;
+                let mut params = BTreeMap::new();
+                for (key, _, v) in entries {
+                    let num = match &v.val {
+                        Val::Int(i) => Some(*i as f64),
+                        Val::Float(f) => Some(*f),
+                        _ => None,
+                    };
+                    match (key.as_str(), &v.val, num) {
+                        ("op", Val::Str(s), _) => name = Some(s.clone()),
+                        ("p", _, Some(x)) if (0.0..=1.0).contains(&x) => p = x,
+                        ("p", _, _) => {
+                            k.reporter().error(&v.at, None, "augment `p` must be a probability in 0..1");
+                            return None;
+                        }
+                        (_, _, Some(x)) => {
+                            params.insert(key.clone(), x);
+                        }
+                        _ => {
+                            k.reporter().error(&v.at, None, format!("augment `{key}` must be a number"));
+                            return None;
+                        }
+                    }
+                }
+                let Some(name) = name else {
+                    k.reporter().error(&it.at, None, format!("augment item without `op` (ops: {})", AugOp::names().join(", ")));
+                    return None;
+                };
+                match AugOp::from_config(&name, &params) {
+                    Ok(op) => ops.push(Aug { op, p }),
+                    Err(e) => {
+                        k.reporter().error(&it.at, None, e);
+                        return None;
+                    }
+                }
+            }
+            Some(ops)
+        }
+        _ => {
+            k.error("augment", "`augment` must be \"heavy\", \"none\" or a list of { op = ..., p = ... } tables");
+            None
+        }
+    }
+}
+
+fn int_list(k: &mut Keys, key: &str) -> Option<Vec<u32>> {
+    let node = k.node(key)?;
+    match &node.val {
+        Val::Array(items) => {
+            let mut out = Vec::new();
+            for it in items {
+                match it.val {
+                    Val::Int(i) if i >= 0 => out.push(i as u32),
+                    _ => {
+                        k.error(key, format!("`{key}` must be a list of epoch numbers"));
+                        return None;
+                    }
+                }
+            }
+            Some(out)
+        }
+        _ => {
+            k.error(key, format!("`{key}` must be a list of epoch numbers"));
+            None
+        }
+    }
+}
+
+impl TrainStage {
+    pub fn parse(k: &mut Keys, ctx: &Context) -> Option<TrainStage> {
+        let mut ok = true;
+        let backbone = k.str("backbone").unwrap_or_else(|| "mobilenet_v2".into());
+        if backbone.parse::<model::backbone::Arch>().is_err() {
+            let names: Vec<&str> = model::backbone::Arch::ALL.iter().map(|a| a.name()).collect();
+            k.error("backbone", format!("unknown backbone `{backbone}` (known: {})", names.join(", ")));
+            ok = false;
+        }
+        let (pretrained, pretrained_model) = match k.str("pretrained").as_deref() {
+            None | Some("imagenet") => (Pretrained::Imagenet, None),
+            Some("none") => (Pretrained::None, None),
+            Some(other) => {
+                let path = ctx.path(other);
+                if other.ends_with(".safetensors") {
+                    if !path.is_file() {
+                        k.error("pretrained", format!("checkpoint file {} does not exist", path.display()));
+                        ok = false;
+                    }
+                    (Pretrained::Checkpoint(path), None)
+                } else {
+                    // A model id, looked up in the lake when the stage runs.
+                    (Pretrained::None, Some(other.to_string()))
+                }
+            }
+        };
+        let pooling = match k.str("pooling").as_deref() {
+            None | Some("gem") => Pooling::Gem {
+                p: k.float("gem_p", 1.0, 16.0).unwrap_or(3.0),
+                learnable: k.bool("gem_learnable").unwrap_or(true),
+                eps: 1e-6,
+            },
+            Some("avg") => Pooling::Avg,
+            Some(o) => {
+                k.error("pooling", format!("unknown pooling `{o}` (gem, avg)"));
+                ok = false;
+                Pooling::Avg
+            }
+        };
+        let neck = NeckConfig {
+            pooling,
+            embedding_dim: k.int("embedding_dim", 8, 8192).unwrap_or(256),
+            dropout: k.float("dropout", 0.0, 0.9).unwrap_or(0.0),
+        };
+        let loss_text = k.str("loss").unwrap_or_else(|| "arcface".into());
+        let s = k.float("arcface_s", 1.0, 128.0).unwrap_or(30.0);
+        let m = k.float("arcface_m", 0.0, 1.5).unwrap_or(0.5);
+        let easy_margin = k.bool("easy_margin").unwrap_or(false);
+        let kc = k.int("subcenter_k", 1, 16).unwrap_or(3);
+        let (ma, ml, mb) = (
+            k.float("margin_a", 0.0, 1.5).unwrap_or(0.45),
+            k.float("margin_lambda", 0.0, 4.0).unwrap_or(0.25),
+            k.float("margin_b", 0.0, 1.5).unwrap_or(0.05),
+        );
+        let tm = k.float("triplet_margin", 0.0, 10.0).unwrap_or(0.3);
+        let loss = match parse_loss(&loss_text, k) {
+            Some(terms) => terms
+                .into_iter()
+                .map(|(w, n)| {
+                    let spec = match n.as_str() {
+                        "arcface" => LossSpec::ArcFace { s, m, easy_margin },
+                        "subcenter_arcface" => LossSpec::SubCenterArcFace {
+                            s,
+                            k: kc,
+                            margin_a: ma,
+                            margin_lambda: ml,
+                            margin_b: mb,
+                            easy_margin,
+                        },
+                        "triplet" => LossSpec::Triplet { margin: (tm > 0.0).then_some(tm) },
+                        _ => LossSpec::CrossEntropy,
+                    };
+                    (w, spec)
+                })
+                .collect(),
+            None => {
+                ok = false;
+                Vec::new()
+            }
+        };
+        let batch_size = k.int("batch_size", 2, 4096).unwrap_or(32) as usize;
+        let sampler = match k.str("sampler").as_deref() {
+            None | Some("shuffled") => Sampler::Shuffled,
+            Some("pk") => Sampler::Pk {
+                p: k.int("pk_p", 2, 1024).unwrap_or(8) as usize,
+                k: k.int("pk_k", 2, 64).unwrap_or(4) as usize,
+            },
+            Some(o) => {
+                k.error("sampler", format!("unknown sampler `{o}` (shuffled, pk)"));
+                ok = false;
+                Sampler::Shuffled
+            }
+        };
+        if matches!(sampler, Sampler::Shuffled) && loss.iter().any(|(_, l)| matches!(l, LossSpec::Triplet { .. })) {
+            k.error("sampler", "the triplet loss mines pairs inside a batch: use sampler = \"pk\"");
+            ok = false;
+        }
+        let kind = match k.str("optimizer").as_deref() {
+            None | Some("adamw") => OptimKind::AdamW,
+            Some("adam") => OptimKind::Adam,
+            Some(o) => {
+                k.error("optimizer", format!("unknown optimizer `{o}` (adamw, adam)"));
+                ok = false;
+                OptimKind::AdamW
+            }
+        };
+        let clip = k.float("clip_grad_norm", 0.0, 1e6).unwrap_or(0.0);
+        let optim = OptimConfig {
+            kind,
+            weight_decay: k.float("weight_decay", 0.0, 1.0).unwrap_or(1e-3),
+            clip_grad_norm: (clip > 0.0).then_some(clip),
+            ..OptimConfig::default()
+        };
+        let lr = k.float("lr", 1e-8, 10.0).unwrap_or(2e-4);
+        let head_lr = k.float("head_lr", 1e-8, 10.0).unwrap_or(lr * 10.0);
+        let schedule_kind = k.str("schedule").unwrap_or_else(|| "cosine".into());
+        if !["cosine", "step", "multistep", "constant"].contains(&schedule_kind.as_str()) {
+            k.error("schedule", format!("unknown schedule `{schedule_kind}` (cosine, step, multistep, constant)"));
+            ok = false;
+        }
+        let schedule = ScheduleConfig {
+            kind: schedule_kind,
+            warmup_epochs: k.float("warmup_epochs", 0.0, 1000.0).unwrap_or(2.0),
+            warmup_start: k.float("warmup_start", 0.0, 1.0).unwrap_or(0.1),
+            floor: k.float("lr_floor", 0.0, 1.0).unwrap_or(0.01),
+            step_epochs: k.int("step_epochs", 1, 100_000).unwrap_or(10) as u32,
+            milestones: int_list(k, "milestones").unwrap_or_default(),
+            gamma: k.float("gamma", 0.0, 1.0).unwrap_or(0.1),
+        };
+        let augment = parse_augment(k);
+        ok &= augment.is_some();
+        let seed = k.int("seed", 0, i64::MAX).unwrap_or(42) as u64;
+        let device = k.device();
+        ok &= device.is_some();
+        let device = device.unwrap_or_default();
+        let (loader_threads, prefetch) = k.loader();
+        let config = TrainConfig {
+            net: NetSpec { backbone, neck, input_size: k.int("input_size", 32, 2048).unwrap_or(480) as u32, crop: None },
+            pretrained,
+            loss,
+            sampler,
+            batch_size,
+            epochs: k.int("epochs", 1, 100_000).unwrap_or(80) as u32,
+            optim,
+            lr,
+            head_lr,
+            schedule,
+            augment: augment.unwrap_or_default(),
+            seed,
+            early_stop: k.int("early_stop", 0, 100_000).unwrap_or(0) as u32,
+        };
+        let stage = TrainStage {
+            table: k.str("table").unwrap_or_else(|| "clean".into()),
+            extra: k.str_list("extra").unwrap_or_default(),
+            crops: k.str("crops"),
+            crop_margin: k.float("crop_margin", 0.0, 1.0).unwrap_or(0.1) as f32,
+            output: k.str("output"),
+            model: k.str("model"),
+            pretrained_model,
+            config,
+            split: SplitConfig {
+                val_individuals: k.float("val_individuals", 0.0, 0.95).unwrap_or(0.3),
+                val_photos: k.float("val_photos", 0.0, 0.9).unwrap_or(0.0),
+                min_photos: k.int("min_photos", 1, 1000).unwrap_or(2) as usize,
+                seed,
+            },
+            device,
+            amp: k.bool("amp").unwrap_or(true),
+            channels_last: k.bool("channels_last").unwrap_or(true),
+            threads: k.int("threads", 0, 1024).unwrap_or(0) as usize,
+            loader_threads,
+            cache_mb: k.int("cache_mb", 0, 1 << 20).unwrap_or(4096) as usize,
+            prefetch,
+            eval_batch: k.int("eval_batch", 1, 4096).unwrap_or(64) as usize,
+        };
+        engine::stage::finish_keys(k, KEYS);
+        ok.then_some(stage)
+    }
+
+    pub fn output(&self, stage: &str) -> String {
+        self.output.clone().unwrap_or_else(|| stage.to_string())
+    }
+
+    fn model_name(&self, stage: &str) -> String {
+        self.model.clone().unwrap_or_else(|| stage.to_string())
+    }
+
+    pub fn check(&self, stage: &str, at: &Loc, visible: &HashMap<String, SchemaRef>, broken: bool, rep: &mut Reporter) -> Checked {
+        let mut reads = Vec::new();
+        let ins = Inputs { stage, at, visible, broken };
+        for t in std::iter::once(&self.table).chain(&self.extra) {
+            ins.need(rep, &mut reads, t, &["photo_id", "uri", "individual_id"]);
+        }
+        if let Some(c) = &self.crops {
+            ins.need(rep, &mut reads, c, &["photo_id", "detector_id", "x0", "y0", "x1", "y1"]);
+        }
+        Checked {
+            reads,
+            writes: vec![(self.output(stage), Catalog::builtin("splits"))],
+            // Without crops the hash is what it was before crops existed: models trained then
+            // stay up to date.
+            hash_extra: match &self.crops {
+                None => serde_json::to_string(&(&self.config, &self.split)),
+                Some(c) => serde_json::to_string(&(&self.config, &self.split, c, self.crop_margin)),
+            }
+            .unwrap_or_default(),
+        }
+    }
+
+    pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        // Photos: the input table, then extra (pseudo-labelled) tables; a photo in both keeps
+        // the input table's label.
+        let mut photos: Vec<Photo> = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut rows_in = 0u64;
+        for t in std::iter::once(&self.table).chain(&self.extra) {
+            for p in read_photos(&ctx.lake, t).await? {
+                rows_in += 1;
+                if p.label.is_some() && seen.insert(p.uri.clone()) {
+                    photos.push(p);
+                }
+            }
+        }
+        photos.sort_by(|a, b| a.uri.cmp(&b.uri));
+        let split = split_photos(&photos, &self.split);
+        let mut cfg = self.config.clone();
+        let mut uncropped = 0usize;
+        if let Some(table) = &self.crops {
+            let (detector, boxes) = lake::tables::read_boxes(&ctx.lake, table, None).await?;
+            for p in &mut photos {
+                p.crop = boxes.get(&p.photo_id).map(|b| vision::expand_box(*b, self.crop_margin));
+                uncropped += usize::from(p.crop.is_none());
+            }
+            cfg.net.crop = Some(CropSpec { detector, table: table.clone(), margin: self.crop_margin });
+        }
+        // Held to the end of the run: for a remote lake it is the downloaded copy.
+        let mut _pretrained_dir = None;
+        if let Some(id) = &self.pretrained_model {
+            let dir = model_dir(&ctx.lake, id).await?;
+            let best = dir.local.join(train::BEST);
+            if !best.is_file() {
+                return Err(Error::Other(format!("pretrained = \"{id}\": no model of that id in {}/models (no {})", ctx.lake.root(), train::BEST)));
+            }
+            cfg.pretrained = Pretrained::Checkpoint(best);
+            _pretrained_dir = Some(dir);
+        }
+        // The model id names configuration and data: same config on the same photos and split
+        // → same id, which is what lets `--resume` find its checkpoint.
+        let mut h = blake3::Hasher::new();
+        h.update(cfg.hash().as_bytes());
+        h.update(serde_json::to_string(&self.split).unwrap_or_default().as_bytes());
+        for (p, s) in photos.iter().zip(&split) {
+            h.update(p.uri.as_bytes());
+            h.update(p.label.as_deref().unwrap_or("").as_bytes());
+            h.update(s.as_bytes());
+        }
+        let model_id = format!("{}-{}", self.model_name(&ctx.name), &h.finalize().to_hex()[..12]);
+        let train_set: Vec<Photo> = photos.iter().zip(&split).filter(|(_, s)| **s == "train").map(|(p, _)| p.clone()).collect();
+        let val_set: Vec<Photo> =
+            photos.iter().zip(&split).filter(|(_, s)| s.starts_with("val")).map(|(p, _)| p.clone()).collect();
+        if train_set.is_empty() {
+            return Err(Error::Other(format!(
+                "table `{}` has no photo to train on ({} labelled photos; individuals need at least {} photos, min_photos)",
+                self.table,
+                photos.len(),
+                self.split.min_photos
+            )));
+        }
+
+        let device = train::pick_device(ctx.device.as_deref().unwrap_or(&self.device)).map_err(Error::Other)?;
+        if self.threads > 0 {
+            tch::set_num_threads(self.threads as i32);
+        }
+        let dir = model_dir(&ctx.lake, &model_id).await?;
+        let loader = Arc::new(Loader::new(
+            cfg.net.input_size,
+            self.loader_threads,
+            self.cache_mb << 20,
+            ctx.lake.options().clone(),
+        ));
+        let weights_dir = std::env::var_os("PIPELINE_WEIGHTS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| dirs_cache().join("weights"));
+        let progress = ctx.progress.clone();
+        let cancel = ctx.cancel.clone();
+        let handle = tokio::runtime::Handle::current();
+        let resume = ctx.resume;
+        let (amp, channels_last, prefetch, eval_batch) = (self.amp, self.channels_last, self.prefetch, self.eval_batch);
+        let epochs = cfg.epochs;
+        let local = dir.local.clone();
+        let sync = dir.clone_sync();
+        let cfg2 = cfg.clone();
+        progress.set_length(epochs as u64);
+        progress.set_message(format!("{model_id}: {} photos, {} individuals", train_set.len(), train::class_index(&train_set).len()));
+        let outcome = tokio::task::spawn_blocking(move || {
+            let sync_handle = handle.clone();
+            let env = TrainEnv {
+                device,
+                amp,
+                channels_last,
+                weights_dir,
+                dir: local,
+                resume,
+                prefetch,
+                eval_batch,
+                handle,
+                cancelled: &|| cancel.is_cancelled(),
+                on_step: &|e, i, n, l| {
+                    progress.set_message(format!("epoch {}/{epochs} step {i}/{n} loss {l:.3}", e + 1));
+                },
+                on_epoch: &|r| {
+                    progress.set_position(r.epoch as u64 + 1);
+                    let m = r.val.as_ref().map(|m| format!(", val P@1 {:.3} mAP@20 {:.3}", m.precision_at_1, m.map_at_20)).unwrap_or_default();
+                    tracing::info!("epoch {}: loss {:.4}, {:.1} img/s{m}", r.epoch + 1, r.loss, r.images_per_second);
+                },
+                on_checkpoint: &|| sync_handle.block_on(sync.upload()),
+            };
+            train::train(&cfg2, &train_set, &val_set, loader, &env)
+        })
+        .await
+        .map_err(|e| Error::Other(format!("training panicked: {e}")))??;
+        dir.upload().await?;
+
+        // The split table (owned) and the registry row.
+        let out = self.output(&ctx.name);
+        let mut sink = ctx.sink(&out, Catalog::builtin("splits"), WriteKind::Overwrite).await?;
+        let n = photos.len();
+        let batch = RecordBatch::try_new(
+            Catalog::builtin("splits"),
+            vec![
+                Arc::new(StringArray::from(vec![model_id.as_str(); n])),
+                Arc::new(StringArray::from_iter_values(photos.iter().map(|p| p.photo_id.as_str()))),
+                Arc::new(StringArray::from_iter_values(photos.iter().map(|p| p.uri.as_str()))),
+                Arc::new(StringArray::from_iter_values(photos.iter().map(|p| p.label.as_deref().unwrap_or("")))),
+                Arc::new(StringArray::from_iter_values(split.iter().copied())),
+                Arc::new(StringArray::from(vec![ctx.run_id.as_str(); n])),
+            ],
+        )?;
+        sink.send(batch).await?;
+        let committed = sink.finish().await?;
+
+        let st = &outcome.state;
+        let best = st.best_epoch.and_then(|b| st.history.iter().find(|h| h.epoch == b));
+        let registry = RecordBatch::try_new(
+            Catalog::builtin("models"),
+            vec![
+                Arc::new(StringArray::from(vec![model_id.as_str()])),
+                Arc::new(StringArray::from(vec!["trained"])),
+                Arc::new(StringArray::from(vec![ctx.name.as_str()])),
+                Arc::new(StringArray::from(vec![ctx.run_id.as_str()])),
+                Arc::new(StringArray::from(vec![cfg.net.backbone.as_str()])),
+                Arc::new(Int32Array::from(vec![cfg.net.neck.embedding_dim as i32])),
+                Arc::new(Int32Array::from(vec![cfg.net.input_size as i32])),
+                Arc::new(StringArray::from(vec![serde_json::json!({ "train": cfg, "split": self.split }).to_string()])),
+                Arc::new(StringArray::from(vec![serde_json::to_string(&st.history).unwrap_or_default()])),
+                Arc::new(Int32Array::from(vec![st.best_epoch.map(|e| e as i32)])),
+                Arc::new(Float64Array::from(vec![st.best_map_at_20])),
+                Arc::new(StringArray::from(vec![dir.uri.as_str()])),
+                Arc::new(TimestampMicrosecondArray::from(vec![chrono::Utc::now().timestamp_micros()]).with_timezone("UTC")),
+            ],
+        )?;
+        let mut models = ctx.sink("models", Catalog::builtin("models"), WriteKind::Merge { keys: vec!["model_id".into()], update_existing: true }).await?;
+        models.send(registry).await?;
+        models.finish().await?;
+
+        let counts = |s: &str| split.iter().filter(|x| **x == s).count();
+        let metrics = best
+            .and_then(|b| b.val.as_ref())
+            .map(|m| format!("; best epoch {}: val P@1 {:.3}, mAP@20 {:.3}", b_epoch(best), m.precision_at_1, m.map_at_20))
+            .unwrap_or_default();
+        let resumed = match outcome.resumed_from {
+            Some(e) if e >= st.epochs_done => " (already trained: taken from its directory)".to_string(),
+            Some(e) => format!(" (resumed after epoch {e})"),
+            None => String::new(),
+        };
+        Ok(Outcome {
+            rows_in,
+            rows_out: n as u64,
+            written: BTreeMap::from([(out, committed.version)]),
+            summary: format!(
+                "model {model_id}{resumed}: {} epochs on {} photos of {} individuals, {} val_unseen, {} val_seen{metrics}{}",
+                st.epochs_done,
+                counts("train"),
+                outcome.classes,
+                counts("val_unseen"),
+                counts("val_seen"),
+                match &cfg.net.crop {
+                    Some(c) if uncropped > 0 => format!("; crops of {} ({uncropped} photos without a box used whole)", c.detector),
+                    Some(c) => format!("; crops of {}", c.detector),
+                    None => String::new(),
+                },
+            ),
+        })
+    }
+}
+
+fn b_epoch(r: Option<&train::EpochRecord>) -> u32 {
+    r.map(|r| r.epoch + 1).unwrap_or(0)
+}
+
+fn dirs_cache() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".cache/pipeline")
+}
+
+/// Reads `photo_id`, `uri`, `individual_id` of every row of `table`.
+pub async fn read_photos(lake: &Lake, table: &str) -> Result<Vec<Photo>> {
+    let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist in the lake")))?;
+    let mut scan = ds.scan();
+    scan.project(&["photo_id", "uri", "individual_id"]).map_err(|e| Error::lance(table, e))?;
+    let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
+    let mut out = Vec::new();
+    while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
+        let (pid, uri, lab) = (b.column(0).as_string::<i32>(), b.column(1).as_string::<i32>(), b.column(2).as_string::<i32>());
+        for i in 0..b.num_rows() {
+            out.push(Photo {
+                photo_id: pid.value(i).to_string(),
+                uri: uri.value(i).to_string(),
+                label: (lab.is_valid(i) && !lab.value(i).is_empty()).then(|| lab.value(i).to_string()),
+                crop: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The split of each photo (same order): `train`, `val_unseen`, `val_seen` or `excluded`.
+/// Deterministic in the seed and the set of (uri, label) pairs, whatever the input order.
+pub fn split_photos(photos: &[Photo], cfg: &SplitConfig) -> Vec<&'static str> {
+    let mut by_label: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, p) in photos.iter().enumerate() {
+        if let Some(l) = &p.label {
+            by_label.entry(l).or_default().push(i);
+        }
+    }
+    for v in by_label.values_mut() {
+        v.sort_by(|a, b| photos[*a].uri.cmp(&photos[*b].uri));
+    }
+    let mut out = vec!["excluded"; photos.len()];
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut eligible: Vec<&str> = by_label.iter().filter(|(_, v)| v.len() >= cfg.min_photos.max(1)).map(|(l, _)| *l).collect();
+    // Individuals with too few photos to train on still make good held-out queries when they
+    // have two (a query and its match): they go to val_unseen.
+    eligible.shuffle(&mut rng);
+    let n_val = (eligible.len() as f64 * cfg.val_individuals).round() as usize;
+    let (val, trained) = eligible.split_at(n_val.min(eligible.len().saturating_sub(2)));
+    for l in val {
+        for &i in &by_label[l] {
+            out[i] = "val_unseen";
+        }
+    }
+    for l in trained {
+        let mut idx = by_label[l].clone();
+        idx.shuffle(&mut rng);
+        let keep = cfg.min_photos.max(2);
+        let hold = ((idx.len() as f64 * cfg.val_photos).round() as usize).min(idx.len().saturating_sub(keep));
+        for (j, &i) in idx.iter().enumerate() {
+            out[i] = if j < hold { "val_seen" } else { "train" };
+        }
+    }
+    out
+}
+
+
+
+
+
+
+
+
+impl Stage for TrainStage {
+    fn describe(&self) -> String {
+        format!("train {} {}² on {}, {} epochs", self.config.net.backbone, self.config.net.input_size, self.table, self.config.epochs)
+    }
+
+    fn check<'a>(&'a self, i: Inputs<'a>, _ctx: &'a Context, rep: &'a mut Reporter) -> BoxFuture<'a, Checked> {
+        Box::pin(std::future::ready(TrainStage::check(self, i.stage, i.at, i.visible, i.broken, rep)))
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StageCtx, _: Prepared) -> BoxFuture<'a, Result<Outcome>> {
+        Box::pin(TrainStage::run(self, ctx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn photos(spec: &[(&str, usize)]) -> Vec<Photo> {
+        let mut out = Vec::new();
+        for (l, n) in spec {
+            for i in 0..*n {
+                out.push(Photo { photo_id: format!("{l}_{i}.jpg"), uri: format!("file:///p/{l}_{i}.jpg"), label: Some(l.to_string()), crop: None });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn split_holds_out_whole_individuals_and_is_deterministic() {
+        let ps = photos(&[("a", 5), ("b", 4), ("c", 3), ("d", 6), ("e", 2), ("f", 1), ("g", 4), ("h", 3), ("i", 5), ("j", 2)]);
+        let cfg = SplitConfig { val_individuals: 0.3, val_photos: 0.0, min_photos: 2, seed: 7 };
+        let s = split_photos(&ps, &cfg);
+        // The singleton is excluded; 9 eligible individuals, 3 held out.
+        assert_eq!(s[ps.iter().position(|p| p.label.as_deref() == Some("f")).unwrap()], "excluded");
+        let mut unseen: BTreeSet<&str> = BTreeSet::new();
+        let mut trained: BTreeSet<&str> = BTreeSet::new();
+        for (p, s) in ps.iter().zip(&s) {
+            match *s {
+                "val_unseen" => unseen.insert(p.label.as_deref().unwrap()),
+                "train" => trained.insert(p.label.as_deref().unwrap()),
+                _ => false,
+            };
+        }
+        assert_eq!(unseen.len(), 3);
+        assert!(unseen.is_disjoint(&trained), "an individual is either held out or trained on");
+        // Same result whatever the input order.
+        let mut rev = ps.clone();
+        rev.reverse();
+        let s2 = split_photos(&rev, &cfg);
+        for (p, s) in rev.iter().zip(&s2) {
+            let i = ps.iter().position(|q| q == p).unwrap();
+            assert_eq!(*s, split_photos(&ps, &cfg)[i]);
+        }
+        // Another seed, another split.
+        let other = split_photos(&ps, &SplitConfig { seed: 8, ..cfg.clone() });
+        assert_ne!(s, other);
+    }
+
+    #[test]
+    fn val_photos_keep_enough_for_training() {
+        let ps = photos(&[("a", 10), ("b", 3), ("c", 2)]);
+        let cfg = SplitConfig { val_individuals: 0.0, val_photos: 0.5, min_photos: 2, seed: 1 };
+        let s = split_photos(&ps, &cfg);
+        let count = |l: &str, what: &str| ps.iter().zip(&s).filter(|(p, x)| p.label.as_deref() == Some(l) && **x == what).count();
+        assert_eq!(count("a", "val_seen"), 5);
+        assert_eq!(count("a", "train"), 5);
+        assert_eq!(count("b", "val_seen"), 1);
+        assert_eq!(count("b", "train"), 2);
+        assert_eq!(count("c", "val_seen"), 0, "two photos: both stay in training");
+    }
+}

@@ -1,0 +1,76 @@
+//! The `pipeline` binary as a user runs it.
+
+use crate::common;
+
+use std::process::Command;
+
+fn run(args: &[&str], cwd: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(common::bin()).args(args).current_dir(cwd).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn validate_lists_every_error_with_its_line_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("broken.toml");
+    std::fs::write(
+        &p,
+        "[stages.ingest]\nkind = \"ingest\"\nsource = \"photos\"\nthreads = 4\n\n[stages.clean]\nkind = \"sql\"\ninputs = [\"ingets\"]\nquery = \"nope.sql\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["validate", p.to_str().unwrap()], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("3 error(s)"), "{err}");
+    assert!(err.contains("broken.toml:4:1: stage `ingest`: unknown key `threads`"), "{err}");
+    assert!(err.contains("broken.toml:8:") && err.contains("input `ingets`"), "{err}");
+    assert!(err.contains("broken.toml:9:") && err.contains("nope.sql"), "{err}");
+}
+
+#[test]
+fn the_shipped_pipeline_validates_and_graphs() {
+    let repo = common::repo();
+    let (code, out, err) = run(&["validate", "pipelines/ingest-to-submission.toml"], &repo);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ingest -> detect -> usable -> clean"), "{out}");
+    let (code, out, _) = run(&["graph", "pipelines/ingest-to-submission.toml"], &repo);
+    assert_eq!(code, 0);
+    assert!(out.contains("usable [sql ../sql/usable.sql] writes usable -> clean"), "{out}");
+    let (code, dot, _) = run(&["graph", "--dot", "pipelines/ingest-to-submission.toml"], &repo);
+    assert_eq!(code, 0);
+    assert!(dot.starts_with("digraph") && dot.contains("\"ingest\" -> \"usable\"") && dot.contains("\"usable\" -> \"clean\""), "{dot}");
+}
+
+#[test]
+fn run_query_and_refused_writes() {
+    let f = common::demo(3, 3, 9);
+    let cwd = f.dir.path();
+    let pipe = f.pipeline.to_str().unwrap();
+    let (code, out, err) = run(&["run", pipe, "--until", "usable"], cwd);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("ingest") && out.contains("succeeded") && out.contains("rejects:"), "{out}");
+    assert!(!out.contains("clean "), "--until usable does not run clean: {out}");
+    let (code, out, _) = run(&["run", pipe, "--until", "usable"], cwd);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("up to date").count(), 6, "all three stages (ingest, detect, usable) reported up to date: {out}");
+
+    let (code, out, err) = run(&["query", "SELECT count(*) AS n FROM images", "--pipeline", pipe, "--format", "csv"], cwd);
+    assert_eq!(code, 0, "{err}");
+    let n: usize = out.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(n > 5, "{out}");
+    let (code, out, _) = run(&["query", "SELECT photo_id FROM images ORDER BY 1 LIMIT 2", "--lake", "lake", "--format", "json"], cwd);
+    assert_eq!(code, 0);
+    assert!(out.trim_start().starts_with('[') && out.contains("photo_id"), "{out}");
+    let (code, _, err) = run(&["query", "DELETE FROM images", "--lake", "lake"], cwd);
+    assert_eq!(code, 1);
+    assert!(err.contains("read-only") && err.contains("DELETE FROM"), "{err}");
+    let (code, _, err) = run(&["query", "SELECT nope FROM images", "--lake", "lake"], cwd);
+    assert_eq!(code, 1);
+    assert!(err.contains("nope"), "{err}");
+    let (code, out, _) = run(&["runs", "--lake", "lake"], cwd);
+    assert_eq!(code, 0);
+    assert!(out.contains("up_to_date") && out.contains("succeeded"), "{out}");
+    let pq = cwd.join("images.parquet");
+    let (code, _, err) = run(&["query", "SELECT * FROM images", "--lake", "lake", "--format", "parquet", "--out", pq.to_str().unwrap()], cwd);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(&pq).unwrap().starts_with(b"PAR1"));
+}

@@ -1,0 +1,11 @@
+//! The end-to-end tests, one binary (each test binary links libtorch, lance and DataFusion, so
+//! one link instead of five saves minutes per build). Each module is one area, as a user sees it.
+
+mod cli;
+mod common;
+mod ingest_clean;
+mod s3;
+mod search;
+mod custom_kind;
+mod streaming;
+mod train_embed;

@@ -1,0 +1,114 @@
+//! The same pipeline with photos, labels and the lake all on a real S3-compatible server
+//! (moto, from the project's venv), started by the test on a free loopback port.
+
+use crate::common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray;
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use pipeline::dag::{self, RunOptions, ledger::Status};
+use pipeline::lake::{Catalog, Lake};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn moto() -> (Server, u16) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let venv = std::env::var("VIRTUAL_ENV").unwrap_or_else(|_| format!("{}/.cache/pipeline/venv", std::env::var("HOME").unwrap()));
+    let exe = format!("{venv}/bin/moto_server");
+    let child = Command::new(&exe)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {exe} (scripts/setup.sh installs it): {e}"));
+    let server = Server(child);
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "moto did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (server, port)
+}
+
+/// Creates a bucket with a bare HTTP request (object_store has no bucket API; moto needs no signature).
+fn create_bucket(port: u16, bucket: &str) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
+    let (_server, port) = moto();
+    create_bucket(port, "survey");
+    // Credentials and endpoint the way a user would give them: the AWS_* environment, which
+    // both the ingest's object store and Lance read. This test binary holds only this test.
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for (k, v) in [
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ALLOW_HTTP", "true"),
+    ] {
+        // SAFETY: set before any other thread of this process reads the environment.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let f = common::demo(3, 3, 21);
+    let s3 = AmazonS3Builder::from_env().with_bucket_name("survey").build().unwrap();
+    let local = f.dir.path().join("demo-lake");
+    for e in std::fs::read_dir(local.join("photos")).unwrap() {
+        let p = e.unwrap().path();
+        let key = ObjectPath::from(format!("photos/{}", p.file_name().unwrap().to_str().unwrap()));
+        s3.put(&key, std::fs::read(&p).unwrap().into()).await.unwrap();
+    }
+    s3.put(&ObjectPath::from("labels.csv"), std::fs::read(local.join("labels.csv")).unwrap().into()).await.unwrap();
+
+    let text = std::fs::read_to_string(&f.pipeline)
+        .unwrap()
+        .replace("file://lake", "s3://survey/lake")
+        .replace("file://demo-lake/photos", "s3://survey/photos")
+        .replace("file://demo-lake/labels.csv", "s3://survey/labels.csv");
+    std::fs::write(&f.pipeline, text).unwrap();
+    let plan = pipeline::load(&f.pipeline, &[]).await.unwrap();
+    assert_eq!(plan.lake, "s3://survey/lake");
+    let report = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap();
+    assert!(report.stages.iter().all(|s| s.status == Status::Succeeded), "{report:#?}");
+
+    let lake = Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap());
+    assert_eq!(lake.tables().await.unwrap(), vec!["clean", "detections", "embeddings", "evaluate", "images", "models", "rejects", "runs", "submissions", "train", "usable"]);
+    let (_, b) = pipeline::query::query(&lake, "SELECT uri FROM rejects").await.unwrap();
+    let rejected: BTreeSet<String> = b.iter().flat_map(|b| b.column(0).as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect::<Vec<_>>()).collect();
+    let want: BTreeSet<String> = f.truth.iter().filter(|(_, (_, e))| e == "reject").map(|(p, _)| format!("s3://survey/photos/{p}")).collect();
+    assert_eq!(rejected, want);
+    // The model's files went to the bucket, next to the tables.
+    let listed: Vec<String> = s3
+        .list(Some(&ObjectPath::from("lake/models")))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    for f in ["best.safetensors", "model.json", "last.optim.safetensors", "last.json"] {
+        assert!(listed.iter().any(|l| l.ends_with(f)), "{f} not uploaded: {listed:?}");
+    }
+    assert!(listed.iter().any(|l| l.contains("/tensorboard/events.out.tfevents.")), "{listed:?}");
+    let again = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap();
+    assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
+}
