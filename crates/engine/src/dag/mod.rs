@@ -83,23 +83,6 @@ async fn producer_done(name: &str, mut phase: watch::Receiver<Phase>) -> Result<
 }
 
 impl StageCtx {
-    /// A context outside any run (tests of a single stage, tools): no streamed edges.
-    pub fn detached(name: &str, run_id: &str, lake: Lake) -> StageCtx {
-        StageCtx {
-            name: name.to_string(),
-            run_id: run_id.to_string(),
-            lake,
-            progress: ProgressBar::hidden(),
-            cancel: CancellationToken::new(),
-            resume: false,
-            device: None,
-            taps: Mutex::new(HashMap::new()),
-            streams: Mutex::new(HashMap::new()),
-            producers: Vec::new(),
-            fail_after: None,
-        }
-    }
-
     /// Starts the writer of one of the stage's tables: [`Lake::sink`], plus the stage's place in
     /// the run. The stages that stream the table get its batches as they are sent, and when this
     /// stage streams from others the commit waits for theirs.
