@@ -207,6 +207,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Run { file, sets, until, force, resume, device, quiet } => {
             let plan = pipeline::load(&file, &sets).await?;
             println!("pipeline {} ({}), lake {}", plan.name, file.display(), plan.lake);
+            let device = device.map(|d| d.parse::<pipeline::config::Device>()).transpose().map_err(anyhow::Error::msg)?;
             let report = dag::run(&plan, &RunOptions { force, until, quiet, resume, device, fail_after: None }).await?;
             print_report(&report);
             if let Ok(lake) = lake_of(&plan) {

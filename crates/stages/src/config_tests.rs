@@ -243,3 +243,14 @@ fn submit_refine_zero_turns_re_ranking_off() {
     let hnsw = lake::vector::SearchParams::for_index(Some("IVF_HNSW_SQ"));
     assert_eq!((hnsw.nprobes, hnsw.refine, hnsw.ef), (Some(15), None, Some(60)));
 }
+
+#[test]
+fn device_is_typed_and_an_unknown_one_is_an_error_naming_the_choices() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/ingest-to-submission.toml");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let plan = rt.block_on(load(&file, &["train.device=cpu".into()])).unwrap();
+    assert_eq!(options::<crate::train::TrainStage>(&plan, "train").device, engine::config::Device::Cpu);
+    assert_eq!(options::<crate::embed::EmbedStage>(&plan, "embed").device, engine::config::Device::Auto, "absent: auto");
+    let Err(Error::Config(d)) = rt.block_on(load(&file, &["detect.device=gpu".into()])) else { panic!("gpu is no device") };
+    assert!(d.0.iter().any(|x| x.stage.as_deref() == Some("detect") && x.message.contains("unknown device `gpu` (auto, cpu, cuda)")), "{d}");
+}

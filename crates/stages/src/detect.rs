@@ -35,7 +35,7 @@ use tch::{Device, Tensor};
 
 use futures::future::BoxFuture;
 use engine::stage::{Checked, Inputs, Outcome, Prepared, Stage};
-use engine::config::{Context, Keys, Loc, Reporter};
+use engine::config::{Context, Device as DeviceChoice, Keys, Loc, Reporter};
 use engine::StageCtx;
 use lake::tables::Columns;
 use lake::{Catalog, WriteKind, store};
@@ -63,7 +63,7 @@ pub struct DetectStage {
     pub spec: DetectorSpec,
     pub train: HeadTrainConfig,
     pub val_fraction: f64,
-    pub device: String,
+    pub device: DeviceChoice,
     pub loader_threads: usize,
     pub prefetch: usize,
 }
@@ -176,7 +176,7 @@ impl DetectStage {
                 self.boxes, self.table
             )));
         }
-        let device = train::pick_device(ctx.device.as_deref().unwrap_or(&self.device)).map_err(Error::Other)?;
+        let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
         let mut h = blake3::Hasher::new();
         h.update(serde_json::to_string(&(&self.spec, &self.train, self.val_fraction)).unwrap_or_default().as_bytes());
         for (p, b) in &boxed {

@@ -27,7 +27,7 @@ use futures::{StreamExt, TryStreamExt};
 use lake::models::resolve_model;
 use futures::future::BoxFuture;
 use engine::stage::{Checked, Inputs, Outcome, Prepared, Stage};
-use engine::config::{Context, Keys, Loc, Reporter};
+use engine::config::{Context, Device, Keys, Loc, Reporter};
 use engine::StageCtx;
 use lake::tables::Columns;
 use lake::{Catalog, Lake, WriteKind};
@@ -51,7 +51,7 @@ pub struct EmbedStage {
     pub batch_size: usize,
     /// Photos read, embedded and written at a time.
     pub chunk: usize,
-    pub device: String,
+    pub device: Device,
     pub loader_threads: usize,
     pub prefetch: usize,
     /// Convolutions in channels-last memory order (faster; same embeddings to float rounding).
@@ -105,7 +105,7 @@ impl EmbedStage {
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
         let (model_id, dir) = resolve_model(&ctx.lake, &self.model).await?;
         let (spec, best) = model_files(&dir, &model_id)?;
-        let device = train::pick_device(ctx.device.as_deref().unwrap_or(&self.device)).map_err(Error::Other)?;
+        let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
         // Crops: the model's detector's boxes, from the crops table; streamed with the photos
         // when both are being written now, each photo then waiting for its box.
         let crops_streamed = spec.crop.is_some() && self.crops.as_deref().is_some_and(|c| ctx.is_streamed(c));

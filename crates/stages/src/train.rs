@@ -34,7 +34,7 @@ use rand_chacha::ChaCha8Rng;
 
 use futures::future::BoxFuture;
 use engine::stage::{Checked, Inputs, Outcome, Prepared, Stage};
-use engine::config::{Context, Keys, Loc, Reporter, Val};
+use engine::config::{Context, Device, Keys, Loc, Reporter, Val};
 use engine::StageCtx;
 use lake::models::model_dir;
 use lake::{Catalog, Lake, WriteKind};
@@ -85,7 +85,7 @@ pub struct TrainStage {
     pub pretrained_model: Option<String>,
     pub config: TrainConfig,
     pub split: SplitConfig,
-    pub device: String,
+    pub device: Device,
     pub amp: bool,
     /// Convolutions in channels-last memory order (faster on CPU and GPU; same results).
     pub channels_last: bool,
@@ -475,7 +475,7 @@ impl TrainStage {
             )));
         }
 
-        let device = train::pick_device(ctx.device.as_deref().unwrap_or(&self.device)).map_err(Error::Other)?;
+        let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
         if self.threads > 0 {
             tch::set_num_threads(self.threads as i32);
         }

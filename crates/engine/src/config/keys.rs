@@ -72,13 +72,14 @@ impl<'a> Keys<'a> {
     }
 
     /// `device`: "auto" (the default), "cpu" or "cuda"; anything else is reported (None).
-    pub fn device(&mut self) -> Option<String> {
-        let device = self.str("device").unwrap_or_else(|| "auto".into());
-        if ["auto", "cpu", "cuda"].contains(&device.as_str()) {
-            Some(device)
-        } else {
-            self.error("device", format!("unknown device `{device}` (auto, cpu, cuda)"));
-            None
+    pub fn device(&mut self) -> Option<super::Device> {
+        let Some(device) = self.str("device") else { return Some(super::Device::Auto) };
+        match device.parse() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error("device", e);
+                None
+            }
         }
     }
 

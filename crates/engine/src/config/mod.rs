@@ -60,6 +60,42 @@ impl Reporter {
     }
 }
 
+/// Where model stages run (`device = ...` in a stage, `pipeline run --device`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when libtorch sees a GPU, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// CUDA, an error when libtorch sees no GPU.
+    Cuda,
+}
+
+impl Device {
+    pub const NAMES: &[&str] = &["auto", "cpu", "cuda"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Device, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(format!("unknown device `{other}` ({})", Device::NAMES.join(", "))),
+        }
+    }
+}
+
 /// Paths and values a stage's options are resolved against.
 #[derive(Debug, Clone)]
 pub struct Context {

@@ -42,7 +42,7 @@ pub struct StageCtx {
     /// `pipeline run --resume`: training stages continue from their last checkpoint.
     pub resume: bool,
     /// `pipeline run --device`: overrides the `device` key of model stages.
-    pub device: Option<String>,
+    pub device: Option<crate::config::Device>,
     /// The sending ends of the streamed edges this stage feeds, by table (taken by [`Self::sink`]).
     taps: Mutex<HashMap<String, TapSenders>>,
     /// The streamed edges this stage reads, by table (taken by [`Self::read`]).
@@ -228,8 +228,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Training stages continue from their last checkpoint.
     pub resume: bool,
-    /// Device for model stages (`auto`, `cpu`, `cuda`), overriding their `device` key.
-    pub device: Option<String>,
+    /// Device for model stages, overriding their `device` key.
+    pub device: Option<crate::config::Device>,
     /// Fault injection, for tests of failure handling: the writer of this table fails once it
     /// was sent this many rows, and nothing it wrote is committed.
     pub fail_after: Option<(String, u64)>,
@@ -330,7 +330,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
             progress: progress.stage(&stage.name),
             cancel: cancel.clone(),
             resume: opts.resume,
-            device: opts.device.clone(),
+            device: opts.device,
             taps: Mutex::new(taps.remove(&stage.name).unwrap_or_default()),
             streams: Mutex::new(streams),
             producers,
