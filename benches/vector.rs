@@ -165,7 +165,7 @@ async fn main() {
     for (kind, sets) in [("ivf_pq", settings("--pq", "20/10/80,10/10/80,5/5/80")), ("ivf_hnsw_sq", settings("--hnsw", "20/10/80,20/0/80,10/0/40,5/0/40"))] {
         let mut ds = lake.open("embeddings").await.expect("open").expect("table");
         let t = Instant::now();
-        IndexStage::with_kind("embeddings", kind).apply_with(&mut ds, rows, dim, |_| {}).await.expect("index");
+        IndexStage::with_kind("embeddings", kind.parse().expect("index kind")).apply_with(&mut ds, rows, dim, |_| {}).await.expect("index");
         let build = t.elapsed().as_secs_f64();
         let ds = Arc::new(ds);
         for p in sets {

@@ -121,7 +121,7 @@ async fn thumbnail(State(s): State<Shared>, Path(id): Path<String>) -> Response 
         Ok(None) => return err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let bytes = match answer::read_photo(&hit.uri, s.lake.options()).await {
+    let bytes = match answer::read_photo(&s.lake.locate(&hit.uri), s.lake.options()).await {
         Ok(b) => b,
         Err(e) => return err(StatusCode::NOT_FOUND, format!("photo `{id}` cannot be read: {e}")),
     };

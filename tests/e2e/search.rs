@@ -63,7 +63,7 @@ async fn indexed_top20_matches_exact_top20() {
 
     for (kind, min_recall) in [("ivf_hnsw_sq", 0.9), ("ivf_pq", 0.9)] {
         let mut ds = lake.open("embeddings").await.unwrap().unwrap();
-        let stage = IndexStage::with_kind("embeddings", kind);
+        let stage = IndexStage::with_kind("embeddings", kind.parse().unwrap());
         let said = stage.apply_with(&mut ds, n, DIM, |_| {}).await.unwrap();
         assert!(said.contains("built"), "{said}");
         assert!(vector::has_index(&ds).await.unwrap());
@@ -84,7 +84,7 @@ async fn indexed_top20_matches_exact_top20() {
     sink.send(batch(n, &extra)).await.unwrap();
     sink.finish().await.unwrap();
     let mut ds = lake.open("embeddings").await.unwrap().unwrap();
-    let said = IndexStage::with_kind("embeddings", "ivf_pq").apply_with(&mut ds, n + 200, DIM, |_| {}).await.unwrap();
+    let said = IndexStage::with_kind("embeddings", pipeline::stages::index::IndexKind::IvfPq).apply_with(&mut ds, n + 200, DIM, |_| {}).await.unwrap();
     assert!(said.contains("delta"), "{said}");
     let hits = vector::nearest(&ds, &extra[..DIM], 1, &SearchParams::default()).await.unwrap();
     assert_eq!(hits[0].photo_id, format!("p{n:06}"));

@@ -79,7 +79,9 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     // The registry row points at the model's files; its history has both epochs.
     let m = query(&lake, &format!("SELECT checkpoint_uri, history FROM models WHERE model_id = '{model_id}'")).await;
     assert_eq!(m[0].num_rows(), 1);
-    let dir = m[0].column(0).as_string::<i32>().value(0).strip_prefix("file://").unwrap().to_string();
+    let recorded = m[0].column(0).as_string::<i32>().value(0);
+    assert_eq!(recorded, format!("models/{model_id}"), "recorded relative to the lake");
+    let dir = lake.locate(recorded).strip_prefix("file://").unwrap().to_string();
     let history: serde_json::Value = serde_json::from_str(m[0].column(1).as_string::<i32>().value(0)).unwrap();
     assert_eq!(history.as_array().unwrap().len(), 2);
     for f in ["best.safetensors", "model.json", "last.safetensors", "last.optim.safetensors", "last.json"] {
@@ -225,6 +227,35 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
 
     // Nothing changed: everything is up to date, training included.
     let again = dag::run(&plan, &opts).await.unwrap();
+    assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
+
+    // The project folder moves (pipeline file, photos and lake together): still up to date,
+    // nothing retrained, and the lake finds its photos in their new place.
+    let moved = tempfile::tempdir().unwrap();
+    let to = moved.path().join("project");
+    std::fs::rename(f.dir.path(), &to).unwrap();
+    let mplan = pipeline::load(&to.join("pipeline.toml"), &[]).await.unwrap();
+    let mlake = Lake::new(mplan.lake.clone(), Default::default(), pipeline::lake::Catalog::load(None).unwrap());
+    let again = dag::run(&mplan, &opts).await.unwrap();
+    assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
+    let b = query(&mlake, &format!("SELECT uri FROM images WHERE photo_id = '{some_photo}'")).await;
+    let recorded = b[0].column(0).as_string::<i32>().value(0).to_string();
+    assert_eq!(recorded, format!("../demo-lake/photos/{some_photo}"), "recorded relative to the lake");
+    let bytes = pipeline::answer::read_photo(&mlake.locate(&recorded), mlake.options()).await.unwrap();
+    assert_eq!(bytes, std::fs::read(to.join("demo-lake/photos").join(&some_photo)).unwrap());
+
+    // The registered model's weights are lost: `train` is no longer up to date and trains it
+    // again; the run after that is up to date.
+    let model_id = {
+        let b = query(&mlake, "SELECT model_id FROM models WHERE stage = 'train'").await;
+        b[0].column(0).as_string::<i32>().value(0).to_string()
+    };
+    std::fs::remove_file(to.join("lake/models").join(&model_id).join("best.safetensors")).unwrap();
+    let again = dag::run(&mplan, &opts).await.unwrap();
+    let train = again.stages.iter().find(|s| s.stage == "train").unwrap();
+    assert_eq!(train.status, Status::Succeeded, "{again:#?}");
+    assert!(to.join("lake/models").join(&model_id).join("best.safetensors").is_file());
+    let again = dag::run(&mplan, &opts).await.unwrap();
     assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
 }
 

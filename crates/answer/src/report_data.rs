@@ -154,7 +154,7 @@ async fn thumb_of(cache: &mut HashMap<String, ImageRef>, uri: &str, lake: &Lake,
     if let Some(t) = cache.get(uri) {
         return t.clone();
     }
-    let img = match read_photo(uri, lake.options()).await.and_then(|b| thumbnail(&b, side)) {
+    let img = match read_photo(&lake.locate(uri), lake.options()).await.and_then(|b| thumbnail(&b, side)) {
         Ok(bytes) => ImageRef::Embedded { mime: "image/jpeg".into(), bytes },
         Err(_) => ImageRef::Missing,
     };

@@ -201,7 +201,10 @@ pub struct Neighbour {
     pub uri: String,
 }
 
-fn neighbours(hits: Vec<Hit>) -> Vec<Neighbour> {
+/// The hits of a search of `ds`, their URIs located (a lake records local photos relative to
+/// itself; see [`lake::store::locate`]).
+fn neighbours(ds: &lance::Dataset, hits: Vec<Hit>) -> Vec<Neighbour> {
+    let root = ds.uri().trim_end_matches('/').rsplit_once('/').map(|(r, _)| r.to_string()).unwrap_or_default();
     hits.into_iter()
         .enumerate()
         .map(|(i, h)| Neighbour {
@@ -210,7 +213,7 @@ fn neighbours(hits: Vec<Hit>) -> Vec<Neighbour> {
             distance: h.distance,
             photo_id: h.photo_id,
             individual_id: h.individual_id,
-            uri: h.uri,
+            uri: lake::store::locate(&root, &h.uri),
         })
         .collect()
 }
@@ -222,13 +225,13 @@ pub async fn similar_to_id(ds: &lance::Dataset, src: &Source, id: &str, k: usize
     let Some((v, me)) = vector::embedding_of(ds, id).await? else { return Ok(None) };
     let hits = vector::similar(src, &v, k, x, Some(&me.uri)).await?;
     let model_id = model_of(ds).await?;
-    Ok(Some(Similar { query: me.photo_id.clone(), in_collection: true, model_id, neighbours: neighbours(hits) }))
+    Ok(Some(Similar { query: me.photo_id.clone(), in_collection: true, model_id, neighbours: neighbours(ds, hits) }))
 }
 
 /// The `k` nearest photos to an embedding, with query expansion `x`.
 pub async fn similar_to_vector(ds: &lance::Dataset, src: &Source, label: &str, v: &[f32], k: usize, x: Expansion) -> Result<Similar> {
     let hits = vector::similar(src, v, k, x, None).await?;
-    Ok(Similar { query: label.to_string(), in_collection: false, model_id: model_of(ds).await?, neighbours: neighbours(hits) })
+    Ok(Similar { query: label.to_string(), in_collection: false, model_id: model_of(ds).await?, neighbours: neighbours(ds, hits) })
 }
 
 pub(crate) async fn model_of(ds: &lance::Dataset) -> Result<String> {

@@ -196,4 +196,7 @@ pub struct Checked {
     pub writes: Vec<(String, SchemaRef)>,
     /// Contents of files the options name (SQL text), so editing them re-runs the stage.
     pub hash_extra: String,
+    /// Names of the models it makes (`<name>-<hash>` ids in `<lake>/models/` and the `models`
+    /// registry): like a table, a name has one stage that makes it.
+    pub models: Vec<String>,
 }

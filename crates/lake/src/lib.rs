@@ -37,6 +37,45 @@ use tokio::task::JoinHandle;
 
 pub use schema::{Catalog, conform};
 
+/// An enum written in pipeline files as one of a fixed set of names: `choice! { "device", pub
+/// enum Device { Auto = "auto", Cpu = "cpu" } }` gives it `NAMES`, `as_str`, `Display` and a
+/// `FromStr` whose error names the choices (`unknown device `gpu` (auto, cpu)`). Derives beyond
+/// `Debug, Clone, Copy, PartialEq, Eq` (serde, `Default`) go on the enum as usual.
+#[macro_export]
+macro_rules! choice {
+    ($what:literal, $(#[$m:meta])* $vis:vis enum $name:ident { $($(#[$vm:meta])* $var:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $vis enum $name { $($(#[$vm])* $var),+ }
+
+        impl $name {
+            /// Every name, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($s),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$var => $s),+ }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($s => Ok($name::$var),)+
+                    other => Err(format!("unknown {} `{other}` ({})", $what, Self::NAMES.join(", "))),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
 pub use error::{Error, Result};
 
 /// How a [`TableSink`] lands its batches.
@@ -76,6 +115,11 @@ impl Lake {
 
     pub fn root(&self) -> &str {
         &self.root
+    }
+
+    /// The URI of a location recorded in one of this lake's tables ([`store::locate`]).
+    pub fn locate(&self, recorded: &str) -> String {
+        store::locate(&self.root, recorded)
     }
 
     pub fn catalog(&self) -> &Catalog {

@@ -10,6 +10,56 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path as Object
 
 use crate::{Error, Lake, Result, store, tables};
 
+/// The weights file every trained model's folder holds once it has trained an epoch.
+pub const WEIGHTS: &str = "best.safetensors";
+
+/// The registry table: one row per model, merged on `model_id`. Stages add to it through
+/// `StageCtx::register_model`, which holds each stage to the model names it declared.
+pub const TABLE: &str = "models";
+
+/// Key in a stage's ledger entry that says it registered model `id` (see [`present`]).
+pub fn ledger_key(id: &str) -> String {
+    format!("model:{id}")
+}
+
+/// The model id of a [`ledger_key`], None for a table's key.
+pub fn ledger_id(key: &str) -> Option<&str> {
+    key.strip_prefix("model:")
+}
+
+/// Whether model `id` is still what registering it left: its row in `models` and, for a
+/// trained model, its weights file. A stage that registered it is not up to date without it.
+pub async fn present(lake: &Lake, id: &str) -> Result<bool> {
+    let Some(ds) = lake.open(TABLE).await? else { return Ok(false) };
+    let mut scan = ds.scan();
+    scan.filter(&format!("model_id = '{}'", id.replace('\'', "''"))).map_err(|e| Error::lance(TABLE, e))?;
+    scan.project(&["kind"]).map_err(|e| Error::lance(TABLE, e))?;
+    let rows: Vec<arrow::array::RecordBatch> = scan
+        .try_into_stream()
+        .await
+        .map_err(|e| Error::lance(TABLE, e))?
+        .try_collect()
+        .await
+        .map_err(|e| Error::lance(TABLE, e))?;
+    let mut kinds = Vec::new();
+    for b in &rows {
+        kinds.extend(tables::Columns::new(TABLE, b).strings("kind")?.iter().flatten().map(str::to_string));
+    }
+    if kinds.is_empty() {
+        return Ok(false);
+    }
+    if kinds.iter().all(|k| k != "trained") {
+        return Ok(true);
+    }
+    let uri = format!("{}/models/{id}/{WEIGHTS}", lake.root());
+    let (store, path) = store::open(&uri, lake.options())?;
+    match store.head(&path).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(e) => Err(Error::ObjectStore { uri, source: e }),
+    }
+}
+
 /// A model's folder: local (a file:// lake) or a local copy synced to the lake's store.
 pub struct ModelDir {
     pub local: PathBuf,

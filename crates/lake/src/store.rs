@@ -70,6 +70,53 @@ fn normalize(p: &Path) -> std::path::PathBuf {
     out
 }
 
+/// Whether a location written in a pipeline file is relative to that file's folder (a plain
+/// relative path, or `file://` followed by one).
+pub fn is_relative(location: &str) -> bool {
+    let l = location.trim();
+    match l.strip_prefix("file://") {
+        Some(rest) => !rest.starts_with('/'),
+        None => !l.contains("://") && !Path::new(l).is_absolute(),
+    }
+}
+
+/// How a lake's tables record the local object `uri` when the lake and the object's source were
+/// both written relative to the pipeline file: as a path relative to the lake's root
+/// (`../demo-lake/photos/IMG_1.jpg`), so that moving the project folder, lake and photos
+/// together, leaves every recorded location valid. None when either is not a `file://` URI.
+pub fn lake_relative(lake_root: &str, uri: &str) -> Option<String> {
+    let root = Url::parse(lake_root).ok()?.to_file_path().ok()?;
+    let path = Url::parse(uri).ok()?.to_file_path().ok()?;
+    let (root, path) = (normalize(&root), normalize(&path));
+    let (r, p): (Vec<_>, Vec<_>) = (root.components().collect(), path.components().collect());
+    let common = r.iter().zip(&p).take_while(|(a, b)| a == b).count();
+    if common == 0 {
+        return None;
+    }
+    let mut parts: Vec<String> = vec!["..".to_string(); r.len() - common];
+    parts.extend(p[common..].iter().map(|c| c.as_os_str().to_string_lossy().to_string()));
+    Some(parts.join("/"))
+}
+
+/// The URI of a location recorded in a lake's table: a URI as it is, a lake-relative path (see
+/// [`lake_relative`]) resolved against the lake's root.
+pub fn locate(lake_root: &str, recorded: &str) -> String {
+    if recorded.contains("://") {
+        return recorded.to_string();
+    }
+    let root = if lake_root.contains("://") {
+        Url::parse(lake_root).ok().and_then(|u| u.to_file_path().ok())
+    } else {
+        Some(std::path::PathBuf::from(lake_root))
+    };
+    match root {
+        Some(root) => Url::from_file_path(normalize(&root.join(recorded)))
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| recorded.to_string()),
+        None => format!("{}/{}", lake_root.trim_end_matches('/'), recorded),
+    }
+}
+
 /// Opens the object store holding `uri` and returns it with the path of `uri` inside it.
 ///
 /// Credentials come from the environment as each cloud's SDK would read them (`AWS_*`,
@@ -99,5 +146,22 @@ mod tests {
         assert_eq!(resolve("s3://bucket/lake/", base).unwrap(), "s3://bucket/lake");
         assert!(resolve("ftp://x/y", base).unwrap_err().to_string().contains("unsupported scheme"));
         assert!(resolve("  ", base).is_err());
+    }
+
+    #[test]
+    fn local_objects_are_recorded_relative_to_the_lake_and_located_back() {
+        assert!(is_relative("file://lake") && is_relative("../data/x") && is_relative("photos"));
+        assert!(!is_relative("file:///abs") && !is_relative("/abs") && !is_relative("s3://b/p"));
+        let root = "file:///proj/data/lake";
+        let uri = "file:///proj/data/demo-lake/photos/a%20b/IMG_1.jpg";
+        let rel = lake_relative(root, uri).unwrap();
+        assert_eq!(rel, "../demo-lake/photos/a b/IMG_1.jpg");
+        assert_eq!(locate(root, &rel), uri);
+        // The project moved: the same record names the photo in its new place.
+        assert_eq!(locate("file:///elsewhere/p/data/lake", &rel), "file:///elsewhere/p/data/demo-lake/photos/a%20b/IMG_1.jpg");
+        assert_eq!(locate(root, "s3://bucket/x.jpg"), "s3://bucket/x.jpg");
+        assert_eq!(lake_relative("s3://bucket/lake", uri), None);
+        assert_eq!(lake_relative(root, "s3://bucket/x.jpg"), None);
+        assert_eq!(locate("/proj/data/lake", "../p/x.jpg"), "file:///proj/data/p/x.jpg");
     }
 }

@@ -68,6 +68,8 @@ pub struct Loader {
     limits: DecodeLimits,
     decode_slots: Arc<Semaphore>,
     cache: Mutex<Cache>,
+    /// The lake whose tables the URIs come from: a lake-relative record is located against it.
+    root: Option<String>,
 }
 
 impl Loader {
@@ -80,7 +82,14 @@ impl Loader {
             limits: DecodeLimits::default(),
             decode_slots: Arc::new(Semaphore::new(threads.max(1))),
             cache: Mutex::new(Cache { map: HashMap::new(), bytes: 0, budget: cache_bytes }),
+            root: None,
         }
+    }
+
+    /// Photos named as the tables of the lake at `root` record them ([`store::locate`]).
+    pub fn in_lake(mut self, root: &str) -> Loader {
+        self.root = Some(root.to_string());
+        self
     }
 
     pub fn side(&self) -> u32 {
@@ -96,6 +105,11 @@ impl Loader {
         if let Some(p) = self.cache.lock().expect("cache poisoned").map.get(&key) {
             return Ok(p.clone());
         }
+        let located = match &self.root {
+            Some(root) => store::locate(root, uri),
+            None => uri.to_string(),
+        };
+        let uri = located.as_str();
         let (store, path) = self.stores.get(uri, &self.options)?;
         let bytes = async { store.get(&path).await?.bytes().await }
             .await

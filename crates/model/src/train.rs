@@ -38,11 +38,26 @@ pub enum Pretrained {
     Checkpoint(PathBuf),
 }
 
+lake::choice! { "schedule",
+    /// The shape of the learning rate after warmup (serialised as its name, as before it was
+    /// typed, so model ids stay the same).
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum ScheduleKind {
+        /// Cosine decay to `floor`.
+        Cosine = "cosine",
+        /// Times `gamma` every `step_epochs`.
+        Step = "step",
+        /// Times `gamma` at each of `milestones`.
+        MultiStep = "multistep",
+        Constant = "constant",
+    }
+}
+
 /// Learning-rate schedule in epochs (turned into steps once the epoch length is known).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleConfig {
-    /// `cosine`, `step`, `multistep` or `constant`.
-    pub kind: String,
+    pub kind: ScheduleKind,
     pub warmup_epochs: f64,
     /// Warmup starts at this fraction of the learning rate.
     pub warmup_start: f64,
@@ -139,7 +154,7 @@ pub struct TrainEnv<'a> {
 pub const LAST: &str = "last.safetensors";
 pub const LAST_OPTIM: &str = "last.optim.safetensors";
 pub const LAST_STATE: &str = "last.json";
-pub const BEST: &str = "best.safetensors";
+pub const BEST: &str = lake::models::WEIGHTS;
 pub const SPEC: &str = "model.json";
 
 impl TrainConfig {
@@ -152,21 +167,21 @@ impl TrainConfig {
         let s = &self.schedule;
         let warmup_steps = (s.warmup_epochs * steps_per_epoch as f64).round() as u64;
         let total_steps = self.epochs as u64 * steps_per_epoch;
-        match s.kind.as_str() {
-            "step" => Schedule::Step {
+        match s.kind {
+            ScheduleKind::Step => Schedule::Step {
                 warmup_steps,
                 warmup_start: s.warmup_start,
                 step_size: (s.step_epochs.max(1) as u64) * steps_per_epoch,
                 gamma: s.gamma,
             },
-            "multistep" => Schedule::MultiStep {
+            ScheduleKind::MultiStep => Schedule::MultiStep {
                 warmup_steps,
                 warmup_start: s.warmup_start,
                 milestones: s.milestones.iter().map(|&m| m as u64 * steps_per_epoch).collect(),
                 gamma: s.gamma,
             },
-            "constant" => Schedule::Constant,
-            _ => Schedule::WarmupCosine { warmup_steps, warmup_start: s.warmup_start, total_steps, floor: s.floor },
+            ScheduleKind::Constant => Schedule::Constant,
+            ScheduleKind::Cosine => Schedule::WarmupCosine { warmup_steps, warmup_start: s.warmup_start, total_steps, floor: s.floor },
         }
     }
 }
@@ -529,7 +544,7 @@ mod tests {
             lr: 3e-3,
             head_lr: 1e-2,
             schedule: ScheduleConfig {
-                kind: "cosine".into(),
+                kind: ScheduleKind::Cosine,
                 warmup_epochs: 1.0,
                 warmup_start: 0.1,
                 floor: 0.01,

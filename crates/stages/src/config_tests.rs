@@ -254,3 +254,100 @@ fn device_is_typed_and_an_unknown_one_is_an_error_naming_the_choices() {
     let Err(Error::Config(d)) = rt.block_on(load(&file, &["detect.device=gpu".into()])) else { panic!("gpu is no device") };
     assert!(d.0.iter().any(|x| x.stage.as_deref() == Some("detect") && x.message.contains("unknown device `gpu` (auto, cpu, cuda)")), "{d}");
 }
+
+#[test]
+fn a_model_name_has_one_stage_that_makes_it() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/ingest-to-submission.toml");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let plan = rt.block_on(load(&file, &[])).unwrap();
+    assert_eq!(plan.stage("train").unwrap().models, ["train"]);
+    assert_eq!(plan.stage("detect").unwrap().models, ["detect"]);
+    assert!(plan.stage("embed").unwrap().models.is_empty());
+    // The detector named like the embedding model: two stages would make `train-...` models.
+    let Err(Error::Config(d)) = rt.block_on(load(&file, &["detect.model=\"train\"".into()])) else { panic!("two makers of `train`") };
+    assert!(
+        d.0.iter().any(|x| x.stage.as_deref() == Some("train") && x.message.contains("makes models named `train`, which stage `detect` makes too")),
+        "{d}"
+    );
+}
+
+#[test]
+fn locations_written_relative_hash_the_same_wherever_the_project_is() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let (a, fa) = fixture(GOOD);
+    let (b, fb) = fixture(GOOD);
+    let (pa, pb) = (rt.block_on(load(&fa, &[])).unwrap(), rt.block_on(load(&fb, &[])).unwrap());
+    assert_ne!(a.path(), b.path());
+    for s in ["ingest", "usable", "count"] {
+        assert_eq!(pa.stage(s).unwrap().config_hash, pb.stage(s).unwrap().config_hash, "{s}");
+    }
+    // Photos under a relative source are recorded relative to a relative lake; not otherwise.
+    assert!(options::<crate::ingest::IngestConfig>(&pa, "ingest").relative);
+    let abs = GOOD.replace("source = \"../photos\"", &format!("source = \"file://{}/photos\"", a.path().display()));
+    let (_c, fc) = fixture(&abs);
+    assert!(!options::<crate::ingest::IngestConfig>(&rt.block_on(load(&fc, &[])).unwrap(), "ingest").relative);
+}
+
+#[test]
+fn index_schedule_and_query_set_are_typed_and_an_unknown_one_names_the_choices() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/ingest-to-submission.toml");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sets = ["index.index=\"ivf_pq\"", "train.schedule=\"multistep\"", "submit.queries=\"val_unseen\""];
+    let plan = rt.block_on(load(&file, &sets.map(String::from))).unwrap();
+    assert_eq!(options::<crate::index::IndexStage>(&plan, "index").index, crate::index::IndexKind::IvfPq);
+    assert_eq!(options::<crate::train::TrainStage>(&plan, "train").config.schedule.kind, model::train::ScheduleKind::MultiStep);
+    let submit = options::<crate::submit::SubmitStage>(&plan, "submit");
+    assert_eq!(submit.queries, crate::submit::QuerySet::ValUnseen);
+    assert!(submit.queries.holds("val_unseen", true) && !submit.queries.holds("val_seen", true));
+    // Serialised as the name it had as a string: model ids of earlier runs stay the same.
+    assert_eq!(serde_json::to_string(&model::train::ScheduleKind::MultiStep).unwrap(), "\"multistep\"");
+
+    let bad = ["index.index=\"hnsw\"", "train.schedule=\"linear\"", "submit.queries=\"some\""];
+    let Err(Error::Config(d)) = rt.block_on(load(&file, &bad.map(String::from))) else { panic!("three unknown names") };
+    for (stage, msg) in [
+        ("index", "unknown index `hnsw` (auto, flat, ivf_pq, ivf_hnsw_sq)"),
+        ("train", "unknown schedule `linear` (cosine, step, multistep, constant)"),
+        ("submit", "unknown query set `some` (all, val, val_unseen, val_seen, unlabelled)"),
+    ] {
+        assert!(d.0.iter().any(|x| x.stage.as_deref() == Some(stage) && x.message.contains(msg)), "{stage}: {d}");
+    }
+}
+
+#[test]
+fn a_loss_is_a_name_a_table_or_a_list_of_tables() {
+    use model::loss::LossSpec;
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/ingest-to-submission.toml");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let loss = |set: &str| {
+        let plan = rt.block_on(load(&file, &[set.to_string()])).unwrap();
+        options::<crate::train::TrainStage>(&plan, "train").config.loss.clone()
+    };
+    // A name takes the flat keys (the file sets arcface_s = 30, arcface_m = 0.5).
+    assert_eq!(loss("train.loss=\"arcface\""), vec![(1.0, LossSpec::ArcFace { s: 30.0, m: 0.5, easy_margin: false })]);
+    // A table: its own parameters, the rest from the flat keys and the defaults.
+    assert_eq!(
+        loss("train.loss={ kind = \"subcenter_arcface\", k = 2, margin_a = 0.3 }"),
+        vec![(1.0, LossSpec::SubCenterArcFace { s: 30.0, k: 2, margin_a: 0.3, margin_lambda: 0.25, margin_b: 0.05, easy_margin: false })]
+    );
+    // A list of tables with weights equals the same sum written as text.
+    assert_eq!(
+        loss("train.loss=[{ kind = \"arcface\", m = 0.4 }, { kind = \"cross_entropy\", weight = 0.2 }]"),
+        vec![(1.0, LossSpec::ArcFace { s: 30.0, m: 0.4, easy_margin: false }), (0.2, LossSpec::CrossEntropy)]
+    );
+    // Every problem in the tables, at once: unknown kind, a parameter out of range, a key of
+    // another loss, a missing kind.
+    let toml = std::fs::read_to_string(&file).unwrap().replace(
+        "loss = \"arcface\"",
+        "loss = [\n  { kind = \"focal\" },\n  { kind = \"arcface\", m = 9.0 },\n  { kind = \"triplet\", k = 3 },\n  { weight = 0.5 },\n]",
+    );
+    let (_d, f) = fixture(&toml);
+    let Err(Error::Config(d)) = rt.block_on(load(&f, &[])) else { panic!("four bad loss tables") };
+    let train: Vec<&Diagnostic> = d.0.iter().filter(|x| x.stage.as_deref() == Some("train")).collect();
+    let has = |s: &str| train.iter().any(|x| x.message.contains(s));
+    assert!(has("unknown loss `focal`"), "{d}");
+    assert!(has("`m` must be between 0 and 1.5, found 9"), "{d}");
+    assert!(has("`k`"), "a subcenter key in a triplet table: {d}");
+    assert!(has("missing `kind`"), "{d}");
+    let lines: std::collections::BTreeSet<usize> = train.iter().map(|x| line_of(x)).collect();
+    assert!(lines.len() >= 4, "each problem at its own line: {d}");
+}

@@ -133,8 +133,9 @@ impl DetectStage {
         Checked {
             reads,
             writes: vec![(self.output.clone(), Catalog::builtin("detections"))],
-            hash_extra: serde_json::to_string(&(&self.spec, &self.train, self.val_fraction, &self.boxes, &self.boxes_photo_column))
-                .unwrap_or_default(),
+            // The options are hashed as written; the boxes file by its content (the fingerprint).
+            hash_extra: String::new(),
+            models: vec![self.model.clone().unwrap_or_else(|| stage.to_string())],
         }
     }
 
@@ -188,7 +189,7 @@ impl DetectStage {
         let name = self.model.clone().unwrap_or_else(|| ctx.name.clone());
         let detector_id = format!("{name}-{}", &h.finalize().to_hex()[..12]);
         let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
-        let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()));
+        let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
         let handle = tokio::runtime::Handle::current();
         let (batch, depth) = (self.train.batch_size.max(8), self.prefetch);
 

@@ -99,7 +99,7 @@ impl EmbedStage {
             }
             reads.push(self.model.clone());
         }
-        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("embeddings"))], hash_extra: String::new() }
+        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("embeddings"))], ..Default::default() }
     }
 
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
@@ -115,7 +115,7 @@ impl EmbedStage {
         if self.channels_last {
             net.use_channels_last();
         }
-        let loader = Arc::new(Loader::new(spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()));
+        let loader = Arc::new(Loader::new(spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
         if !ctx.is_streamed(&self.table) {
             if let Some(ds) = ctx.lake.open(&self.table).await? {
                 ctx.progress.set_length(ds.count_rows(None).await.map_err(|e| Error::lance(&self.table, e))? as u64);

@@ -81,7 +81,12 @@ impl EnsembleStage {
         for m in &self.members {
             ins.need(rep, &mut reads, m, &["photo_id", "uri", "embedding"]);
         }
-        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("embeddings"))], hash_extra: String::new() }
+        Checked {
+            reads,
+            writes: vec![(self.output.clone(), Catalog::builtin("embeddings"))],
+            models: vec![self.model.clone().unwrap_or_else(|| stage.to_string())],
+            ..Default::default()
+        }
     }
 
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
@@ -144,9 +149,7 @@ impl EnsembleStage {
                 Arc::new(TimestampMicrosecondArray::from(vec![chrono::Utc::now().timestamp_micros()]).with_timezone("UTC")),
             ],
         )?;
-        let mut models = ctx.sink("models", Catalog::builtin("models"), WriteKind::Merge { keys: vec!["model_id".into()], update_existing: true }).await?;
-        models.send(registry).await?;
-        models.finish().await?;
+        ctx.register_model(registry).await?;
         let dropped = if missing > 0 { format!(", {missing} photos of `{}` missing from another member left out", self.members[0]) } else { String::new() };
         Ok(Outcome {
             rows_in: sets.iter().map(|s| s.len() as u64).sum(),

@@ -128,7 +128,7 @@ impl EvaluateStage {
         if let Some(s) = &self.splits {
             ins.need(rep, &mut reads, s, &["uri", "split"]);
         }
-        Checked { reads, writes: vec![(self.output(stage), Catalog::builtin("evaluations"))], hash_extra: String::new() }
+        Checked { reads, writes: vec![(self.output(stage), Catalog::builtin("evaluations"))], ..Default::default() }
     }
 
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {

@@ -45,10 +45,22 @@ const KEYS: &[&str] = &[
     "table", "index", "flat_below", "partitions", "sub_vectors", "num_bits", "hnsw_m", "ef_construction", "retrain_fraction",
 ];
 
+lake::choice! { "index",
+    /// `index = ...`: what vector index the embeddings table gets.
+    pub enum IndexKind {
+        /// None below `flat_below` rows (exact search is faster there), IVF_HNSW_SQ above.
+        Auto = "auto",
+        /// None: exact search.
+        Flat = "flat",
+        IvfPq = "ivf_pq",
+        IvfHnswSq = "ivf_hnsw_sq",
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct IndexStage {
     pub table: String,
-    pub index: String,
+    pub index: IndexKind,
     pub flat_below: usize,
     /// IVF partitions (0: √rows).
     pub partitions: usize,
@@ -69,10 +81,10 @@ async fn index_rows(ds: &lance::Dataset) -> Result<Option<(u64, u64, String)>> {
 
 impl IndexStage {
     /// The defaults of the pipeline file, with `index` set (for tests and benchmarks).
-    pub fn with_kind(table: &str, index: &str) -> IndexStage {
+    pub fn with_kind(table: &str, index: IndexKind) -> IndexStage {
         IndexStage {
             table: table.into(),
-            index: index.into(),
+            index,
             flat_below: 30_000,
             partitions: 0,
             sub_vectors: 0,
@@ -84,15 +96,11 @@ impl IndexStage {
     }
 
     pub fn parse(k: &mut Keys) -> Option<IndexStage> {
-        let index = k.str("index").unwrap_or_else(|| "auto".into());
-        let mut ok = true;
-        if !["auto", "flat", "ivf_pq", "ivf_hnsw_sq"].contains(&index.as_str()) {
-            k.error("index", format!("unknown index `{index}` (auto, flat, ivf_pq, ivf_hnsw_sq)"));
-            ok = false;
-        }
+        let index = k.choice("index", IndexKind::Auto);
+        let ok = index.is_some();
         let s = IndexStage {
             table: k.str("table").unwrap_or_else(|| "embeddings".into()),
-            index,
+            index: index.unwrap_or(IndexKind::Auto),
             flat_below: k.int("flat_below", 0, i64::MAX).unwrap_or(30_000) as usize,
             partitions: k.int("partitions", 0, 1 << 20).unwrap_or(0) as usize,
             sub_vectors: k.int("sub_vectors", 0, 4096).unwrap_or(0) as usize,
@@ -109,17 +117,16 @@ impl IndexStage {
         let mut reads = Vec::new();
         Inputs { stage, at, visible, broken }.need(rep, &mut reads, &self.table, &["embedding"]);
         // The index is part of the embeddings table: the stage owns no table of its own.
-        Checked { reads, writes: Vec::new(), hash_extra: String::new() }
+        Checked { reads, writes: Vec::new(), ..Default::default() }
     }
 
     /// The index kind for `rows` rows (None: exact search, no index).
     pub fn kind_for(&self, rows: usize) -> Option<&'static str> {
-        match self.index.as_str() {
-            "flat" => None,
-            "ivf_pq" => Some("ivf_pq"),
-            "ivf_hnsw_sq" => Some("ivf_hnsw_sq"),
-            _ if rows < self.flat_below => None,
-            _ => Some("ivf_hnsw_sq"),
+        match self.index {
+            IndexKind::Flat => None,
+            IndexKind::Auto if rows < self.flat_below => None,
+            IndexKind::Auto => Some(IndexKind::IvfHnswSq.as_str()),
+            kind => Some(kind.as_str()),
         }
     }
 

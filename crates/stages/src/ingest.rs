@@ -63,13 +63,21 @@ pub struct IngestConfig {
     pub max_pixels: u64,
     pub batch_size: usize,
     pub storage_options: BTreeMap<String, String>,
+    /// Photos are recorded relative to the lake (source and lake both written relative to the
+    /// pipeline file): the project folder can move without re-ingesting anything.
+    pub relative: bool,
 }
 
 impl IngestConfig {
     pub fn parse(k: &mut Keys, ctx: &Context) -> Option<IngestConfig> {
         let mut ok = true;
+        let mut relative = false;
         let source = match k.str("source") {
             Some(s) => match ctx.location(&s) {
+                Ok(u) if ctx.recorded_relative(&s) => {
+                    relative = true;
+                    Some(u)
+                }
                 Ok(u) => Some(u),
                 Err(e) => {
                     k.error("source", e.to_string());
@@ -111,6 +119,7 @@ impl IngestConfig {
             max_pixels: k.int("max_pixels", 1, 4_000_000_000).unwrap_or(120_000_000) as u64,
             batch_size: k.int("batch_size", 1, 1_000_000).unwrap_or(256) as usize,
             storage_options: k.str_map("storage_options").unwrap_or_default().into_iter().collect(),
+            relative,
         };
         engine::stage::finish_keys(k, KEYS);
         (ok && !cfg.source.is_empty()).then_some(cfg)
@@ -142,20 +151,22 @@ impl IngestConfig {
             });
         }
         objects.sort_by(|a, b| a.location.cmp(&b.location));
+        // Of the listing, what does not change when the project folder moves: each object's
+        // path under the source, size and tag (for local files, modification time and size).
         let mut h = blake3::Hasher::new();
         for m in &objects {
-            h.update(m.location.as_ref().as_bytes());
-            h.update(&m.size.to_le_bytes());
-            h.update(m.e_tag.as_deref().unwrap_or("").as_bytes());
-            h.update(&m.last_modified.timestamp_micros().to_le_bytes());
+            h.update(relative(&prefix, &m.location).as_bytes());
+            h.update(&[0]);
+            h.update(self.tag(m).as_bytes());
+            h.update(&[0]);
         }
+        // The labels file by its content.
         if let Some(l) = &self.labels {
             let (lstore, lpath) = store::open(l, &self.options())?;
-            let meta = lstore.head(&lpath).await.map_err(|e| Error::Labels { uri: l.clone(), detail: e.to_string() })?;
-            h.update(l.as_bytes());
-            h.update(&meta.size.to_le_bytes());
-            h.update(meta.e_tag.as_deref().unwrap_or("").as_bytes());
-            h.update(&meta.last_modified.timestamp_micros().to_le_bytes());
+            let err = |e: object_store::Error| Error::Labels { uri: l.clone(), detail: e.to_string() };
+            let bytes = lstore.get(&lpath).await.map_err(err)?.bytes().await.map_err(err)?;
+            h.update(b"labels");
+            h.update(blake3::hash(&bytes).as_bytes());
         }
         ctx.progress.set_message(format!("{} objects listed", objects.len()));
         Ok(Prepared {
@@ -176,8 +187,17 @@ impl IngestConfig {
             labels.get(rel).or_else(|| labels.get(rel.rsplit('/').next().unwrap_or(rel))).cloned()
         };
         let listed = objects.len() as u64;
-        let etag = |m: &ObjectMeta| m.e_tag.clone().unwrap_or_else(|| format!("{}-{}", m.size, m.last_modified.timestamp_micros()));
-        let uri_of = |m: &ObjectMeta| format!("{}/{}", self.source, relative(&prefix, &m.location));
+        let etag = |m: &ObjectMeta| self.tag(m);
+        // How rows name their photo: relative to the lake when both were written relative,
+        // unless the lake already records this source's photos by absolute URI (a lake made
+        // before lake-relative records, kept as it is).
+        let legacy = self.relative && records_absolute(ctx, &self.source).await?;
+        let record_relative = self.relative && !legacy;
+        let root = ctx.lake.root().to_string();
+        let uri_of = |m: &ObjectMeta| {
+            let abs = format!("{}/{}", self.source, relative(&prefix, &m.location));
+            if record_relative { store::lake_relative(&root, &abs).unwrap_or(abs) } else { abs }
+        };
         let current: HashMap<String, String> = objects.iter().map(|m| (uri_of(m), etag(m))).collect();
 
         let images_schema = Catalog::builtin("images");
@@ -236,7 +256,7 @@ impl IngestConfig {
             }
         }
         let todo: Vec<ObjectMeta> =
-            objects.into_iter().filter(|m| known.get(&uri_of(m)).is_none_or(|t| *t != etag(m))).collect();
+            objects.into_iter().filter(|m| known.get(&uri_of(m)).is_none_or(|t| !same_tag(t, &etag(m)))).collect();
         let unchanged = listed - todo.len() as u64;
         ctx.progress.set_length(todo.len() as u64);
         ctx.progress.set_message("photos");
@@ -282,7 +302,7 @@ impl IngestConfig {
         while let Some((meta, outcome)) = results.next().await {
             ctx.progress.inc(1);
             let rel = relative(&prefix, &meta.location);
-            let uri = format!("{}/{rel}", self.source);
+            let uri = uri_of(&meta);
             match outcome {
                 Ok((analysis, content_hash)) => {
                     n_images += 1;
@@ -342,6 +362,37 @@ impl IngestConfig {
     }
 }
 
+impl IngestConfig {
+    /// An object's version tag: the store's e-tag; for local files their modification time and
+    /// size (the local store's e-tag also holds the inode, which a copy of the folder changes).
+    fn tag(&self, m: &ObjectMeta) -> String {
+        let local = format!("{:x}-{:x}", m.last_modified.timestamp_micros(), m.size);
+        if self.source.starts_with("file://") { local } else { m.e_tag.clone().unwrap_or(local) }
+    }
+}
+
+/// Whether `old`, a tag recorded in the lake, is the tag `new`: equal, or a local e-tag of an
+/// earlier version (`inode-mtime-size`) with the same modification time and size.
+fn same_tag(old: &str, new: &str) -> bool {
+    old == new || old.strip_suffix(new).is_some_and(|head| head.ends_with('-') && !head[..head.len() - 1].contains('-'))
+}
+
+/// Whether table `images` already records photos of `source` by their absolute URI.
+async fn records_absolute(ctx: &StageCtx, source: &str) -> Result<bool> {
+    let Some(ds) = ctx.lake.open("images").await? else { return Ok(false) };
+    let mut scan = ds.scan();
+    scan.project(&["uri"]).map_err(|e| Error::lance("images", e))?;
+    let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance("images", e))?;
+    let prefix = format!("{source}/");
+    while let Some(b) = stream.try_next().await.map_err(|e| Error::lance("images", e))? {
+        let uris = lake::tables::Columns::new("images", &b).strings("uri")?;
+        if uris.iter().flatten().any(|u| u.starts_with(&prefix)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The source listing made by `prepare`.
 pub struct Listing {
     store: Arc<dyn ObjectStore>,
@@ -362,6 +413,21 @@ fn relative(prefix: &ObjectPath, loc: &ObjectPath) -> String {
     match loc.prefix_match(prefix) {
         Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
         None => loc.as_ref().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tag_tests {
+    use super::same_tag;
+
+    #[test]
+    fn a_local_tag_matches_the_inode_tag_of_the_same_file_and_nothing_else() {
+        assert!(same_tag("5f-1a2b-3c", "5f-1a2b-3c"));
+        assert!(same_tag("e4d2-1a2b-3c", "1a2b-3c"), "the inode-mtime-size e-tag recorded before");
+        assert!(!same_tag("e4d2-1a2b-3d", "1a2b-3c"));
+        assert!(!same_tag("e4d2-11a2b-3c", "1a2b-3c"));
+        assert!(!same_tag("x-e4d2-1a2b-3c", "1a2b-3c"));
+        assert!(!same_tag("1a2b-3c", "e4d2-1a2b-3c"));
     }
 }
 
@@ -511,7 +577,7 @@ impl Stage for IngestConfig {
         Box::pin(std::future::ready(Checked {
             reads: Vec::new(),
             writes: ["images", "rejects"].iter().map(|t| (t.to_string(), lake::Catalog::builtin(t))).collect(),
-            hash_extra: String::new(),
+            ..Default::default()
         }))
     }
 

@@ -66,7 +66,7 @@ impl PseudoLabelStage {
     pub fn check(&self, stage: &str, at: &Loc, visible: &HashMap<String, SchemaRef>, broken: bool, rep: &mut Reporter) -> Checked {
         let mut reads = Vec::new();
         Inputs { stage, at, visible, broken }.need(rep, &mut reads, &self.embeddings, &["photo_id", "uri", "individual_id", "embedding"]);
-        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("pseudo_labels"))], hash_extra: String::new() }
+        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("pseudo_labels"))], ..Default::default() }
     }
 
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {

@@ -73,7 +73,7 @@ impl ReportStage {
         if visible.contains_key(&self.evaluations) {
             reads.push(self.evaluations.clone());
         }
-        Checked { reads, writes: Vec::new(), hash_extra: String::new() }
+        Checked { reads, writes: Vec::new(), ..Default::default() }
     }
 
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {

@@ -46,11 +46,43 @@ const KEYS: &[&str] = &[
 /// The answer for one photo whose individual is not in the collection.
 pub const NEW_INDIVIDUAL: &str = "new_individual";
 
+lake::choice! { "query set",
+    /// `queries = ...`: which photos get a top-k line.
+    pub enum QuerySet {
+        All = "all",
+        /// The held-out photos of the train stage's split (`val_unseen` and `val_seen`).
+        Val = "val",
+        /// Photos of individuals held out of training entirely.
+        ValUnseen = "val_unseen",
+        /// Held-out photos of trained individuals.
+        ValSeen = "val_seen",
+        /// Photos without a label.
+        Unlabelled = "unlabelled",
+    }
+}
+
+impl QuerySet {
+    /// Whether a photo with `split` (empty: none) and, or without, a label is in the set.
+    pub fn holds(self, split: &str, labelled: bool) -> bool {
+        match self {
+            QuerySet::All => true,
+            QuerySet::Val => split.starts_with("val"),
+            QuerySet::ValUnseen | QuerySet::ValSeen => split == self.as_str(),
+            QuerySet::Unlabelled => !labelled,
+        }
+    }
+
+    /// Whether it is defined by the train stage's split.
+    pub fn needs_splits(self) -> bool {
+        matches!(self, QuerySet::Val | QuerySet::ValUnseen | QuerySet::ValSeen)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SubmitStage {
     pub embeddings: String,
     pub splits: Option<String>,
-    pub queries: String,
+    pub queries: QuerySet,
     pub k: usize,
     /// Resolved location of the CSV.
     pub csv: Option<String>,
@@ -152,11 +184,9 @@ pub fn individuals(hits: &[Hit], threshold: Option<f64>, n: usize) -> Vec<(Strin
 impl SubmitStage {
     pub fn parse(k: &mut Keys, ctx: &Context) -> Option<SubmitStage> {
         let mut ok = true;
-        let queries = k.str("queries").unwrap_or_else(|| "all".into());
-        if !["all", "val", "val_unseen", "val_seen", "unlabelled"].contains(&queries.as_str()) {
-            k.error("queries", format!("unknown query set `{queries}` (all, val, val_unseen, val_seen, unlabelled)"));
-            ok = false;
-        }
+        let queries = k.choice("queries", QuerySet::All);
+        ok &= queries.is_some();
+        let queries = queries.unwrap_or(QuerySet::All);
         let csv = match k.str("csv") {
             Some(c) => match ctx.location(&c) {
                 Ok(u) => Some(u),
@@ -198,7 +228,7 @@ impl SubmitStage {
             query_expansion: k.int("query_expansion", 0, 100).unwrap_or(0) as usize,
             qe_alpha: k.float("qe_alpha", 0.0, 100.0).unwrap_or(3.0) as f32,
         };
-        if s.queries.starts_with("val") && s.splits.is_none() {
+        if s.queries.needs_splits() && s.splits.is_none() {
             k.error("queries", format!("queries = \"{}\" needs `splits` (the train stage's table)", s.queries));
             ok = false;
         }
@@ -213,7 +243,7 @@ impl SubmitStage {
         if let Some(s) = &self.splits {
             ins.need(rep, &mut reads, s, &["uri", "split"]);
         }
-        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("submissions"))], hash_extra: String::new() }
+        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("submissions"))], ..Default::default() }
     }
 
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
@@ -229,12 +259,7 @@ impl SubmitStage {
         };
         let split_of = |i: usize| splits.get(&set.uris[i]).map(String::as_str).unwrap_or("");
         let rows: Vec<usize> = (0..set.len())
-            .filter(|&i| match self.queries.as_str() {
-                "all" => true,
-                "val" => split_of(i).starts_with("val"),
-                "unlabelled" => set.labels[i].is_none(),
-                q => split_of(i) == q,
-            })
+            .filter(|&i| self.queries.holds(split_of(i), set.labels[i].is_some()))
             .collect();
         if rows.is_empty() {
             return Err(Error::Other(format!("no photo of `{}` is in query set `{}`", self.embeddings, self.queries)));

@@ -34,10 +34,10 @@ use rand_chacha::ChaCha8Rng;
 
 use futures::future::BoxFuture;
 use engine::stage::{Checked, Inputs, Outcome, Prepared, Stage};
-use engine::config::{Context, Device, Keys, Loc, Reporter, Val};
+use engine::config::{Context, Device, Keys, Loc, Node, Reporter, Val};
 use engine::StageCtx;
 use lake::models::model_dir;
-use lake::{Catalog, Lake, WriteKind};
+use lake::{Catalog, Lake, WriteKind, store};
 use model::augment::{Aug, AugOp, Augmenter};
 use model::data::{Loader, Photo};
 use model::loss::LossSpec;
@@ -45,7 +45,7 @@ use model::neck::{NeckConfig, Pooling};
 use model::net::{CropSpec, NetSpec};
 use model::optim::{OptimConfig, OptimKind};
 use model::sampler::Sampler;
-use model::train::{self, Pretrained, ScheduleConfig, TrainConfig, TrainEnv};
+use model::train::{self, Pretrained, ScheduleConfig, ScheduleKind, TrainConfig, TrainEnv};
 use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
@@ -96,7 +96,65 @@ pub struct TrainStage {
     pub eval_batch: usize,
 }
 
-fn parse_loss(text: &str, k: &mut Keys) -> Option<Vec<(f64, String)>> {
+const LOSSES: &[&str] = &["arcface", "subcenter_arcface", "triplet", "cross_entropy"];
+
+/// Loss parameters from the stage's flat keys (`arcface_s`, `subcenter_k`, ...): the values of a
+/// loss written by name, and the defaults of a loss table.
+struct LossDefaults {
+    s: f64,
+    m: f64,
+    easy_margin: bool,
+    k: i64,
+    margin_a: f64,
+    margin_lambda: f64,
+    margin_b: f64,
+    triplet_margin: f64,
+}
+
+impl LossDefaults {
+    fn spec(&self, name: &str) -> LossSpec {
+        match name {
+            "arcface" => LossSpec::ArcFace { s: self.s, m: self.m, easy_margin: self.easy_margin },
+            "subcenter_arcface" => LossSpec::SubCenterArcFace {
+                s: self.s,
+                k: self.k,
+                margin_a: self.margin_a,
+                margin_lambda: self.margin_lambda,
+                margin_b: self.margin_b,
+                easy_margin: self.easy_margin,
+            },
+            "triplet" => LossSpec::Triplet { margin: (self.triplet_margin > 0.0).then_some(self.triplet_margin) },
+            _ => LossSpec::CrossEntropy,
+        }
+    }
+}
+
+/// `loss`, as one of:
+/// - a name or weighted sum of names: `"arcface"`, `"arcface + 0.2*cross_entropy"` (parameters
+///   from the flat keys `arcface_s`, `arcface_m`, `subcenter_k`, `margin_a`, ...);
+/// - a table: `{ kind = "subcenter_arcface", k = 3, s = 30, margin_a = 0.45 }` (unset
+///   parameters from the flat keys, then the defaults);
+/// - a list of tables, each with an optional `weight`:
+///   `[{ kind = "arcface", m = 0.5 }, { kind = "cross_entropy", weight = 0.2 }]`.
+fn parse_loss(k: &mut Keys, flat: &LossDefaults) -> Option<Vec<(f64, LossSpec)>> {
+    let Some(node) = k.node("loss") else {
+        return Some(vec![(1.0, flat.spec("arcface"))]);
+    };
+    match &node.val {
+        Val::Str(text) => parse_loss_text(text, k, flat),
+        Val::Table(_) => parse_loss_table(node, k, flat).map(|t| vec![t]),
+        Val::Array(items) if !items.is_empty() => {
+            let terms: Vec<Option<(f64, LossSpec)>> = items.iter().map(|it| parse_loss_table(it, k, flat)).collect();
+            terms.into_iter().collect()
+        }
+        _ => {
+            k.error("loss", "`loss` must be a name (\"arcface\"), a table ({ kind = \"arcface\", m = 0.5 }) or a list of tables");
+            None
+        }
+    }
+}
+
+fn parse_loss_text(text: &str, k: &mut Keys, flat: &LossDefaults) -> Option<Vec<(f64, LossSpec)>> {
     let mut out = Vec::new();
     for term in text.split('+') {
         let term = term.trim();
@@ -110,16 +168,74 @@ fn parse_loss(text: &str, k: &mut Keys) -> Option<Vec<(f64, String)>> {
             },
             None => (1.0, term),
         };
-        if !["arcface", "subcenter_arcface", "triplet", "cross_entropy"].contains(&name) {
+        if !LOSSES.contains(&name) {
             k.error(
                 "loss",
-                format!("unknown loss `{name}` (known: arcface, subcenter_arcface, triplet, cross_entropy; combine as \"arcface + 0.2*cross_entropy\")"),
+                format!("unknown loss `{name}` (known: {}; combine as \"arcface + 0.2*cross_entropy\")", LOSSES.join(", ")),
             );
             return None;
         }
-        out.push((w, name.to_string()));
+        out.push((w, flat.spec(name)));
     }
     Some(out)
+}
+
+/// One loss table: `kind`, the kind's parameters and `weight`, every problem reported at its line.
+fn parse_loss_table(node: &Node, k: &mut Keys, flat: &LossDefaults) -> Option<(f64, LossSpec)> {
+    let stage = k.stage().map(str::to_string);
+    if node.as_table().is_none() {
+        k.reporter().error(&node.at, stage.as_deref(), "each `loss` item must be a table like { kind = \"arcface\", m = 0.5 }");
+        return None;
+    }
+    let before = k.reporter().count();
+    let mut t = Keys::new(node, stage.as_deref(), "loss", k.reporter());
+    let kind = match t.str("kind") {
+        Some(name) if LOSSES.contains(&name.as_str()) => Some(name),
+        Some(name) => {
+            t.error("kind", format!("unknown loss `{name}` (known: {})", LOSSES.join(", ")));
+            None
+        }
+        None => {
+            if !t.has("kind") {
+                t.missing("kind", &format!("one of: {}", LOSSES.join(", ")));
+            }
+            None
+        }
+    };
+    let weight = t.float("weight", 1e-6, 1e6).unwrap_or(1.0);
+    let (spec, known): (Option<LossSpec>, &[&str]) = match kind.as_deref() {
+        Some("arcface") => (
+            Some(LossSpec::ArcFace {
+                s: t.float("s", 1.0, 128.0).unwrap_or(flat.s),
+                m: t.float("m", 0.0, 1.5).unwrap_or(flat.m),
+                easy_margin: t.bool("easy_margin").unwrap_or(flat.easy_margin),
+            }),
+            &["kind", "weight", "s", "m", "easy_margin"],
+        ),
+        Some("subcenter_arcface") => (
+            Some(LossSpec::SubCenterArcFace {
+                s: t.float("s", 1.0, 128.0).unwrap_or(flat.s),
+                k: t.int("k", 1, 16).unwrap_or(flat.k),
+                margin_a: t.float("margin_a", 0.0, 1.5).unwrap_or(flat.margin_a),
+                margin_lambda: t.float("margin_lambda", 0.0, 4.0).unwrap_or(flat.margin_lambda),
+                margin_b: t.float("margin_b", 0.0, 1.5).unwrap_or(flat.margin_b),
+                easy_margin: t.bool("easy_margin").unwrap_or(flat.easy_margin),
+            }),
+            &["kind", "weight", "s", "k", "margin_a", "margin_lambda", "margin_b", "easy_margin"],
+        ),
+        Some("triplet") => {
+            let m = t.float("margin", 0.0, 10.0).unwrap_or(flat.triplet_margin);
+            (Some(LossSpec::Triplet { margin: (m > 0.0).then_some(m) }), &["kind", "weight", "margin"])
+        }
+        Some(_) => (Some(LossSpec::CrossEntropy), &["kind", "weight"]),
+        None => {
+            t.ignore_rest();
+            (None, &[])
+        }
+    };
+    t.finish(known);
+    let clean = t.reporter().count() == before;
+    spec.filter(|_| clean).map(|s| (weight, s))
 }
 
 /// `augment = "heavy" | "none" | [{ op = "hflip", p = 0.5 }, { op = "rotate", p = 0.5, degrees = 15 }]`.
@@ -250,37 +366,18 @@ impl TrainStage {
             embedding_dim: k.int("embedding_dim", 8, 8192).unwrap_or(256),
             dropout: k.float("dropout", 0.0, 0.9).unwrap_or(0.0),
         };
-        let loss_text = k.str("loss").unwrap_or_else(|| "arcface".into());
-        let s = k.float("arcface_s", 1.0, 128.0).unwrap_or(30.0);
-        let m = k.float("arcface_m", 0.0, 1.5).unwrap_or(0.5);
-        let easy_margin = k.bool("easy_margin").unwrap_or(false);
-        let kc = k.int("subcenter_k", 1, 16).unwrap_or(3);
-        let (ma, ml, mb) = (
-            k.float("margin_a", 0.0, 1.5).unwrap_or(0.45),
-            k.float("margin_lambda", 0.0, 4.0).unwrap_or(0.25),
-            k.float("margin_b", 0.0, 1.5).unwrap_or(0.05),
-        );
-        let tm = k.float("triplet_margin", 0.0, 10.0).unwrap_or(0.3);
-        let loss = match parse_loss(&loss_text, k) {
-            Some(terms) => terms
-                .into_iter()
-                .map(|(w, n)| {
-                    let spec = match n.as_str() {
-                        "arcface" => LossSpec::ArcFace { s, m, easy_margin },
-                        "subcenter_arcface" => LossSpec::SubCenterArcFace {
-                            s,
-                            k: kc,
-                            margin_a: ma,
-                            margin_lambda: ml,
-                            margin_b: mb,
-                            easy_margin,
-                        },
-                        "triplet" => LossSpec::Triplet { margin: (tm > 0.0).then_some(tm) },
-                        _ => LossSpec::CrossEntropy,
-                    };
-                    (w, spec)
-                })
-                .collect(),
+        let flat = LossDefaults {
+            s: k.float("arcface_s", 1.0, 128.0).unwrap_or(30.0),
+            m: k.float("arcface_m", 0.0, 1.5).unwrap_or(0.5),
+            easy_margin: k.bool("easy_margin").unwrap_or(false),
+            k: k.int("subcenter_k", 1, 16).unwrap_or(3),
+            margin_a: k.float("margin_a", 0.0, 1.5).unwrap_or(0.45),
+            margin_lambda: k.float("margin_lambda", 0.0, 4.0).unwrap_or(0.25),
+            margin_b: k.float("margin_b", 0.0, 1.5).unwrap_or(0.05),
+            triplet_margin: k.float("triplet_margin", 0.0, 10.0).unwrap_or(0.3),
+        };
+        let loss = match parse_loss(k, &flat) {
+            Some(terms) => terms,
             None => {
                 ok = false;
                 Vec::new()
@@ -321,13 +418,10 @@ impl TrainStage {
         };
         let lr = k.float("lr", 1e-8, 10.0).unwrap_or(2e-4);
         let head_lr = k.float("head_lr", 1e-8, 10.0).unwrap_or(lr * 10.0);
-        let schedule_kind = k.str("schedule").unwrap_or_else(|| "cosine".into());
-        if !["cosine", "step", "multistep", "constant"].contains(&schedule_kind.as_str()) {
-            k.error("schedule", format!("unknown schedule `{schedule_kind}` (cosine, step, multistep, constant)"));
-            ok = false;
-        }
+        let schedule_kind = k.choice("schedule", ScheduleKind::Cosine);
+        ok &= schedule_kind.is_some();
         let schedule = ScheduleConfig {
-            kind: schedule_kind,
+            kind: schedule_kind.unwrap_or(ScheduleKind::Cosine),
             warmup_epochs: k.float("warmup_epochs", 0.0, 1000.0).unwrap_or(2.0),
             warmup_start: k.float("warmup_start", 0.0, 1.0).unwrap_or(0.1),
             floor: k.float("lr_floor", 0.0, 1.0).unwrap_or(0.01),
@@ -405,13 +499,17 @@ impl TrainStage {
         Checked {
             reads,
             writes: vec![(self.output(stage), Catalog::builtin("splits"))],
-            // Without crops the hash is what it was before crops existed: models trained then
-            // stay up to date.
-            hash_extra: match &self.crops {
-                None => serde_json::to_string(&(&self.config, &self.split)),
-                Some(c) => serde_json::to_string(&(&self.config, &self.split, c, self.crop_margin)),
-            }
-            .unwrap_or_default(),
+            // The options are hashed as written (a key added with a default that keeps today's
+            // training retrains nothing); a checkpoint file they name, by its content, so the
+            // project can move.
+            hash_extra: match &self.config.pretrained {
+                Pretrained::Checkpoint(p) => match std::fs::read(p) {
+                    Ok(bytes) => format!("pretrained:{}", blake3::hash(&bytes).to_hex()),
+                    Err(e) => format!("pretrained:unreadable:{e}"),
+                },
+                _ => String::new(),
+            },
+            models: vec![self.model_name(stage)],
         }
     }
 
@@ -485,7 +583,7 @@ impl TrainStage {
             self.loader_threads,
             self.cache_mb << 20,
             ctx.lake.options().clone(),
-        ));
+        ).in_lake(ctx.lake.root()));
         let weights_dir = std::env::var_os("PIPELINE_WEIGHTS")
             .map(PathBuf::from)
             .unwrap_or_else(|| dirs_cache().join("weights"));
@@ -563,13 +661,11 @@ impl TrainStage {
                 Arc::new(StringArray::from(vec![serde_json::to_string(&st.history).unwrap_or_default()])),
                 Arc::new(Int32Array::from(vec![st.best_epoch.map(|e| e as i32)])),
                 Arc::new(Float64Array::from(vec![st.best_map_at_20])),
-                Arc::new(StringArray::from(vec![dir.uri.as_str()])),
+                Arc::new(StringArray::from(vec![store::lake_relative(ctx.lake.root(), &dir.uri).unwrap_or_else(|| dir.uri.clone())])),
                 Arc::new(TimestampMicrosecondArray::from(vec![chrono::Utc::now().timestamp_micros()]).with_timezone("UTC")),
             ],
         )?;
-        let mut models = ctx.sink("models", Catalog::builtin("models"), WriteKind::Merge { keys: vec!["model_id".into()], update_existing: true }).await?;
-        models.send(registry).await?;
-        models.finish().await?;
+        ctx.register_model(registry).await?;
 
         let counts = |s: &str| split.iter().filter(|x| **x == s).count();
         let metrics = best

@@ -73,11 +73,20 @@ impl<'a> Keys<'a> {
 
     /// `device`: "auto" (the default), "cpu" or "cuda"; anything else is reported (None).
     pub fn device(&mut self) -> Option<super::Device> {
-        let Some(device) = self.str("device") else { return Some(super::Device::Auto) };
-        match device.parse() {
-            Ok(d) => Some(d),
+        self.choice("device", super::Device::Auto)
+    }
+
+    /// One of a fixed set of names ([`lake::choice!`]): `default` when absent; an unknown name
+    /// is reported with the choices (None).
+    pub fn choice<T: std::str::FromStr<Err = String>>(&mut self, key: &str, default: T) -> Option<T> {
+        let Some(name) = self.str(key) else {
+            // Absent, or not a string (reported by `str`).
+            return (!self.has(key)).then_some(default);
+        };
+        match name.parse() {
+            Ok(v) => Some(v),
             Err(e) => {
-                self.error("device", e);
+                self.error(key, e);
                 None
             }
         }

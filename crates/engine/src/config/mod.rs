@@ -60,39 +60,16 @@ impl Reporter {
     }
 }
 
-/// Where model stages run (`device = ...` in a stage, `pipeline run --device`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Device {
-    /// CUDA when libtorch sees a GPU, else the CPU.
-    #[default]
-    Auto,
-    Cpu,
-    /// CUDA, an error when libtorch sees no GPU.
-    Cuda,
-}
-
-impl Device {
-    pub const NAMES: &[&str] = &["auto", "cpu", "cuda"];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Device::Auto => "auto",
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        }
-    }
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Device, String> {
-        match s {
-            "auto" => Ok(Device::Auto),
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda),
-            other => Err(format!("unknown device `{other}` ({})", Device::NAMES.join(", "))),
-        }
+lake::choice! { "device",
+    /// Where model stages run (`device = ...` in a stage, `pipeline run --device`).
+    #[derive(Default)]
+    pub enum Device {
+        /// CUDA when libtorch sees a GPU, else the CPU.
+        #[default]
+        Auto = "auto",
+        Cpu = "cpu",
+        /// CUDA, an error when libtorch sees no GPU.
+        Cuda = "cuda",
     }
 }
 
@@ -102,6 +79,10 @@ pub struct Context {
     /// Folder of the pipeline file: relative paths in it are relative to this.
     pub base_dir: PathBuf,
     pub catalog: Catalog,
+    /// The lake was written relative to the pipeline file (`lake = "file://../data/lake"`):
+    /// locations also written relative are recorded relative to the lake
+    /// ([`lake::store::lake_relative`]), so the project folder can move.
+    pub lake_relative: bool,
 }
 
 impl Context {
@@ -113,6 +94,11 @@ impl Context {
 
     pub fn location(&self, l: &str) -> Result<String> {
         store::resolve(l, &self.base_dir)
+    }
+
+    /// Whether objects under location `l` (as written) are recorded relative to the lake.
+    pub fn recorded_relative(&self, l: &str) -> bool {
+        self.lake_relative && store::is_relative(l)
     }
 }
 
@@ -129,6 +115,8 @@ pub struct StagePlan {
     pub reads: Vec<String>,
     /// Tables this stage writes.
     pub writes: Vec<String>,
+    /// Names of the models it makes ([`crate::stage::Checked::models`]).
+    pub models: Vec<String>,
     /// Inputs it reads while they are written: `(input stage, its table)`.
     pub streamed: Vec<(String, String)>,
     /// Hash of the resolved options and the files they name: a change re-runs the stage.
@@ -236,7 +224,7 @@ pub async fn compile(path: &Path, text: &str, sets: &[String], registry: &Regist
             Catalog::load(None).unwrap_or_default()
         }
     };
-    let ctx = Context { base_dir: base_dir.clone(), catalog: catalog.clone() };
+    let ctx = Context { base_dir: base_dir.clone(), catalog: catalog.clone(), lake_relative: store::is_relative(&lake_loc) };
     let lake = match ctx.location(&lake_loc) {
         Ok(l) => l,
         Err(e) => {
@@ -351,6 +339,11 @@ pub async fn compile(path: &Path, text: &str, sets: &[String], registry: &Regist
             table_schemas.insert(t.clone(), s);
             writes.push(t);
         }
+        for m in &checked.models {
+            if let Some(other) = stages_out.iter().find(|p| p.models.contains(m)).map(|p| p.name.clone()) {
+                rep.error(at, Some(sname), format!("makes models named `{m}`, which stage `{other}` makes too (set `model` to tell them apart)"));
+            }
+        }
         writes_of.insert(sname.clone(), writes.clone());
         ancestors.insert(sname.clone(), anc);
         // Stable: the options as written, not their parsed form, so a key added to a kind with a
@@ -388,6 +381,7 @@ pub async fn compile(path: &Path, text: &str, sets: &[String], registry: &Regist
             inputs: input_names,
             reads: checked.reads,
             writes,
+            models: checked.models,
             streamed,
             config_hash,
             at: at.clone(),

@@ -51,6 +51,10 @@ pub struct StageCtx {
     producers: Vec<(String, watch::Receiver<Phase>)>,
     /// Fault injection: the sink of this table fails after this many rows.
     fail_after: Option<(String, u64)>,
+    /// Names of the models this stage may register ([`crate::stage::Checked::models`]).
+    models: Vec<String>,
+    /// Models it registered this run.
+    registered: Mutex<Vec<String>>,
 }
 
 /// The reading end of a streamed edge.
@@ -112,6 +116,29 @@ impl StageCtx {
             }
         }
         Ok(sink)
+    }
+
+    /// Adds rows to the `models` registry (merged on `model_id`), committed like the stage's
+    /// tables. Each id must be `<name>-...` for a model name the stage declared in its check;
+    /// the stage stays up to date only while the models it registered are [present](lake::models::present).
+    pub async fn register_model(&self, rows: arrow::array::RecordBatch) -> Result<u64> {
+        let ids = lake::tables::Columns::new(lake::models::TABLE, &rows).strings("model_id")?;
+        let ids: Vec<String> = ids.iter().flatten().map(str::to_string).collect();
+        for id in &ids {
+            if !self.models.iter().any(|m| id.strip_prefix(m.as_str()).is_some_and(|rest| rest.starts_with('-'))) {
+                return Err(Error::Other(format!(
+                    "stage `{}` registers model `{id}`, not named after its models ({})",
+                    self.name,
+                    if self.models.is_empty() { "it declared none".to_string() } else { self.models.join(", ") }
+                )));
+            }
+        }
+        let schema = self.lake.catalog().get(lake::models::TABLE).unwrap_or_else(|| lake::Catalog::builtin(lake::models::TABLE));
+        let mut sink = self.sink(lake::models::TABLE, schema, WriteKind::Merge { keys: vec!["model_id".into()], update_existing: true }).await?;
+        sink.send(rows).await?;
+        let committed = sink.finish().await?;
+        self.registered.lock().map_err(|_| Error::Other("stage context poisoned".into()))?.extend(ids);
+        Ok(committed.version)
     }
 
     /// Whether `table` reaches this stage over a streamed edge this run.
@@ -335,6 +362,8 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
             streams: Mutex::new(streams),
             producers,
             fail_after: opts.fail_after.clone(),
+            models: stage.models.clone(),
+            registered: Mutex::new(Vec::new()),
         };
         let stage = stage.clone();
         let shared = shared.clone();
@@ -495,7 +524,13 @@ async fn execute(shared: &Shared, stage: &StagePlan, ctx: &StageCtx, streaming: 
     let read = shared.lake.versions(&stage.reads).await?;
     if !shared.force && !streaming {
         if let Some(last) = ledger::last_success(&shared.lake, &shared.pipeline, &stage.name).await? {
-            let written_now = shared.lake.versions(&stage.writes).await?;
+            let mut written_now = shared.lake.versions(&stage.writes).await?;
+            // The models it registered: still there?
+            for key in last.tables_written.keys() {
+                if let Some(id) = lake::models::ledger_id(key) {
+                    written_now.insert(key.clone(), u64::from(lake::models::present(&shared.lake, id).await?));
+                }
+            }
             let unchanged = last.config_hash == stage.config_hash
                 && last.input_fingerprint == fingerprint
                 && last.tables_read == read
@@ -515,6 +550,10 @@ async fn execute(shared: &Shared, stage: &StagePlan, ctx: &StageCtx, streaming: 
     // check compares like with like.
     for (t, v) in shared.lake.versions(&stage.writes).await? {
         outcome.written.entry(t).or_insert(v);
+    }
+    let registered = std::mem::take(&mut *ctx.registered.lock().map_err(|_| Error::Other("stage context poisoned".into()))?);
+    for id in registered {
+        outcome.written.insert(lake::models::ledger_key(&id), 1);
     }
     Ok(Done { status: Status::Succeeded, outcome, fingerprint, read })
 }
