@@ -45,6 +45,10 @@ enum Cmd {
         /// Overrides their `device` key.
         #[arg(long, value_parser = ["auto", "cpu", "cuda"])]
         device: Option<String>,
+        /// When another run holds the lake (one writer at a time), wait up to this many seconds
+        /// for it instead of failing at once.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
         /// No progress bars.
         #[arg(long, short)]
         quiet: bool,
@@ -204,11 +208,19 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { file, sets, until, force, resume, device, quiet } => {
+        Cmd::Run { file, sets, until, force, resume, device, wait, quiet } => {
             let plan = pipeline::load(&file, &sets).await?;
             println!("pipeline {} ({}), lake {}", plan.name, file.display(), plan.lake);
             let device = device.map(|d| d.parse::<pipeline::config::Device>()).transpose().map_err(anyhow::Error::msg)?;
-            let report = dag::run(&plan, &RunOptions { force, until, quiet, resume, device, fail_after: None }).await?;
+            let report = dag::run(&plan, &RunOptions {
+                    force,
+                    until,
+                    quiet,
+                    resume,
+                    device,
+                    fail_after: None,
+                    wait: wait.map_or(pipeline::lake::lease::Wait::No, |s| pipeline::lake::lease::Wait::For(std::time::Duration::from_secs(s))),
+                }).await?;
             print_report(&report);
             if let Ok(lake) = lake_of(&plan) {
                 if let Ok((_, b)) = query::query(&lake, "SELECT count(*) AS n FROM rejects").await {

@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod ingest_clean;
+mod lease;
 mod s3;
 mod search;
 mod custom_kind;

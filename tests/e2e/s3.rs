@@ -15,6 +15,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use pipeline::dag::{self, RunOptions, ledger::Status};
+use pipeline::lake::lease::{self, Holder, Lease, Wait};
 use pipeline::lake::{Catalog, Lake};
 
 struct Server(Child);
@@ -111,4 +112,20 @@ async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
     assert!(listed.iter().any(|l| l.contains("/tensorboard/events.out.tfevents.")), "{listed:?}");
     let again = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap();
     assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
+
+    // One writer at a time on S3: the runs gave their lease back; a held lease turns a run away
+    // naming its holder; an expired one (its holder died) is taken over.
+    let record = ObjectPath::from(format!("lake/{}", lease::RECORD));
+    assert!(s3.head(&record).await.is_err(), "released after the run");
+    let ttl = std::time::Duration::from_secs(60);
+    let held = Lease::acquire(&plan.lake, &Default::default(), Holder::new("run X of pipeline `other`", ttl), ttl, Wait::No).await.unwrap();
+    let busy = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap_err().to_string();
+    assert!(busy.contains("s3://survey/lake") && busy.contains("run X of pipeline `other`"), "{busy}");
+    held.release().await;
+    let mut dead = Holder::new("run Y that was killed", ttl);
+    dead.expires_ms = 0;
+    s3.put(&record, serde_json::to_vec(&dead).unwrap().into()).await.unwrap();
+    let again = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap();
+    assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
+    assert!(s3.head(&record).await.is_err(), "released after the run");
 }

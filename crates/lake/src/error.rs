@@ -80,6 +80,10 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// Another run holds the lake's lease (one writer at a time).
+    #[error("lake `{lake}` is in use by {holder}; wait for it (`pipeline run --wait SECONDS`) or try later")]
+    Busy { lake: String, holder: String },
+
     #[error("run cancelled ({0})")]
     Cancelled(String),
 

@@ -260,7 +260,12 @@ pub struct RunOptions {
     /// Fault injection, for tests of failure handling: the writer of this table fails once it
     /// was sent this many rows, and nothing it wrote is committed.
     pub fail_after: Option<(String, u64)>,
+    /// When another run holds the lake: fail at once (the default) or wait.
+    pub wait: lake::lease::Wait,
 }
+
+/// How long an object-store lake's lease lasts unless its holder renews it (every third of it).
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How one stage ended.
 #[derive(Debug, Clone)]
@@ -303,17 +308,44 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
     };
     let lake = Lake::new(plan.lake.clone(), plan.storage_options.clone(), plan.catalog.clone());
     let run_id = format!("{}-{}", Utc::now().format("%Y%m%dT%H%M%SZ"), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // One writer at a time: the run holds the lake's lease from before its first read of the
+    // ledger to after its last commit.
+    let holder = lake::lease::Holder::new(format!("run {run_id} of pipeline `{}`", plan.name), LEASE_TTL);
+    let lease = lake::lease::Lease::acquire(lake.root(), lake.options(), holder, LEASE_TTL, opts.wait).await?;
+    let result = run_leased(plan, opts, selected, lake, run_id, &lease).await;
+    lease.release().await;
+    result
+}
+
+async fn run_leased(
+    plan: &Plan,
+    opts: &RunOptions,
+    selected: Vec<StagePlan>,
+    lake: Lake,
+    run_id: String,
+    lease: &lake::lease::Lease,
+) -> Result<RunReport> {
     // The ledger knows a pipeline by its name, not its path: a moved project is the same one.
     let pipeline = plan.name.clone();
     let progress = Progress::new(opts.quiet);
     let cancel = CancellationToken::new();
 
-    // Ctrl-C cancels the run the same way a failing stage does.
+    // Ctrl-C and SIGTERM (systemd, Kubernetes, `timeout`) cancel the run the same way a
+    // failing stage does: nothing half-written is committed.
     let on_signal = {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                cancel.cancel();
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => if r.is_ok() { cancel.cancel() },
+                _ = term => cancel.cancel(),
             }
         })
     };
@@ -339,7 +371,9 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
     }
 
     let mut set: JoinSet<(StageReport, Option<Error>)> = JoinSet::new();
-    let shared = Arc::new(Shared { lake: lake.clone(), run_id: run_id.clone(), pipeline, pipeline_hash: plan.hash.clone(), force: opts.force });
+    // Without a terminal (cron, systemd), a timestamped line when each stage starts and ends.
+    let log_lines = !opts.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let shared = Arc::new(Shared { lake: lake.clone(), run_id: run_id.clone(), pipeline, pipeline_hash: plan.hash.clone(), force: opts.force, log_lines });
     for stage in &selected {
         let Some(tx) = senders.remove(&stage.name) else { continue };
         let streams = streams.remove(&stage.name).unwrap_or_default();
@@ -388,6 +422,8 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
         reports.push(report);
     }
     on_signal.abort();
+    // An object-store lease that lapsed (its renewals failed) is reported, not ignored.
+    lease.check()?;
     let order: HashMap<&str, usize> = selected.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     reports.sort_by_key(|r| order.get(r.stage.as_str()).copied().unwrap_or(usize::MAX));
     if let Some(e) = first_error {
@@ -405,6 +441,7 @@ struct Shared {
     pipeline: String,
     pipeline_hash: String,
     force: bool,
+    log_lines: bool,
 }
 
 async fn run_one(
@@ -448,6 +485,9 @@ async fn run_one(
     let streaming = inputs.iter().any(|(_, rx, streamed)| *streamed && *rx.borrow() == Phase::Running);
     // The stage's time starts when its inputs are ready, not when the run starts.
     let started = Instant::now();
+    if shared.log_lines {
+        eprintln!("{} {} started{}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ"), stage.name, if streaming { " (streaming its input)" } else { "" });
+    }
     let started_at = Utc::now();
     let result = tokio::select! {
         _ = ctx.cancel.cancelled() => Err(Error::Cancelled("cancelled".into())),
@@ -499,6 +539,16 @@ async fn run_one(
         }
     }
     ctx.progress.finish_and_clear();
+    if shared.log_lines {
+        eprintln!(
+            "{} {} {} in {:.1}s{}",
+            Utc::now().format("%Y-%m-%dT%H:%M:%SZ"),
+            stage.name,
+            report.status.as_str(),
+            report.seconds,
+            report.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
     if let Err(e) = ledger::record(&shared.lake, &entry).await {
         // The stage's own result stands; a ledger failure is reported, not hidden.
         tracing::error!("could not record stage `{}` in the runs ledger: {e}", stage.name);
