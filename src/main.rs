@@ -219,6 +219,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     resume,
                     device,
                     fail_after: None,
+                    fail_fetch: Vec::new(),
                     wait: wait.map_or(pipeline::lake::lease::Wait::No, |s| pipeline::lake::lease::Wait::For(std::time::Duration::from_secs(s))),
                 }).await?;
             print_report(&report);

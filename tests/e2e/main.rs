@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod ingest_clean;
 mod lease;
+mod nights;
 mod s3;
 mod search;
 mod custom_kind;

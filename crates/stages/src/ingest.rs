@@ -168,15 +168,16 @@ impl IngestConfig {
             h.update(b"labels");
             h.update(blake3::hash(&bytes).as_bytes());
         }
+        let base = h.finalize().to_hex().to_string();
         ctx.progress.set_message(format!("{} objects listed", objects.len()));
         Ok(Prepared {
-            fingerprint: Some(h.finalize().to_hex().to_string()),
-            state: Some(Box::new(Listing { store, prefix, objects })),
+            fingerprint: Some(with_retries(&base, retryable_rejects(ctx).await?, &ctx.run_id)),
+            state: Some(Box::new(Listing { store, prefix, objects, fingerprint: base })),
         })
     }
 
     pub async fn run(&self, ctx: &StageCtx, mut prepared: Prepared) -> Result<Outcome> {
-        let Listing { store, prefix, objects } =
+        let Listing { store, prefix, objects, fingerprint } =
             prepared.take::<Listing>().ok_or_else(|| Error::Other("ingest ran without its listing".into()))?;
         let labels = match &self.labels {
             Some(l) => Some(load_labels(l, &self.options(), &self.labels_photo_column, &self.labels_id_column).await?),
@@ -199,6 +200,9 @@ impl IngestConfig {
             if record_relative { store::lake_relative(&root, &abs).unwrap_or(abs) } else { abs }
         };
         let current: HashMap<String, String> = objects.iter().map(|m| (uri_of(m), etag(m))).collect();
+        // How this source's rows begin, to tell them from other sources' rows in the lake.
+        let mine = if record_relative { store::lake_relative(&root, &self.source).unwrap_or(self.source.clone()) } else { self.source.clone() };
+        let gone = delete_gone(ctx, &format!("{mine}/"), &current).await?;
 
         let images_schema = Catalog::builtin("images");
         let mut images = ctx.sink("images", images_schema.clone(), WriteKind::Merge { keys: vec!["uri".into()], update_existing: true }).await?;
@@ -243,14 +247,21 @@ impl IngestConfig {
                 }
             }
         }
+        // Rejected objects are not fetched again while unchanged, except those whose fetch
+        // failed (a timeout, a storage error): they are tried again every run until they read.
+        let mut retry: std::collections::HashSet<String> = std::collections::HashSet::new();
         if let Some(ds) = ctx.lake.open("rejects").await? {
             let mut scan = ds.scan();
-            scan.project(&["uri", "etag"]).map_err(|e| Error::lance("rejects", e))?;
+            scan.project(&["uri", "etag", "reason"]).map_err(|e| Error::lance("rejects", e))?;
             let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance("rejects", e))?;
             while let Some(batch) = stream.try_next().await.map_err(|e| Error::lance("rejects", e))? {
-                let uris = batch.column(0).as_string::<i32>();
-                let tags = batch.column(1).as_string::<i32>();
+                let c = lake::tables::Columns::new("rejects", &batch);
+                let (uris, tags, reasons) = (c.strings("uri")?, c.strings("etag")?, c.strings("reason")?);
                 for i in 0..batch.num_rows() {
+                    if reasons.value(i) == RETRYABLE {
+                        retry.insert(uris.value(i).to_string());
+                        continue;
+                    }
                     known.insert(uris.value(i).to_string(), if tags.is_valid(i) { tags.value(i).to_string() } else { String::new() });
                 }
             }
@@ -269,10 +280,11 @@ impl IngestConfig {
                 let store = store.clone();
                 let slots = decode_slots.clone();
                 let limits = limits.clone();
+                let key = relative(&prefix, &meta.location);
                 async move {
-                    let fetched = async { store.get(&meta.location).await?.bytes().await }.await;
+                    let fetched = fetch(store.as_ref(), &meta.location, || ctx.fetch_fault(&key)).await;
                     let outcome = match fetched {
-                        Err(e) => Err(("fetch_error", e.to_string())),
+                        Err(e) => Err((RETRYABLE, e)),
                         Ok(bytes) => {
                             // Decoding is CPU-bound: it runs on the blocking pool, at most
                             // `decode_threads` at once, so the async workers keep fetching.
@@ -297,6 +309,7 @@ impl IngestConfig {
 
         let mut img_rows: Vec<ImageRow> = Vec::new();
         let mut rej_rows: Vec<RejectRow> = Vec::new();
+        let mut n_retryable = 0usize;
         let (mut n_images, mut n_rejects) = (0u64, 0u64);
         let mut decoded_uris = Vec::new();
         while let Some((meta, outcome)) = results.next().await {
@@ -306,7 +319,7 @@ impl IngestConfig {
             match outcome {
                 Ok((analysis, content_hash)) => {
                     n_images += 1;
-                    if known.contains_key(&uri) {
+                    if known.contains_key(&uri) || retry.contains(&uri) {
                         decoded_uris.push(uri.clone());
                     }
                     img_rows.push(ImageRow {
@@ -322,6 +335,7 @@ impl IngestConfig {
                 }
                 Err((why, detail)) => {
                     n_rejects += 1;
+                    n_retryable += usize::from(why == RETRYABLE);
                     tracing::debug!(%uri, why, %detail, "rejected");
                     rej_rows.push(RejectRow { photo_id: rel, uri, size_bytes: meta.size as i64, etag: etag(&meta), reason: why, detail });
                 }
@@ -341,6 +355,8 @@ impl IngestConfig {
         }
         let img = images.finish().await?;
         let rej = rejects.finish().await?;
+        // Whether this run left objects to retry decides the fingerprint it leaves behind.
+        ctx.leave_fingerprint(with_retries(&fingerprint, n_retryable, &ctx.run_id));
         let mut written = BTreeMap::from([("images".to_string(), img.version), ("rejects".to_string(), rej.version)]);
         // An object that used to be rejected and now reads fine (it was replaced) leaves rejects.
         if !decoded_uris.is_empty() {
@@ -355,8 +371,9 @@ impl IngestConfig {
             rows_out: n_images,
             written,
             summary: format!(
-                "{listed} listed, {unchanged} unchanged, {n_images} new photos, {n_rejects} rejected{}",
-                if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() }
+                "{listed} listed, {unchanged} unchanged, {n_images} new photos, {n_rejects} rejected{}{}",
+                if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() },
+                if gone > 0 { format!(", {gone} gone from the source") } else { String::new() }
             ),
         })
     }
@@ -393,11 +410,81 @@ async fn records_absolute(ctx: &StageCtx, source: &str) -> Result<bool> {
     Ok(false)
 }
 
+/// The reject reason of an object that could not be fetched (after [`FETCH_ATTEMPTS`]): it is
+/// tried again next run. Every other reason is for a file that was read and is what it is.
+const RETRYABLE: &str = "fetch_error";
+
+/// Tries to fetch an object this many times, with exponential backoff and jitter in between.
+const FETCH_ATTEMPTS: u32 = 4;
+
+/// The bytes of one object; transient failures are retried, a missing object is not.
+async fn fetch(store: &dyn ObjectStore, location: &ObjectPath, injected: impl Fn() -> bool) -> std::result::Result<bytes::Bytes, String> {
+    let mut last = String::new();
+    for attempt in 0..FETCH_ATTEMPTS {
+        if attempt > 0 {
+            // 100, 200, 400 ms, each between half and one and a half of that.
+            let base = 100u64 << (attempt - 1);
+            tokio::time::sleep(std::time::Duration::from_millis(base / 2 + rand::random_range(0..=base))).await;
+        }
+        if injected() {
+            last = "injected fault (a test's)".into();
+            continue;
+        }
+        match async { store.get(location).await?.bytes().await }.await {
+            Ok(b) => return Ok(b),
+            Err(e @ object_store::Error::NotFound { .. }) => return Err(e.to_string()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!("{last} (after {FETCH_ATTEMPTS} attempts; tried again next run)"))
+}
+
+/// How many rejects are [`RETRYABLE`].
+async fn retryable_rejects(ctx: &StageCtx) -> Result<usize> {
+    let Some(ds) = ctx.lake.open("rejects").await? else { return Ok(0) };
+    ds.count_rows(Some(format!("reason = '{RETRYABLE}'"))).await.map_err(|e| Error::lance("rejects", e))
+}
+
+/// Deletes the rows of `images` and `rejects` whose URI begins with `mine` (this source's) and
+/// that are no longer listed: a photo gone from the source leaves the lake, and the answers built
+/// from it (its rows stay readable at older versions). Returns how many photos went.
+async fn delete_gone(ctx: &StageCtx, mine: &str, current: &HashMap<String, String>) -> Result<u64> {
+    let mut gone_images = 0u64;
+    for table in ["images", "rejects"] {
+        let Some(mut ds) = ctx.lake.open(table).await? else { continue };
+        let mut scan = ds.scan();
+        scan.project(&["uri"]).map_err(|e| Error::lance(table, e))?;
+        let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
+        let mut gone = Vec::new();
+        while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
+            let uris = lake::tables::Columns::new(table, &b).strings("uri")?;
+            gone.extend(uris.iter().flatten().filter(|u| u.starts_with(mine) && !current.contains_key(*u)).map(str::to_string));
+        }
+        drop(stream);
+        for chunk in gone.chunks(1000) {
+            let list = chunk.iter().map(|u| format!("'{}'", u.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
+            ds.delete(&format!("uri IN ({list})")).await.map_err(|e| Error::lance(table, e))?;
+        }
+        if table == "images" {
+            gone_images = gone.len() as u64;
+        }
+    }
+    Ok(gone_images)
+}
+
 /// The source listing made by `prepare`.
 pub struct Listing {
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     objects: Vec<ObjectMeta>,
+    /// Of the listing and the labels.
+    fingerprint: String,
+}
+
+/// The input fingerprint: the listing's, made unique to this run while objects wait to be
+/// fetched again, so a stage with retries left is never up to date.
+fn with_retries(listing: &str, retryable: usize, run_id: &str) -> String {
+    if retryable == 0 { listing.to_string() } else { format!("{listing}+retry:{run_id}") }
 }
 
 fn globs(patterns: &[String]) -> std::result::Result<GlobSet, String> {

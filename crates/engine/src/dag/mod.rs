@@ -51,10 +51,14 @@ pub struct StageCtx {
     producers: Vec<(String, watch::Receiver<Phase>)>,
     /// Fault injection: the sink of this table fails after this many rows.
     fail_after: Option<(String, u64)>,
+    /// Fault injection: fetches of these objects fail this many more times.
+    fetch_faults: Mutex<HashMap<String, u32>>,
     /// Names of the models this stage may register ([`crate::stage::Checked::models`]).
     models: Vec<String>,
     /// Models it registered this run.
     registered: Mutex<Vec<String>>,
+    /// The input fingerprint as the run leaves it ([`Self::leave_fingerprint`]).
+    fingerprint_after: Mutex<Option<String>>,
 }
 
 /// The reading end of a streamed edge.
@@ -139,6 +143,28 @@ impl StageCtx {
         let committed = sink.finish().await?;
         self.registered.lock().map_err(|_| Error::Other("stage context poisoned".into()))?.extend(ids);
         Ok(committed.version)
+    }
+
+    /// Records `fingerprint` in the ledger instead of the one `prepare` gave, when what the run
+    /// did changed it (an ingest whose retried objects all read now leaves the fingerprint of a
+    /// source with nothing left to retry, so the next run over the same source is up to date).
+    pub fn leave_fingerprint(&self, fingerprint: String) {
+        if let Ok(mut f) = self.fingerprint_after.lock() {
+            *f = Some(fingerprint);
+        }
+    }
+
+    /// Whether a fault is injected into this fetch of `key` ([`RunOptions::fail_fetch`]); each
+    /// call uses one of its failures up.
+    pub fn fetch_fault(&self, key: &str) -> bool {
+        let Ok(mut faults) = self.fetch_faults.lock() else { return false };
+        match faults.get_mut(key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Whether `table` reaches this stage over a streamed edge this run.
@@ -262,6 +288,9 @@ pub struct RunOptions {
     pub fail_after: Option<(String, u64)>,
     /// When another run holds the lake: fail at once (the default) or wait.
     pub wait: lake::lease::Wait,
+    /// Fault injection, for tests of transient errors: fetching the object with this key
+    /// (relative to its source) fails this many times in this run.
+    pub fail_fetch: Vec<(String, u32)>,
 }
 
 /// How long an object-store lake's lease lasts unless its holder renews it (every third of it).
@@ -396,8 +425,10 @@ async fn run_leased(
             streams: Mutex::new(streams),
             producers,
             fail_after: opts.fail_after.clone(),
+            fetch_faults: Mutex::new(opts.fail_fetch.iter().cloned().collect()),
             models: stage.models.clone(),
             registered: Mutex::new(Vec::new()),
+            fingerprint_after: Mutex::new(None),
         };
         let stage = stage.clone();
         let shared = shared.clone();
@@ -605,5 +636,6 @@ async fn execute(shared: &Shared, stage: &StagePlan, ctx: &StageCtx, streaming: 
     for id in registered {
         outcome.written.insert(lake::models::ledger_key(&id), 1);
     }
+    let fingerprint = ctx.fingerprint_after.lock().ok().and_then(|mut f| f.take()).or(fingerprint);
     Ok(Done { status: Status::Succeeded, outcome, fingerprint, read })
 }
