@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::array::{Float32Array, RecordBatch, StringArray};
+use arrow::array::{Array, Float32Array, RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
@@ -154,7 +154,12 @@ impl DetectStage {
         // committed table. The detector needs every photo its boxes name: rows are gathered
         // (ids and sizes only, no pixels) until each box row names a gathered photo by its exact
         // id, or the input ends; then detection runs as rows keep coming.
-        let mut rows = ctx.read(&self.table, &["photo_id", "uri", "width", "height"]);
+        // With the photos' content hashes (an `images`-like input), photos detected on an earlier
+        // run by the same detector are not detected again.
+        let keyed = ctx.lake.catalog().get(&self.table).is_some_and(|s| s.field_with_name("content_hash").is_ok());
+        let columns: &[&str] = if keyed { &["photo_id", "uri", "width", "height", "content_hash"] } else { &["photo_id", "uri", "width", "height"] };
+        let mut rows = ctx.read(&self.table, columns);
+        let mut hash_of: HashMap<String, String> = HashMap::new();
         let mut photos: Vec<(Photo, u32, u32)> = Vec::new();
         let (boxed, unmatched, mut ended) = loop {
             let Some(b) = rows.try_next().await? else {
@@ -163,6 +168,7 @@ impl DetectStage {
                 break (boxed, unmatched, true);
             };
             photos.extend(frames(&self.table, &b)?);
+            hashes(&self.table, &b, keyed, &mut hash_of)?;
             let (boxed, unmatched, by_name) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
             if unmatched == 0 && by_name == 0 && !boxed.is_empty() {
                 break (boxed, unmatched, false);
@@ -221,18 +227,33 @@ impl DetectStage {
 
         // Every photo of the table, a chunk at a time: those gathered, then the rest as it comes.
         ctx.progress.set_message(format!("{detector_id}: photos"));
+        let earlier = if keyed { Earlier::read(&ctx.lake, &self.output, &detector_id).await? } else { Earlier::default() };
         let mut sink = ctx.sink(&self.output, Catalog::builtin("detections"), WriteKind::Overwrite).await?;
         let mut det = Some(det);
-        let (mut found, mut total) = (0usize, 0usize);
+        let (mut found, mut total, mut reused) = (0usize, 0usize, 0usize);
         let mut pending: Vec<Photo> = photos.into_iter().map(|(p, _, _)| p).collect();
         while !ended || !pending.is_empty() {
             while !ended && pending.len() < CHUNK {
                 match rows.try_next().await? {
-                    Some(b) => pending.extend(frames(&self.table, &b)?.into_iter().map(|(p, _, _)| p)),
+                    Some(b) => {
+                        pending.extend(frames(&self.table, &b)?.into_iter().map(|(p, _, _)| p));
+                        hashes(&self.table, &b, keyed, &mut hash_of)?;
+                    }
                     None => ended = true,
                 }
             }
-            let chunk: Arc<Vec<Photo>> = Arc::new(pending.drain(..pending.len().min(CHUNK)).collect());
+            let drained: Vec<Photo> = pending.drain(..pending.len().min(CHUNK)).collect();
+            // Rows of photos detected before, unchanged since: carried over as they are.
+            let (again, todo): (Vec<Photo>, Vec<Photo>) = drained.into_iter().partition(|p| earlier.has(&p.uri, hash_of.get(&p.uri)));
+            if !again.is_empty() {
+                let kept = earlier.rows(&again, &hash_of)?;
+                found += earlier.found(&kept);
+                total += again.len();
+                reused += again.len();
+                sink.send(kept).await?;
+                ctx.progress.inc(again.len() as u64);
+            }
+            let chunk: Arc<Vec<Photo>> = Arc::new(todo);
             if chunk.is_empty() {
                 continue;
             }
@@ -248,7 +269,8 @@ impl DetectStage {
             let dets = res?;
             found += dets.iter().filter(|d| d.score >= 0.5).count();
             total += chunk.len();
-            sink.send(detections_batch(&chunk, &dets, &detector_id, &ctx.run_id)?).await?;
+            let chunk_hashes: Vec<Option<&str>> = chunk.iter().map(|p| hash_of.get(&p.uri).map(String::as_str)).collect();
+            sink.send(detections_batch(&chunk, &dets, &detector_id, &ctx.run_id, &chunk_hashes)?).await?;
             ctx.progress.inc(chunk.len() as u64);
         }
         let version = sink.finish().await?.version;
@@ -261,7 +283,8 @@ impl DetectStage {
             rows_out: total as u64,
             written: BTreeMap::from([(self.output.clone(), version)]),
             summary: format!(
-                "{total} photos, {found} with a subject (score >= 0.5); detector {detector_id} {} on {} boxes{quality}{}",
+                "{total} photos{}, {found} with a subject (score >= 0.5); detector {detector_id} {} on {} boxes{quality}{}",
+                if reused > 0 { format!(" ({} detected now, {reused} on an earlier run)", total - reused) } else { String::new() },
                 if trained { "trained" } else { "reused, trained" },
                 info.train_photos + info.val_photos,
                 if unmatched > 0 { format!("; {unmatched} box rows name no photo of `{}`", self.table) } else { String::new() },
@@ -467,7 +490,83 @@ pub fn detect_photos(
     Ok(out)
 }
 
-fn detections_batch(photos: &[Photo], dets: &[Detection], detector_id: &str, run_id: &str) -> Result<RecordBatch> {
+/// The rows an output table already holds from one detector, by photo URI and content.
+#[derive(Default)]
+struct Earlier {
+    rows: Option<RecordBatch>,
+    by_uri: HashMap<String, (usize, String)>,
+}
+
+impl Earlier {
+    async fn read(lake: &lake::Lake, table: &str, detector_id: &str) -> Result<Earlier> {
+        let Some(ds) = lake.open(table).await? else { return Ok(Earlier::default()) };
+        if ds.schema().field("content_hash").is_none() {
+            return Ok(Earlier::default());
+        }
+        let mut scan = ds.scan();
+        scan.filter(&format!("detector_id = '{}' AND content_hash IS NOT NULL", detector_id.replace('\'', "''"))).map_err(|e| Error::lance(table, e))?;
+        let batches: Vec<RecordBatch> = scan
+            .try_into_stream()
+            .await
+            .map_err(|e| Error::lance(table, e))?
+            .try_collect()
+            .await
+            .map_err(|e| Error::lance(table, e))?;
+        let Some(first) = batches.first() else { return Ok(Earlier::default()) };
+        let all = arrow::compute::concat_batches(&first.schema(), &batches)?;
+        let c = Columns::new(table, &all);
+        let (uris, hashes) = (c.strings("uri")?, c.strings("content_hash")?);
+        let by_uri = (0..all.num_rows()).map(|i| (uris.value(i).to_string(), (i, hashes.value(i).to_string()))).collect();
+        Ok(Earlier { rows: Some(all), by_uri })
+    }
+
+    fn has(&self, uri: &str, hash: Option<&String>) -> bool {
+        hash.is_some_and(|h| self.by_uri.get(uri).is_some_and(|(_, had)| had == h))
+    }
+
+    /// The earlier rows of `photos` (each [`Self::has`]), as the output's schema; the photo id
+    /// is today's.
+    fn rows(&self, photos: &[Photo], hash_of: &HashMap<String, String>) -> Result<RecordBatch> {
+        let all = self.rows.as_ref().ok_or_else(|| Error::Other("no earlier detections".into()))?;
+        let idx = arrow::array::UInt32Array::from_iter_values(photos.iter().map(|p| self.by_uri[&p.uri].0 as u32));
+        let schema = Catalog::builtin("detections");
+        let mut cols = Vec::with_capacity(schema.fields().len());
+        for f in schema.fields() {
+            let col = match f.name().as_str() {
+                "photo_id" => Arc::new(StringArray::from_iter_values(photos.iter().map(|p| p.photo_id.as_str()))) as arrow::array::ArrayRef,
+                "content_hash" => Arc::new(StringArray::from_iter(photos.iter().map(|p| hash_of.get(&p.uri).map(String::as_str)))),
+                name => {
+                    let c = all.column_by_name(name).ok_or_else(|| Error::Schema { table: "detections".into(), column: name.into(), detail: "missing in the earlier table".into() })?;
+                    arrow::compute::take(c, &idx, None)?
+                }
+            };
+            cols.push(col);
+        }
+        Ok(RecordBatch::try_new(schema, cols)?)
+    }
+
+    /// How many of `rows` score as a subject.
+    fn found(&self, rows: &RecordBatch) -> usize {
+        Columns::new("detections", rows).f32s("score").map(|s| s.values().iter().filter(|v| **v >= 0.5).count()).unwrap_or(0)
+    }
+}
+
+/// Adds the content hash of each row's photo, when the input has them.
+fn hashes(table: &str, b: &RecordBatch, keyed: bool, into: &mut HashMap<String, String>) -> Result<()> {
+    if !keyed {
+        return Ok(());
+    }
+    let c = Columns::new(table, b);
+    let (uri, hash) = (c.strings("uri")?, c.strings("content_hash")?);
+    for i in 0..b.num_rows() {
+        if hash.is_valid(i) {
+            into.insert(uri.value(i).to_string(), hash.value(i).to_string());
+        }
+    }
+    Ok(())
+}
+
+fn detections_batch(photos: &[Photo], dets: &[Detection], detector_id: &str, run_id: &str, hashes: &[Option<&str>]) -> Result<RecordBatch> {
     let n = photos.len();
     let coord = |k: usize| Arc::new(Float32Array::from_iter_values(dets.iter().map(|d| d.bbox[k])));
     Ok(RecordBatch::try_new(
@@ -482,6 +581,7 @@ fn detections_batch(photos: &[Photo], dets: &[Detection], detector_id: &str, run
             coord(2),
             coord(3),
             Arc::new(StringArray::from(vec![run_id; n])),
+            Arc::new(StringArray::from(hashes.to_vec())),
         ],
     )?)
 }
