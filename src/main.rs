@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use arrow::array::AsArray;
 use clap::{Parser, Subcommand};
 use pipeline::config::Plan;
 use pipeline::dag::{self, RunOptions};
@@ -81,6 +82,21 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The run history of a lake (its ledger, table `runs`): start, end, status, stages run and up to date;
+    /// `pipeline runs ID` details one run stage by stage.
+    Runs {
+        /// A run id (or its unique beginning) to show stage by stage.
+        id: Option<String>,
+        /// List the last N runs.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+        #[arg(long, env = "PIPELINE_LAKE")]
+        lake: Option<String>,
+        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
+        pipeline: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// The photos most similar to one photo: an id or URI of the collection, or a new photo
     /// (a path or URI), which is embedded with the table's model first.
     Similar {
@@ -146,16 +162,6 @@ enum Cmd {
         lake: Option<String>,
         #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
         pipeline: PathBuf,
-    },
-    /// The run history of a lake (table `runs`).
-    Runs {
-        #[arg(long, env = "PIPELINE_LAKE")]
-        lake: Option<String>,
-        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
-        pipeline: PathBuf,
-        /// Show the last N stage runs.
-        #[arg(long, default_value_t = 20)]
-        last: usize,
     },
     /// Generate the synthetic whale-fluke survey used by the demo and the tests.
     DemoLake {
@@ -242,6 +248,48 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             print!("{}", if dot { graph_dot(&plan) } else { graph_text(&plan) });
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Runs { id, last, lake, pipeline, format } => {
+            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+            if lake.open(dag::ledger::TABLE).await?.is_none() {
+                anyhow::bail!("lake {} has no runs yet", lake.root());
+            }
+            let seconds = "round(extract(epoch FROM max(ended_at)) - extract(epoch FROM min(started_at)), 1)";
+            let count = |s: &str| format!("sum(CASE WHEN status = '{s}' THEN 1 ELSE 0 END)");
+            let sql = match &id {
+                None => format!(
+                    "SELECT run_id, pipeline, min(started_at) AS started, max(ended_at) AS ended, {seconds} AS seconds, \
+                     CASE WHEN {f} > 0 THEN 'failed' WHEN {c} > 0 THEN 'cancelled' ELSE 'succeeded' END AS status, \
+                     {s} AS stages_run, {u} AS up_to_date, sum(rows_out) AS rows_out \
+                     FROM (SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM runs GROUP BY run_id ORDER BY max(ended_at) DESC LIMIT {last})) \
+                     GROUP BY run_id, pipeline ORDER BY started",
+                    f = count("failed"),
+                    c = count("cancelled"),
+                    s = count("succeeded"),
+                    u = count("up_to_date"),
+                ),
+                Some(id) => {
+                    let q = id.replace('\'', "''");
+                    let (_, b) = query::query(&lake, &format!("SELECT DISTINCT run_id FROM runs WHERE starts_with(run_id, '{q}')")).await?;
+                    let ids: Vec<String> =
+                        b.iter().flat_map(|b| b.column(0).as_string::<i32>().iter().flatten().map(str::to_string).collect::<Vec<_>>()).collect();
+                    let run = match ids.as_slice() {
+                        [one] => one.clone(),
+                        [] => anyhow::bail!("no run `{id}` in {} (see `pipeline runs`)", lake.root()),
+                        many => anyhow::bail!("`{id}` begins {} runs: {}", many.len(), many.join(", ")),
+                    };
+                    format!(
+                        "SELECT stage, kind, status, started_at, round(extract(epoch FROM ended_at) - extract(epoch FROM started_at), 1) AS seconds, \
+                         rows_in, rows_out, tables_written, error FROM runs WHERE run_id = '{run}' ORDER BY started_at, stage"
+                    )
+                }
+            };
+            let (schema, batches) = query::query(&lake, &sql).await?;
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            query::write(format, &schema, &batches, &mut lock)?;
+            lock.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Query { sql, lake, pipeline, format, out } => {
             let lake = open_lake(lake.as_deref(), &pipeline).await?;
             let (schema, batches) = query::query(&lake, &sql).await?;
@@ -316,17 +364,6 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &search.overrides(), None).await?;
             let service = answer::Service { lake, table, ds, embedder, source };
             pipeline::serve::serve(service, addr, max_body).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Runs { lake, pipeline, last } => {
-            let lake = open_lake(lake.as_deref(), &pipeline).await?;
-            let sql = format!(
-                "SELECT run_id, stage, status, rows_in, rows_out, \
-                 CAST(ended_at - started_at AS VARCHAR) AS took, tables_written, error \
-                 FROM runs ORDER BY ended_at DESC LIMIT {last}"
-            );
-            let (schema, batches) = query::query(&lake, &sql).await?;
-            query::write(Format::Table, &schema, &batches, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DemoLake { out, individuals, photos_per, seed, width, height } => {

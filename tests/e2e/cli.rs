@@ -52,6 +52,21 @@ fn run_query_and_refused_writes() {
     let (code, out, _) = run(&["run", pipe, "--until", "usable"], cwd);
     assert_eq!(code, 0);
     assert_eq!(out.matches("up to date").count(), 6, "all three stages (ingest, detect, usable) reported up to date: {out}");
+    // The ledger, run by run, then one run stage by stage (by the beginning of its id).
+    let (code, out, err) = run(&["runs", "--pipeline", pipe, "--format", "csv"], cwd);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two runs: {out}");
+    assert!(lines[0].starts_with("run_id,pipeline,started,ended,seconds,status,stages_run,up_to_date"), "{out}");
+    assert!(lines[1].contains(",succeeded,3,0,") && lines[2].contains(",succeeded,0,3,"), "{out}");
+    let first = lines[1].split(',').next().unwrap();
+    let (code, out, err) = run(&["runs", &first[..first.len() - 4], "--pipeline", pipe, "--format", "csv"], cwd);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(out.contains("ingest,ingest,succeeded") && out.contains("usable,sql,succeeded"), "{out}");
+    let (code, _, err) = run(&["runs", "nope", "--pipeline", pipe], cwd);
+    assert_ne!(code, 0);
+    assert!(err.contains("no run `nope`"), "{err}");
 
     let (code, out, err) = run(&["query", "SELECT count(*) AS n FROM images", "--pipeline", pipe, "--format", "csv"], cwd);
     assert_eq!(code, 0, "{err}");
