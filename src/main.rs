@@ -81,6 +81,23 @@ enum Cmd {
         /// Write to this file instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Read the lake as it was after this run (its id from `pipeline runs`, or `run-<id>`).
+        #[arg(long, value_name = "RUN")]
+        as_of: Option<String>,
+    },
+    /// Housekeeping: compacts each table's small fragments and removes versions older than
+    /// --keep-days that no run tag holds (run tags older than that go too, but each table's
+    /// newest). Holds the lake like a run.
+    Vacuum {
+        #[arg(long, default_value_t = 7.0)]
+        keep_days: f64,
+        /// Wait up to this many seconds for a run that holds the lake.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+        #[arg(long, env = "PIPELINE_LAKE")]
+        lake: Option<String>,
+        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
+        pipeline: PathBuf,
     },
     /// The run history of a lake (its ledger, table `runs`): start, end, status, stages run and up to date;
     /// `pipeline runs ID` details one run stage by stage.
@@ -290,9 +307,30 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             lock.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Query { sql, lake, pipeline, format, out } => {
+        Cmd::Vacuum { keep_days, wait, lake, pipeline } => {
             let lake = open_lake(lake.as_deref(), &pipeline).await?;
-            let (schema, batches) = query::query(&lake, &sql).await?;
+            if !(keep_days >= 0.0) {
+                anyhow::bail!("--keep-days must be 0 or more, not {keep_days}");
+            }
+            let ttl = dag::LEASE_TTL;
+            let wait = wait.map_or(pipeline::lake::lease::Wait::No, |s| pipeline::lake::lease::Wait::For(std::time::Duration::from_secs(s)));
+            let holder = pipeline::lake::lease::Holder::new("pipeline vacuum", ttl);
+            let lease = pipeline::lake::lease::Lease::acquire(lake.root(), lake.options(), holder, ttl, wait).await?;
+            let keep = chrono::Duration::milliseconds((keep_days * 86_400_000.0) as i64);
+            let done = lake.vacuum(keep).await;
+            lease.release().await;
+            println!("{:<16} {:>10} {:>10} {:>9} {:>12} {:>5}", "table", "fragments", "compacted", "versions", "bytes freed", "tags");
+            for v in done? {
+                println!(
+                    "{:<16} {:>4} -> {:<3} {:>10} {:>9} {:>12} {:>5}",
+                    v.table, v.fragments_before, v.fragments_after, v.compacted, v.versions_removed, v.bytes_removed, v.tags_dropped
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Query { sql, lake, pipeline, format, out, as_of } => {
+            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+            let (schema, batches) = query::query_as_of(&lake, &sql, as_of.as_deref()).await?;
             match out {
                 Some(p) => {
                     let mut f = std::fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;

@@ -68,6 +68,25 @@ fn run_query_and_refused_writes() {
     assert_ne!(code, 0);
     assert!(err.contains("no run `nope`"), "{err}");
 
+    // The lake as it was after the first run, and housekeeping that keeps that history.
+    let count = |extra: &[&str]| {
+        let mut args = vec!["query", "SELECT count(*) AS n FROM images", "--pipeline", pipe, "--format", "csv"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&args, cwd);
+        assert_eq!(code, 0, "{err}");
+        out.lines().nth(1).unwrap().trim().to_string()
+    };
+    let now = count(&[]);
+    assert_eq!(count(&["--as-of", first]), now);
+    let (code, _, err) = run(&["query", "SELECT 1", "--pipeline", pipe, "--as-of", "20000101T000000Z-x"], cwd);
+    assert_ne!(code, 0);
+    assert!(err.contains("run-20000101T000000Z-x"), "{err}");
+    let (code, out, err) = run(&["vacuum", "--keep-days", "0", "--pipeline", pipe], cwd);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("images") && out.contains("runs"), "{out}");
+    assert_eq!(count(&[]), now);
+    assert_eq!(count(&["--as-of", first]), now, "the newest tag of each table survives vacuum");
+
     let (code, out, err) = run(&["query", "SELECT count(*) AS n FROM images", "--pipeline", pipe, "--format", "csv"], cwd);
     assert_eq!(code, 0, "{err}");
     let n: usize = out.lines().nth(1).unwrap().trim().parse().unwrap();

@@ -52,8 +52,16 @@ pub fn ensure_read_only(sql: &str) -> Result<()> {
 
 /// Runs `sql` against every table of the lake.
 pub async fn query(lake: &Lake, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    query_as_of(lake, sql, None).await
+}
+
+/// [`query`] over the lake as it was after run `as_of` ([`Lake::session_as_of`]), or now.
+pub async fn query_as_of(lake: &Lake, sql: &str, as_of: Option<&str>) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     ensure_read_only(sql)?;
-    let ctx = lake.session().await?;
+    let ctx = match as_of {
+        Some(run) => lake.session_as_of(run).await?,
+        None => lake.session().await?,
+    };
     let opts = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
     let df = ctx.sql_with_options(sql, opts).await?;
     let schema: SchemaRef = std::sync::Arc::new(df.schema().as_arrow().clone());

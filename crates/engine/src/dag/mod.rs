@@ -453,6 +453,17 @@ async fn run_leased(
         reports.push(report);
     }
     on_signal.abort();
+    // The run's tag on every table version it wrote (and on the ledger as it leaves it), so the
+    // lake can be read as it was after this run (`pipeline query --as-of`).
+    let mut written: BTreeMap<String, u64> = BTreeMap::new();
+    for r in reports.iter().filter(|r| r.status == Status::Succeeded) {
+        written.extend(r.written.iter().filter(|(t, _)| lake::models::ledger_id(t).is_none()).map(|(t, v)| (t.clone(), *v)));
+    }
+    written.extend(lake.versions(&[ledger::TABLE.to_string()]).await?);
+    if let Err(e) = lake.tag_run(&run_id, &written).await {
+        // The run's tables are committed; only its mark in the history is missing.
+        tracing::error!("could not tag the versions run {run_id} wrote: {e}");
+    }
     // An object-store lease that lapsed (its renewals failed) is reported, not ignored.
     lease.check()?;
     let order: HashMap<&str, usize> = selected.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();

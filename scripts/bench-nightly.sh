@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Benchmark: a night with a few new, unlabelled survey photos against the full run, on the same
+# lake in the same session (the demo's settings: 224x224, 12 epochs). Prints both runs stage by
+# stage. INDIVIDUALS, PER (photos each) and NEW (photos that arrive) size it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+cargo build --quiet --bin pipeline
+bin="$CARGO_TARGET_DIR/debug/pipeline"
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+mkdir -p "$dir/p/pipelines" "$dir/p/data"
+cp -r sql schemas "$dir/p/"
+cp pipelines/ingest-to-submission.toml "$dir/p/pipelines/"
+"$bin" demo-lake --out "$dir/p/data/demo-lake" --individuals "${INDIVIDUALS:-24}" --photos-per "${PER:-8}"
+"$bin" demo-lake --out "$dir/extra" --individuals 4 --photos-per 4 --seed 99 >/dev/null
+sets=(--set train.input_size=224 --set train.epochs=12 --set train.batch_size=16
+      --set train.warmup_epochs=1 --set train.lr=5e-4 --set train.head_lr=5e-3)
+run() { /usr/bin/time -f "wall %e s, max RSS %M KiB" "$bin" run "$dir/p/pipelines/ingest-to-submission.toml" "${sets[@]}" -q; }
+echo "== full run"
+run
+# The night's photos: from another survey, not in the labels file (new sightings).
+n=0
+for f in "$dir"/extra/photos/IMG_*.jpg; do
+  grep -q "$(basename "$f")," "$dir/extra/ground_truth.csv" && grep "$(basename "$f")," "$dir/extra/ground_truth.csv" | grep -q ",keep," || continue
+  cp "$f" "$dir/p/data/demo-lake/photos/NIGHT_$(basename "$f")"
+  n=$((n + 1))
+  [ "$n" -ge "${NEW:-2}" ] && break
+done
+echo "== night: $n new photos"
+run
