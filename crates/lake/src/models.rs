@@ -31,16 +31,7 @@ pub fn ledger_id(key: &str) -> Option<&str> {
 /// trained model, its weights file. A stage that registered it is not up to date without it.
 pub async fn present(lake: &Lake, id: &str) -> Result<bool> {
     let Some(ds) = lake.open(TABLE).await? else { return Ok(false) };
-    let mut scan = ds.scan();
-    scan.filter(&format!("model_id = '{}'", id.replace('\'', "''"))).map_err(|e| Error::lance(TABLE, e))?;
-    scan.project(&["kind"]).map_err(|e| Error::lance(TABLE, e))?;
-    let rows: Vec<arrow::array::RecordBatch> = scan
-        .try_into_stream()
-        .await
-        .map_err(|e| Error::lance(TABLE, e))?
-        .try_collect()
-        .await
-        .map_err(|e| Error::lance(TABLE, e))?;
+    let rows = tables::rows_where(&ds, TABLE, &format!("model_id = {}", tables::sql_string(id)), Some(&["kind"])).await?;
     let mut kinds = Vec::new();
     for b in &rows {
         kinds.extend(tables::Columns::new(TABLE, b).strings("kind")?.iter().flatten().map(str::to_string));

@@ -98,6 +98,22 @@ async fn scan_each(ds: &lance::Dataset, table: &str, columns: &[&str], mut each:
     Ok(())
 }
 
+/// The rows of `ds` (table `table`) that match the SQL `filter`, with `columns` (all when None).
+pub async fn rows_where(ds: &lance::Dataset, table: &str, filter: &str, columns: Option<&[&str]>) -> Result<Vec<RecordBatch>> {
+    let lerr = |e| Error::lance(table, e);
+    let mut scan = ds.scan();
+    scan.filter(filter).map_err(lerr)?;
+    if let Some(c) = columns {
+        scan.project(c).map_err(lerr)?;
+    }
+    scan.try_into_stream().await.map_err(lerr)?.try_collect().await.map_err(lerr)
+}
+
+/// `value` as a quoted SQL string literal.
+pub fn sql_string(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
 /// Opens `table`, an error naming it when it does not exist.
 pub async fn open_existing(lake: &Lake, table: &str, hint: &str) -> Result<lance::Dataset> {
     lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist in the lake{hint}")))

@@ -503,15 +503,8 @@ impl Earlier {
         if ds.schema().field("content_hash").is_none() {
             return Ok(Earlier::default());
         }
-        let mut scan = ds.scan();
-        scan.filter(&format!("detector_id = '{}' AND content_hash IS NOT NULL", detector_id.replace('\'', "''"))).map_err(|e| Error::lance(table, e))?;
-        let batches: Vec<RecordBatch> = scan
-            .try_into_stream()
-            .await
-            .map_err(|e| Error::lance(table, e))?
-            .try_collect()
-            .await
-            .map_err(|e| Error::lance(table, e))?;
+        let filter = format!("detector_id = {} AND content_hash IS NOT NULL", lake::tables::sql_string(detector_id));
+        let batches = lake::tables::rows_where(&ds, table, &filter, None).await?;
         let Some(first) = batches.first() else { return Ok(Earlier::default()) };
         let all = arrow::compute::concat_batches(&first.schema(), &batches)?;
         let c = Columns::new(table, &all);

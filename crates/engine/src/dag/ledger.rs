@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 
 use lake::{Catalog, Lake, WriteKind};
 use crate::{Error, Result};
@@ -101,15 +100,7 @@ pub async fn last_success(lake: &Lake, pipeline: &str, stage: &str) -> Result<Op
         q(pipeline),
         q(stage)
     );
-    let mut scan = ds.scan();
-    scan.filter(&filter).map_err(|e| Error::lance(TABLE, e))?;
-    let batches: Vec<RecordBatch> = scan
-        .try_into_stream()
-        .await
-        .map_err(|e| Error::lance(TABLE, e))?
-        .try_collect()
-        .await
-        .map_err(|e| Error::lance(TABLE, e))?;
+    let batches = lake::tables::rows_where(&ds, TABLE, &filter, None).await?;
     let mut best: Option<(i64, LastSuccess)> = None;
     for b in &batches {
         let col = |n: &str| b.column_by_name(n).ok_or_else(|| Error::Other(format!("runs table lacks `{n}`")));
