@@ -70,12 +70,8 @@ enum Cmd {
     /// Read-only SQL over the lake's tables.
     Query {
         sql: String,
-        /// Lake location; default: $PIPELINE_LAKE, else the lake of --pipeline.
-        #[arg(long, env = "PIPELINE_LAKE")]
-        lake: Option<String>,
-        /// Pipeline file whose lake to query.
-        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
-        pipeline: PathBuf,
+        #[command(flatten)]
+        at: LakeArgs,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
         /// Write to this file instead of stdout.
@@ -94,10 +90,8 @@ enum Cmd {
         /// Wait up to this many seconds for a run that holds the lake.
         #[arg(long, value_name = "SECONDS")]
         wait: Option<u64>,
-        #[arg(long, env = "PIPELINE_LAKE")]
-        lake: Option<String>,
-        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
-        pipeline: PathBuf,
+        #[command(flatten)]
+        at: LakeArgs,
     },
     /// The run history of a lake (its ledger, table `runs`): start, end, status, stages run and up to date;
     /// `pipeline runs ID` details one run stage by stage.
@@ -107,10 +101,8 @@ enum Cmd {
         /// List the last N runs.
         #[arg(long, default_value_t = 20)]
         last: usize,
-        #[arg(long, env = "PIPELINE_LAKE")]
-        lake: Option<String>,
-        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
-        pipeline: PathBuf,
+        #[command(flatten)]
+        at: LakeArgs,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -137,10 +129,8 @@ enum Cmd {
         alpha: f32,
         #[command(flatten)]
         search: SearchFlags,
-        #[arg(long, env = "PIPELINE_LAKE")]
-        lake: Option<String>,
-        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
-        pipeline: PathBuf,
+        #[command(flatten)]
+        at: LakeArgs,
     },
     /// A static HTML page: query photos with their top-20, the evaluation, training curves.
     Report {
@@ -155,10 +145,8 @@ enum Cmd {
         submissions: String,
         #[arg(long, default_value = "evaluate")]
         evaluations: String,
-        #[arg(long, env = "PIPELINE_LAKE")]
-        lake: Option<String>,
-        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
-        pipeline: PathBuf,
+        #[command(flatten)]
+        at: LakeArgs,
     },
     /// HTTP JSON API: GET /similar/{photo_id}?k=20, POST /similar (image body), GET
     /// /photos/{id}/thumbnail, GET /healthz, GET /models.
@@ -175,10 +163,8 @@ enum Cmd {
         device: String,
         #[command(flatten)]
         search: SearchFlags,
-        #[arg(long, env = "PIPELINE_LAKE")]
-        lake: Option<String>,
-        #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
-        pipeline: PathBuf,
+        #[command(flatten)]
+        at: LakeArgs,
     },
     /// Generate the synthetic whale-fluke survey used by the demo and the tests.
     DemoLake {
@@ -265,8 +251,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             print!("{}", if dot { graph_dot(&plan) } else { graph_text(&plan) });
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Runs { id, last, lake, pipeline, format } => {
-            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+        Cmd::Runs { id, last, at, format } => {
+            let lake = at.open().await?;
             if lake.open(dag::ledger::TABLE).await?.is_none() {
                 anyhow::bail!("lake {} has no runs yet", lake.root());
             }
@@ -307,8 +293,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             lock.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Vacuum { keep_days, wait, lake, pipeline } => {
-            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+        Cmd::Vacuum { keep_days, wait, at } => {
+            let lake = at.open().await?;
             if !(keep_days >= 0.0) {
                 anyhow::bail!("--keep-days must be 0 or more, not {keep_days}");
             }
@@ -328,8 +314,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Query { sql, lake, pipeline, format, out, as_of } => {
-            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+        Cmd::Query { sql, at, format, out, as_of } => {
+            let lake = at.open().await?;
             let (schema, batches) = query::query_as_of(&lake, &sql, as_of.as_deref()).await?;
             match out {
                 Some(p) => {
@@ -349,8 +335,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Similar { photo, k, format, table, exact, expand, alpha, search, lake, pipeline } => {
-            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+        Cmd::Similar { photo, k, format, table, exact, expand, alpha, search, at } => {
+            let lake = at.open().await?;
             let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
             // One question: Lance's own scan where there is no index (reading the table into
             // memory first would cost as much).
@@ -378,17 +364,17 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             print_similar(&found, format)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Report { out, queries, embeddings, submissions, evaluations, lake, pipeline } => {
-            let lake = open_lake(lake.as_deref(), &pipeline).await?;
-            let title = format!("{} — {}", pipeline.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), lake.root());
+        Cmd::Report { out, queries, embeddings, submissions, evaluations, at } => {
+            let lake = at.open().await?;
+            let title = format!("{} — {}", at.pipeline.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), lake.root());
             let opts = answer::ReportOptions { embeddings, submissions, evaluations, queries, thumb_side: 160 };
             let html = answer::report(&lake, &title, &opts).await?;
             std::fs::write(&out, html).with_context(|| format!("cannot write {}", out.display()))?;
             println!("report: {}", std::fs::canonicalize(&out).unwrap_or(out).display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve { addr, table, max_body, device, search, lake, pipeline } => {
-            let lake = open_lake(lake.as_deref(), &pipeline).await?;
+        Cmd::Serve { addr, table, max_body, device, search, at } => {
+            let lake = at.open().await?;
             let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
             let device = pipeline::model::train::pick_device(&device).map_err(anyhow::Error::msg)?;
             let embedder = match answer::Embedder::for_table(&lake, &table, device).await {
@@ -496,6 +482,23 @@ fn names(plan: &Plan) -> String {
 
 fn lake_of(plan: &Plan) -> pipeline::Result<Lake> {
     Ok(Lake::new(plan.lake.clone(), plan.storage_options.clone(), plan.catalog.clone()))
+}
+
+/// Which lake a reading command works on.
+#[derive(Debug, clap::Args)]
+struct LakeArgs {
+    /// Lake location; default: $PIPELINE_LAKE, else the lake of --pipeline.
+    #[arg(long, env = "PIPELINE_LAKE")]
+    lake: Option<String>,
+    /// Pipeline file whose lake to use.
+    #[arg(long, default_value = "pipelines/ingest-to-submission.toml")]
+    pipeline: PathBuf,
+}
+
+impl LakeArgs {
+    async fn open(&self) -> anyhow::Result<Lake> {
+        open_lake(self.lake.as_deref(), &self.pipeline).await
+    }
 }
 
 async fn open_lake(lake: Option<&str>, pipeline: &Path) -> anyhow::Result<Lake> {

@@ -192,7 +192,8 @@ impl IngestConfig {
         // How rows name their photo: relative to the lake when both were written relative,
         // unless the lake already records this source's photos by absolute URI (a lake made
         // before lake-relative records, kept as it is).
-        let legacy = self.relative && records_absolute(ctx, &self.source).await?;
+        let (image_uris, reject_uris) = (recorded_uris(ctx, "images").await?, recorded_uris(ctx, "rejects").await?);
+        let legacy = self.relative && image_uris.iter().any(|u| u.starts_with(&format!("{}/", self.source)));
         let record_relative = self.relative && !legacy;
         let root = ctx.lake.root().to_string();
         let uri_of = |m: &ObjectMeta| {
@@ -202,7 +203,7 @@ impl IngestConfig {
         let current: HashMap<String, String> = objects.iter().map(|m| (uri_of(m), etag(m))).collect();
         // How this source's rows begin, to tell them from other sources' rows in the lake.
         let mine = if record_relative { store::lake_relative(&root, &self.source).unwrap_or(self.source.clone()) } else { self.source.clone() };
-        let gone = delete_gone(ctx, &format!("{mine}/"), &current).await?;
+        let gone = delete_gone(ctx, &format!("{mine}/"), &current, [("images", image_uris), ("rejects", reject_uris)]).await?;
 
         let images_schema = Catalog::builtin("images");
         let mut images = ctx.sink("images", images_schema.clone(), WriteKind::Merge { keys: vec!["uri".into()], update_existing: true }).await?;
@@ -394,20 +395,17 @@ fn same_tag(old: &str, new: &str) -> bool {
     old == new || old.strip_suffix(new).is_some_and(|head| head.ends_with('-') && !head[..head.len() - 1].contains('-'))
 }
 
-/// Whether table `images` already records photos of `source` by their absolute URI.
-async fn records_absolute(ctx: &StageCtx, source: &str) -> Result<bool> {
-    let Some(ds) = ctx.lake.open("images").await? else { return Ok(false) };
+/// The `uri` column of `table` (empty when the table does not exist yet).
+async fn recorded_uris(ctx: &StageCtx, table: &str) -> Result<Vec<String>> {
+    let Some(ds) = ctx.lake.open(table).await? else { return Ok(Vec::new()) };
     let mut scan = ds.scan();
-    scan.project(&["uri"]).map_err(|e| Error::lance("images", e))?;
-    let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance("images", e))?;
-    let prefix = format!("{source}/");
-    while let Some(b) = stream.try_next().await.map_err(|e| Error::lance("images", e))? {
-        let uris = lake::tables::Columns::new("images", &b).strings("uri")?;
-        if uris.iter().flatten().any(|u| u.starts_with(&prefix)) {
-            return Ok(true);
-        }
+    scan.project(&["uri"]).map_err(|e| Error::lance(table, e))?;
+    let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
+    let mut out = Vec::new();
+    while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
+        out.extend(lake::tables::Columns::new(table, &b).strings("uri")?.iter().flatten().map(str::to_string));
     }
-    Ok(false)
+    Ok(out)
 }
 
 /// The reject reason of an object that could not be fetched (after [`FETCH_ATTEMPTS`]): it is
@@ -445,24 +443,20 @@ async fn retryable_rejects(ctx: &StageCtx) -> Result<usize> {
     ds.count_rows(Some(format!("reason = '{RETRYABLE}'"))).await.map_err(|e| Error::lance("rejects", e))
 }
 
-/// Deletes the rows of `images` and `rejects` whose URI begins with `mine` (this source's) and
-/// that are no longer listed: a photo gone from the source leaves the lake, and the answers built
-/// from it (its rows stay readable at older versions). Returns how many photos went.
-async fn delete_gone(ctx: &StageCtx, mine: &str, current: &HashMap<String, String>) -> Result<u64> {
+/// Deletes the rows of `images` and `rejects` (given with their recorded URIs) whose URI
+/// begins with `mine` (this source's) and that are no longer listed: a photo gone from the source
+/// leaves the lake, and the answers built from it (its rows stay readable at older versions).
+/// Returns how many photos went.
+async fn delete_gone(ctx: &StageCtx, mine: &str, current: &HashMap<String, String>, tables: [(&str, Vec<String>); 2]) -> Result<u64> {
     let mut gone_images = 0u64;
-    for table in ["images", "rejects"] {
-        let Some(mut ds) = ctx.lake.open(table).await? else { continue };
-        let mut scan = ds.scan();
-        scan.project(&["uri"]).map_err(|e| Error::lance(table, e))?;
-        let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
-        let mut gone = Vec::new();
-        while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
-            let uris = lake::tables::Columns::new(table, &b).strings("uri")?;
-            gone.extend(uris.iter().flatten().filter(|u| u.starts_with(mine) && !current.contains_key(*u)).map(str::to_string));
+    for (table, uris) in tables {
+        let gone: Vec<&String> = uris.iter().filter(|u| u.starts_with(mine) && !current.contains_key(*u)).collect();
+        if gone.is_empty() {
+            continue;
         }
-        drop(stream);
+        let Some(mut ds) = ctx.lake.open(table).await? else { continue };
         for chunk in gone.chunks(1000) {
-            let list = chunk.iter().map(|u| format!("'{}'", u.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
+            let list = chunk.iter().map(|u| lake::tables::sql_string(u)).collect::<Vec<_>>().join(", ");
             ds.delete(&format!("uri IN ({list})")).await.map_err(|e| Error::lance(table, e))?;
         }
         if table == "images" {
