@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use arrow::array::{Array, StringArray};
 use futures::TryStreamExt;
-use pipeline::answer::{self, Embedder, Service};
+use pipeline::answer::{self, Service};
 use pipeline::lake::{Catalog, Lake};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -151,12 +151,12 @@ async fn main() {
     }
     let mean_kb = bodies.iter().map(|b| b.len()).sum::<usize>() as f64 / bodies.len() as f64 / 1024.0;
 
-    let embedder = Embedder::for_table(&lake, &table, tch::Device::Cpu).await.expect("model of the table");
-    let model = embedder.model_id.clone();
-    let ds = Arc::new(ds);
-    let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &Default::default(), None).await.expect("search source");
-    println!("search: {}", source.describe());
-    let service = Service { lake, table: table.clone(), ds, embedder: Some(embedder), source };
+    let service = Arc::new(Service::open(lake, &table, tch::Device::Cpu, Default::default()).await.expect("service over the table"));
+    let now = service.now();
+    assert!(now.embedder.is_some(), "model of the table: {:?}", now.no_embedder);
+    let model = now.model_id.clone();
+    println!("search: {}", now.source.describe());
+    drop(ds);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, 20 << 20)).await });

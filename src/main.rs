@@ -93,6 +93,62 @@ enum Cmd {
         #[command(flatten)]
         at: LakeArgs,
     },
+    /// Run a pipeline for as long as this lives: on a cron schedule, or when objects under its
+    /// sources change (--watch). A tick is skipped while a run holds the lake; a failed run is
+    /// retried with backoff. One timestamped line per event on stdout. Ctrl-C or SIGTERM stops it.
+    Schedule {
+        file: PathBuf,
+        /// Cron pattern: 5 fields (minute hour day month weekday), or 6 with seconds first;
+        /// e.g. "0 2 * * *" for 02:00 every night.
+        #[arg(long, conflicts_with = "watch", required_unless_present = "watch")]
+        cron: Option<String>,
+        /// Time zone of --cron (IANA name, e.g. Europe/Paris); default: the machine's.
+        #[arg(long, requires = "cron")]
+        tz: Option<String>,
+        /// Run when the listing of the pipeline's sources differs from what the last run saw.
+        #[arg(long)]
+        watch: bool,
+        /// --watch: seconds between listings.
+        #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+        poll: f64,
+        /// --watch: run once the listing has stayed unchanged this long (photos still being
+        /// copied are not ingested half-way).
+        #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+        debounce: f64,
+        /// Attempts after a failed run, each after twice the wait of the one before.
+        #[arg(long, default_value_t = 3)]
+        retries: u32,
+        /// Seconds before the first retry (with jitter).
+        #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+        retry_after: f64,
+        /// Stop after this many runs (default: run until stopped).
+        #[arg(long)]
+        max_runs: Option<u64>,
+        /// Override an option: STAGE.KEY=VALUE (repeatable), as for `run`.
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long, value_parser = ["auto", "cpu", "cuda"])]
+        device: Option<String>,
+    },
+    /// The lake's models (table `models`) and which is current for each name (table
+    /// `promotions`): what `model = "current:NAME"` embeds with.
+    Models {
+        #[command(flatten)]
+        at: LakeArgs,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Make a model current for its name; the next run of a pipeline that embeds with
+    /// `model = "current:NAME"` re-embeds the collection with it. Holds the lake like a run.
+    Promote {
+        /// A model id from `pipeline models`.
+        model_id: String,
+        #[command(flatten)]
+        at: LakeArgs,
+        /// Wait up to this many seconds for a run that holds the lake.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
     /// The run history of a lake (its ledger, table `runs`): start, end, status, stages run and up to date;
     /// `pipeline runs ID` details one run stage by stage.
     Runs {
@@ -165,6 +221,10 @@ enum Cmd {
         search: SearchFlags,
         #[command(flatten)]
         at: LakeArgs,
+        /// Seconds between looks for a new version of the table (a nightly run's photos, a
+        /// newly promoted model), served without a restart; 0: never.
+        #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+        refresh: f64,
     },
     /// Generate the synthetic whale-fluke survey used by the demo and the tests.
     DemoLake {
@@ -256,14 +316,21 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             if lake.open(dag::ledger::TABLE).await?.is_none() {
                 anyhow::bail!("lake {} has no runs yet", lake.root());
             }
+            // Lakes from before the per-stage photo counts have no such columns until their next run.
+            let counted = lake.open(dag::ledger::TABLE).await?.is_some_and(|ds| ds.schema().field("photos_new").is_some());
+            let nulls = ", CAST(NULL AS BIGINT) AS photos_new, CAST(NULL AS BIGINT) AS photos_changed, CAST(NULL AS BIGINT) AS photos_deleted, \
+                         CAST(NULL AS BIGINT) AS photos_rejected, CAST(NULL AS VARCHAR) AS summary";
+            let extra = if counted { "" } else { nulls };
             let seconds = "round(extract(epoch FROM max(ended_at)) - extract(epoch FROM min(started_at)), 1)";
             let count = |s: &str| format!("sum(CASE WHEN status = '{s}' THEN 1 ELSE 0 END)");
             let sql = match &id {
                 None => format!(
                     "SELECT run_id, pipeline, min(started_at) AS started, max(ended_at) AS ended, {seconds} AS seconds, \
                      CASE WHEN {f} > 0 THEN 'failed' WHEN {c} > 0 THEN 'cancelled' ELSE 'succeeded' END AS status, \
-                     {s} AS stages_run, {u} AS up_to_date, sum(rows_out) AS rows_out \
-                     FROM (SELECT * FROM runs WHERE run_id IN (SELECT run_id FROM runs GROUP BY run_id ORDER BY max(ended_at) DESC LIMIT {last})) \
+                     {s} AS stages_run, {u} AS up_to_date, sum(rows_out) AS rows_out, \
+                     sum(CASE WHEN kind = 'ingest' THEN photos_new END) AS photos_new, sum(CASE WHEN kind = 'ingest' THEN photos_changed END) AS photos_changed, \
+                     sum(CASE WHEN kind = 'ingest' THEN photos_deleted END) AS photos_deleted, sum(CASE WHEN kind = 'ingest' THEN photos_rejected END) AS photos_rejected \
+                     FROM (SELECT *{extra} FROM runs WHERE run_id IN (SELECT run_id FROM runs GROUP BY run_id ORDER BY max(ended_at) DESC LIMIT {last})) \
                      GROUP BY run_id, pipeline ORDER BY started",
                     f = count("failed"),
                     c = count("cancelled"),
@@ -282,15 +349,93 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     };
                     format!(
                         "SELECT stage, kind, status, started_at, round(extract(epoch FROM ended_at) - extract(epoch FROM started_at), 1) AS seconds, \
-                         rows_in, rows_out, tables_written, error FROM runs WHERE run_id = '{run}' ORDER BY started_at, stage"
+                         rows_in, rows_out, photos_new, photos_changed, photos_deleted, photos_rejected, summary, tables_written, error \
+                         FROM (SELECT *{extra} FROM runs) WHERE run_id = '{run}' ORDER BY started_at, stage"
                     )
                 }
             };
-            let (schema, batches) = query::query(&lake, &sql).await?;
-            let stdout = std::io::stdout();
-            let mut lock = stdout.lock();
-            query::write(format, &schema, &batches, &mut lock)?;
-            lock.flush()?;
+            print_query(&lake, &sql, format).await
+        }
+        Cmd::Schedule { file, cron, tz, watch, poll, debounce, retries, retry_after, max_runs, sets, device } => {
+            use pipeline::schedule::{Options, Trigger};
+            let secs = |name: &str, v: f64| -> anyhow::Result<std::time::Duration> {
+                if !(v >= 0.0 && v.is_finite()) {
+                    anyhow::bail!("--{name} must be 0 or more seconds, not {v}");
+                }
+                Ok(std::time::Duration::from_secs_f64(v))
+            };
+            let trigger = match (cron, watch) {
+                (Some(c), false) => Trigger::cron(&c, tz.as_deref())?,
+                (None, true) => {
+                    let poll = secs("poll", poll)?;
+                    if poll.is_zero() {
+                        anyhow::bail!("--poll must be more than 0 seconds");
+                    }
+                    Trigger::Watch { poll, debounce: secs("debounce", debounce)? }
+                }
+                _ => anyhow::bail!("give --cron PATTERN or --watch"),
+            };
+            let device = device.map(|d| d.parse::<pipeline::config::Device>()).transpose().map_err(anyhow::Error::msg)?;
+            // Without a terminal (cron, systemd) each stage logs a line when it starts and ends.
+            let run = RunOptions { quiet: false, device, ..Default::default() };
+            let opts = Options { trigger, retries, retry_after: secs("retry-after", retry_after)?, max_runs };
+            let tally = pipeline::schedule::schedule(file, sets, run, opts).await?;
+            println!(
+                "runs: {} ({} succeeded, {} failed, {} retries); ticks skipped: {} while a run was going, {} while the lake was held",
+                tally.runs, tally.succeeded, tally.failed, tally.retries, tally.skipped_running, tally.skipped_busy
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Models { at, format } => {
+            let lake = at.open().await?;
+            if lake.open(pipeline::lake::models::TABLE).await?.is_none() {
+                anyhow::bail!("lake {} has no models yet", lake.root());
+            }
+            let current = pipeline::lake::models::current_all(&lake).await?;
+            let ids = current.values().map(|c| pipeline::lake::tables::sql_string(&c.model_id)).collect::<Vec<_>>();
+            let is_current = if ids.is_empty() { "false".to_string() } else { format!("model_id IN ({})", ids.join(", ")) };
+            let sql = format!(
+                "SELECT model_id, kind, stage, backbone, embedding_dim, input_size, best_epoch, round(best_map_at_20, 4) AS best_map_at_20, \
+                 CAST(created_at AS VARCHAR) AS created_at, CASE WHEN {is_current} THEN 'current' ELSE '' END AS current \
+                 FROM models ORDER BY created_at"
+            );
+            print_query(&lake, &sql, format).await
+        }
+        Cmd::Promote { model_id, at, wait } => {
+            use pipeline::lake::models;
+            let lake = at.open().await?;
+            if models::name_of(&model_id).is_none() || !models::registered(&lake, &model_id).await? {
+                anyhow::bail!("no model `{model_id}` in {} (see `pipeline models`)", lake.root());
+            }
+            if !models::present(&lake, &model_id).await? {
+                anyhow::bail!("model `{model_id}` has lost its weights ({}/models/{model_id}/{}): train it again", lake.root(), models::WEIGHTS);
+            }
+            let ttl = dag::LEASE_TTL;
+            let wait = wait.map_or(pipeline::lake::lease::Wait::No, |s| pipeline::lake::lease::Wait::For(std::time::Duration::from_secs(s)));
+            let holder = pipeline::lake::lease::Holder::new(format!("pipeline promote {model_id}"), ttl);
+            let lease = pipeline::lake::lease::Lease::acquire(lake.root(), lake.options(), holder, ttl, wait).await?;
+            let result = async {
+                let name = models::name_of(&model_id).unwrap_or_default().to_string();
+                let before = models::current(&lake, &name).await?;
+                if before.as_ref().is_some_and(|c| c.model_id == model_id) {
+                    println!("model {model_id} is already current for `{name}`");
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let map = models::best_map(&lake, &model_id).await?;
+                let row = models::promotion_row(&model_id, "named", map, before.as_ref().map(|c| c.model_id.as_str()), "cli")?;
+                let schema = lake.catalog().get(models::PROMOTIONS).unwrap_or_else(|| Catalog::builtin(models::PROMOTIONS));
+                let mut sink = lake.sink(models::PROMOTIONS, schema, pipeline::lake::WriteKind::Append);
+                sink.send(row).await?;
+                sink.finish().await?;
+                match before {
+                    Some(b) => println!("model {model_id} is now current for `{name}` (was {})", b.model_id),
+                    None => println!("model {model_id} is now current for `{name}`"),
+                }
+                Ok(())
+            }
+            .await;
+            lease.release().await;
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Vacuum { keep_days, wait, at } => {
@@ -373,21 +518,15 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             println!("report: {}", std::fs::canonicalize(&out).unwrap_or(out).display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve { addr, table, max_body, device, search, at } => {
+        Cmd::Serve { addr, table, max_body, device, search, at, refresh } => {
             let lake = at.open().await?;
-            let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
             let device = pipeline::model::train::pick_device(&device).map_err(anyhow::Error::msg)?;
-            let embedder = match answer::Embedder::for_table(&lake, &table, device).await {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    eprintln!("warning: uploads disabled: {e}");
-                    None
-                }
-            };
-            let ds = std::sync::Arc::new(ds);
-            let source = pipeline::vector::Source::for_serving(ds.clone(), &table, &search.overrides(), None).await?;
-            let service = answer::Service { lake, table, ds, embedder, source };
-            pipeline::serve::serve(service, addr, max_body).await?;
+            let service = answer::Service::open(lake, &table, device, search.overrides()).await?;
+            if !(refresh >= 0.0 && refresh.is_finite()) {
+                anyhow::bail!("--refresh must be 0 (never) or more seconds, not {refresh}");
+            }
+            let refresh = (refresh > 0.0).then(|| std::time::Duration::from_secs_f64(refresh));
+            pipeline::serve::serve(service, addr, max_body, refresh).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DemoLake { out, individuals, photos_per, seed, width, height } => {
@@ -510,6 +649,16 @@ async fn open_lake(lake: Option<&str>, pipeline: &Path) -> anyhow::Result<Lake> 
         None if pipeline.exists() => Ok(lake_of(&pipeline::load(pipeline, &[]).await?)?),
         None => anyhow::bail!("no lake given: pass --lake URI, set PIPELINE_LAKE, or --pipeline FILE ({} not found)", pipeline.display()),
     }
+}
+
+/// Runs read-only `sql` on `lake` and prints the result to stdout in `format`.
+async fn print_query(lake: &Lake, sql: &str, format: Format) -> anyhow::Result<ExitCode> {
+    let (schema, batches) = query::query(lake, sql).await?;
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    query::write(format, &schema, &batches, &mut lock)?;
+    lock.flush()?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_report(r: &dag::RunReport) {

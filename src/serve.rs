@@ -10,6 +10,11 @@
 //!
 //! Loopback only unless told otherwise. The model is loaded once and lives on one worker
 //! thread; concurrent uploads queue there and are embedded together in one forward pass.
+//!
+//! It follows the lake: every `--refresh` seconds it looks for a new version of the table (a
+//! nightly run's new photos, or the collection re-embedded with a newly promoted model) and
+//! swaps to it, and to its model, without a restart; requests in flight finish on what they
+//! started with ([`Service::refresh`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,9 +66,17 @@ fn k_of(p: &KParam) -> std::result::Result<(usize, Expansion), Response> {
 }
 
 async fn healthz(State(s): State<Shared>) -> Response {
-    let rows = s.ds.count_rows(None).await.unwrap_or(0);
-    let model = s.embedder.as_ref().map(|e| e.model_id.clone());
-    Json(serde_json::json!({ "status": "ok", "table": s.table, "rows": rows, "model_id": model })).into_response()
+    let now = s.now();
+    let rows = now.ds.count_rows(None).await.unwrap_or(0);
+    Json(serde_json::json!({
+        "status": "ok",
+        "table": s.table,
+        "version": now.version,
+        "rows": rows,
+        "model_id": now.model_id,
+        "uploads": now.embedder.is_some(),
+    }))
+    .into_response()
 }
 
 async fn models(State(s): State<Shared>) -> Response {
@@ -86,7 +99,8 @@ async fn similar_id(State(s): State<Shared>, Path(id): Path<String>, Query(p): Q
         Ok(kx) => kx,
         Err(r) => return r,
     };
-    match answer::similar_to_id(&s.ds, &s.source, &id, k, x).await {
+    let now = s.now();
+    match answer::similar_to_id(&now.ds, &now.source, &id, k, x).await {
         Ok(Some(a)) => Json(a).into_response(),
         Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -101,22 +115,24 @@ async fn similar_upload(State(s): State<Shared>, Query(p): Query<KParam>, body: 
     if body.is_empty() {
         return err(StatusCode::BAD_REQUEST, "empty body: POST the image bytes (JPEG, PNG or TIFF)");
     }
-    let Some(embedder) = &s.embedder else {
-        return err(StatusCode::SERVICE_UNAVAILABLE, "no model can embed new photos for this table");
+    let now = s.now();
+    let Some(embedder) = &now.embedder else {
+        let why = now.no_embedder.clone().unwrap_or_default();
+        return err(StatusCode::SERVICE_UNAVAILABLE, format!("no model can embed new photos for this table: {why}"));
     };
     let v = match embedder.embed_bytes(body.to_vec()).await {
         Ok(v) => v,
         Err(Error::BadImage(m)) => return err(StatusCode::BAD_REQUEST, format!("not a readable image: {m}")),
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    match answer::similar_to_vector(&s.ds, &s.source, "upload", &v, k, x).await {
+    match answer::similar_to_vector(&now.ds, &now.source, "upload", &v, k, x).await {
         Ok(a) => Json(a).into_response(),
         Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
 async fn thumbnail(State(s): State<Shared>, Path(id): Path<String>) -> Response {
-    let hit = match lake::vector::embedding_of(&s.ds, &id).await {
+    let hit = match lake::vector::embedding_of(&s.now().ds, &id).await {
         Ok(Some((_, h))) => h,
         Ok(None) => return err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -133,7 +149,7 @@ async fn thumbnail(State(s): State<Shared>, Path(id): Path<String>) -> Response 
 }
 
 /// The API's routes over `service`; uploads above `max_body` bytes get 413.
-pub fn router(service: Service, max_body: usize) -> Router {
+pub fn router(service: Arc<Service>, max_body: usize) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/models", get(models))
@@ -141,19 +157,56 @@ pub fn router(service: Service, max_body: usize) -> Router {
         .route("/similar", axum::routing::post(similar_upload))
         .route("/photos/{photo_id}/thumbnail", get(thumbnail))
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(Arc::new(service))
+        .with_state(service)
 }
 
-/// Serves until Ctrl-C.
-pub async fn serve(service: Service, addr: SocketAddr, max_body: usize) -> Result<()> {
+/// Swaps `service` to each new version of its table, checking every `every`; logs each swap
+/// and each failure (the service then keeps answering from what it had).
+pub async fn follow(service: Arc<Service>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match service.refresh().await {
+            Ok(Some(what)) => println!("{} now serving {what}", chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot follow the lake ({e}); still serving version {}", service.now().version),
+        }
+    }
+}
+
+/// Serves until Ctrl-C or SIGTERM, following the lake every `refresh` (None: never).
+pub async fn serve(service: Service, addr: SocketAddr, max_body: usize, refresh: Option<std::time::Duration>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::Other(format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr().map_err(|e| Error::Other(e.to_string()))?;
-    println!("searching `{}` by {}", service.table, service.source.describe());
+    let service = Arc::new(service);
+    let now = service.now();
+    println!("searching `{}` version {} (model {}) by {}", service.table, now.version, now.model_id, now.source.describe());
+    if let Some(w) = &now.no_embedder {
+        println!("uploads disabled: {w}");
+    }
+    let following = refresh.map(|every| {
+        println!("following the lake: a new version of `{}` is served within {}s", service.table, every.as_secs_f64());
+        tokio::spawn(follow(service.clone(), every))
+    });
     println!("serving {} on http://{local} (GET /healthz, /models, /similar/{{photo_id}}?k=20, /photos/{{photo_id}}/thumbnail; POST /similar)", service.table);
     axum::serve(listener, router(service, max_body))
         .with_graceful_shutdown(async {
+            #[cfg(unix)]
+            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
             let _ = tokio::signal::ctrl_c().await;
         })
         .await
-        .map_err(|e| Error::Other(format!("server: {e}")))
+        .map_err(|e| Error::Other(format!("server: {e}")))?;
+    if let Some(f) = following {
+        f.abort();
+    }
+    Ok(())
 }

@@ -42,6 +42,19 @@ pub fn demo(individuals: usize, photos_per: usize, seed: u64) -> Fixture {
     Fixture { dir, pipeline, truth }
 }
 
+/// The nightly pipeline (pipelines/nightly-reingest.toml) over the fixture's lake, beside its
+/// training pipeline, with the same replacements.
+pub fn nightly(f: &Fixture) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("pipelines/nightly-reingest.toml")).unwrap();
+    let text = text
+        .replace("file://../data/lake", "file://lake")
+        .replace("file://../data/demo-lake/", "file://demo-lake/")
+        .replace("\"../data/submission.csv\"", "\"nightly-submission.csv\"");
+    let p = f.dir.path().join("nightly.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
 pub fn read_truth(p: &Path) -> BTreeMap<String, (String, String)> {
     let mut r = csv::Reader::from_path(p).unwrap();
     let h = r.headers().unwrap().clone();
@@ -70,6 +83,12 @@ pub fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
     let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h;
     if union > 0.0 { w * h / union } else { 0.0 }
+}
+
+/// Runs the `pipeline` binary in `cwd`: (exit code, stdout, stderr).
+pub fn cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let out = std::process::Command::new(bin()).args(args).current_dir(cwd).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 pub fn bin() -> &'static str {

@@ -7,6 +7,7 @@ mod ingest_clean;
 mod lease;
 mod nights;
 mod s3;
+mod schedule;
 mod search;
 mod custom_kind;
 mod streaming;

@@ -186,11 +186,11 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     assert!(html.contains("val_unseen"), "evaluation table");
 
     // The HTTP API on a loopback port: known and unknown ids, uploads good, bad and too big.
-    let ds = std::sync::Arc::new(lake.open("embeddings").await.unwrap().unwrap());
-    let embedder = pipeline::answer::Embedder::for_table(&lake, "embeddings", tch::Device::Cpu).await.unwrap();
-    let source = pipeline::vector::Source::for_serving(ds.clone(), "embeddings", &Default::default(), None).await.unwrap();
-    assert!(source.describe().contains("in memory"), "a table without an index is searched in memory: {}", source.describe());
-    let service = pipeline::answer::Service { lake: lake.clone(), table: "embeddings".into(), ds, embedder: Some(embedder), source };
+    let service = std::sync::Arc::new(pipeline::answer::Service::open(lake.clone(), "embeddings", tch::Device::Cpu, Default::default()).await.unwrap());
+    let now = service.now();
+    assert!(now.embedder.is_some(), "{:?}", now.no_embedder);
+    assert!(now.source.describe().contains("in memory"), "a table without an index is searched in memory: {}", now.source.describe());
+    drop(now);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, 200_000)).await });

@@ -263,13 +263,89 @@ pub fn thumbnail(bytes: &[u8], side: u32) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Shared state of the HTTP API.
+/// Shared state of the HTTP API: the lake and table it answers from, and what it answers with
+/// now ([`Snapshot`]), which [`Service::refresh`] swaps when the table has a new version (a
+/// nightly run appended photos, or re-embedded them with a newly promoted model). A request
+/// takes the snapshot once and answers from it, so a swap drops none.
 pub struct Service {
     pub lake: Lake,
     pub table: String,
-    pub ds: Arc<lance::Dataset>,
-    pub embedder: Option<Embedder>,
-    /// How `/similar` searches `ds`: its index, or its embeddings in memory.
-    pub source: Source,
+    device: Device,
+    search: vector::SearchOverrides,
+    now: std::sync::RwLock<Arc<Snapshot>>,
 }
 
+/// One version of the table, with the model that embedded it and how it is searched.
+pub struct Snapshot {
+    pub ds: Arc<lance::Dataset>,
+    /// None when no model can embed new photos for it (an ensemble's table; missing weights).
+    pub embedder: Option<Arc<Embedder>>,
+    /// Why there is no embedder.
+    pub no_embedder: Option<String>,
+    /// How `/similar` searches `ds`: its index, or its embeddings in memory.
+    pub source: Source,
+    pub version: u64,
+    pub model_id: String,
+}
+
+impl Service {
+    /// The service over the latest version of `table`.
+    pub async fn open(lake: Lake, table: &str, device: Device, search: vector::SearchOverrides) -> Result<Service> {
+        let snap = snapshot(&lake, table, device, &search, None).await?;
+        Ok(Service { lake, table: table.to_string(), device, search, now: std::sync::RwLock::new(Arc::new(snap)) })
+    }
+
+    /// What requests answer from now.
+    pub fn now(&self) -> Arc<Snapshot> {
+        self.now.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Swaps to the table's latest version when it has a new one; the model is reloaded only
+    /// when the new version was embedded by another model. Says what changed (None: nothing).
+    /// On an error the service keeps answering from what it had.
+    pub async fn refresh(&self) -> Result<Option<String>> {
+        let old = self.now();
+        let Some(version) = self.lake.version(&self.table).await? else {
+            return Err(Error::Other(format!("table `{}` is gone from {}", self.table, self.lake.root())));
+        };
+        if version == old.version {
+            return Ok(None);
+        }
+        let snap = snapshot(&self.lake, &self.table, self.device, &self.search, Some(&old)).await?;
+        let what = if snap.model_id == old.model_id {
+            format!("table `{}` version {} -> {} ({} rows)", self.table, old.version, snap.version, snap.ds.count_rows(None).await.unwrap_or(0))
+        } else {
+            format!(
+                "table `{}` version {} -> {}, model {} -> {}{}",
+                self.table,
+                old.version,
+                snap.version,
+                old.model_id,
+                snap.model_id,
+                snap.no_embedder.as_ref().map(|w| format!(" (uploads disabled: {w})")).unwrap_or_default()
+            )
+        };
+        match self.now.write() {
+            Ok(mut g) => *g = Arc::new(snap),
+            Err(p) => *p.into_inner() = Arc::new(snap),
+        }
+        Ok(Some(what))
+    }
+}
+
+/// The table's latest version as a [`Snapshot`], reusing `old`'s model when it is the same.
+async fn snapshot(lake: &Lake, table: &str, device: Device, search: &vector::SearchOverrides, old: Option<&Snapshot>) -> Result<Snapshot> {
+    let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist in {}", lake.root())))?;
+    let version = ds.version().version;
+    let ds = Arc::new(ds);
+    let model_id = model_of(&ds).await?;
+    let (embedder, no_embedder) = match old {
+        Some(o) if o.model_id == model_id => (o.embedder.clone(), o.no_embedder.clone()),
+        _ => match Embedder::for_table(lake, table, device).await {
+            Ok(e) => (Some(Arc::new(e)), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+    };
+    let source = Source::for_serving(ds.clone(), table, search, None).await?;
+    Ok(Snapshot { ds, embedder, no_embedder, source, version, model_id })
+}

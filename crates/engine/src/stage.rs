@@ -146,6 +146,18 @@ pub struct Outcome {
     pub written: BTreeMap<String, u64>,
     /// A short human summary ("212 new photos, 6 rejected").
     pub summary: String,
+    /// Photos new, changed, deleted and rejected this run, for stages that count them (the
+    /// ledger's `photos_*` columns, `pipeline runs`).
+    pub changes: Changes,
+}
+
+/// What a run did to a stage's photos; None where the stage does not count that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub new: Option<u64>,
+    pub changed: Option<u64>,
+    pub deleted: Option<u64>,
+    pub rejected: Option<u64>,
 }
 
 /// What a stage's static check can see: the tables its ancestors write.

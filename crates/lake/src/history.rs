@@ -132,7 +132,7 @@ mod tests {
         let v2 = append(&lake, &[10]).await;
         lake.tag_run("20260102T000000Z-b", &BTreeMap::from([("t".to_string(), v2)])).await.unwrap();
         // A run that wrote nothing to `t`: it reads what the run before left.
-        append(&lake, &[100]).await;
+        let v3 = append(&lake, &[100]).await;
         assert_eq!(sum(&lake.session_as_of("20260101T000000Z-a").await.unwrap()).await, 3);
         assert_eq!(sum(&lake.session_as_of("run-20260102T000000Z-b").await.unwrap()).await, 13);
         assert_eq!(sum(&lake.session().await.unwrap()).await, 113);
@@ -148,5 +148,10 @@ mod tests {
         assert_eq!(t.tags_dropped, 1, "the older run's tag goes, the newest stays: {t:?}");
         assert_eq!(sum(&lake.session().await.unwrap()).await, 113);
         assert_eq!(sum(&lake.session_as_of("20260102T000000Z-b").await.unwrap()).await, 13);
+        // The compaction is a new version of the same rows: the content version stays.
+        assert!(lake.version("t").await.unwrap().unwrap() > v3);
+        assert_eq!(lake.content_version("t").await.unwrap(), Some(v3));
+        let v5 = append(&lake, &[1000]).await;
+        assert_eq!(lake.content_version("t").await.unwrap(), Some(v5));
     }
 }

@@ -195,10 +195,29 @@ impl Lake {
     }
 
     /// Versions of the given tables (absent tables are left out).
+    /// The version whose rows `table`'s latest version holds: the latest, less the compactions
+    /// after it (`pipeline vacuum` rewrites fragments, not rows). What the ledger records, so a
+    /// vacuumed lake is still up to date.
+    pub async fn content_version(&self, table: &str) -> Result<Option<u64>> {
+        let Some(ds) = self.open(table).await? else { return Ok(None) };
+        let mut v = ds.version().version;
+        while v > 1 {
+            match ds.read_transaction_by_version(v).await {
+                // A compaction reserves fragment ids, then rewrites; neither changes a row.
+                // The version it read is the one whose rows it kept (a vacuum removes the
+                // versions in between when no tag holds them).
+                Ok(Some(t)) if matches!(t.operation.name(), "Rewrite" | "ReserveFragments" | "UpdateConfig") => v = t.read_version.min(v - 1),
+                _ => break,
+            }
+        }
+        Ok(Some(v))
+    }
+
+    /// [`Self::content_version`] of each table that exists.
     pub async fn versions(&self, tables: &[String]) -> Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
         for t in tables {
-            if let Some(v) = self.version(t).await? {
+            if let Some(v) = self.content_version(t).await? {
                 out.insert(t.clone(), v);
             }
         }
@@ -269,6 +288,17 @@ impl Lake {
         // The first batch's schema is the declared one with any `vector<float32, *>` column
         // given its dimension (conform did that); the declared one serves an empty write.
         let stream_schema = first_schema.unwrap_or_else(|| schema.clone());
+        // A table made before its declared schema gained nullable columns (the ledger's
+        // per-stage counts, say) gets them as nulls first: metadata only, no data rewritten.
+        let mut existing = existing;
+        if let (WriteKind::Append | WriteKind::Merge { .. }, Some(ds)) = (&kind, existing.as_mut()) {
+            let missing: Vec<arrow_schema::Field> =
+                stream_schema.fields().iter().filter(|f| ds.schema().field(f.name()).is_none()).map(|f| f.as_ref().clone()).collect();
+            if !missing.is_empty() && missing.iter().all(|f| f.is_nullable()) {
+                let add = lance::dataset::NewColumnTransform::AllNulls(Arc::new(arrow_schema::Schema::new(missing)));
+                ds.add_columns(add, None, None).await.map_err(|e| Error::lance(&table, e))?;
+            }
+        }
         let stream: SendableRecordBatchStream = Box::pin(RecordBatchStreamAdapter::new(stream_schema.clone(), stream));
         let uri = self.table_uri(&table);
         let params = |mode| WriteParams { mode, store_params: self.store_params(), ..Default::default() };

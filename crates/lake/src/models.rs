@@ -17,6 +17,112 @@ pub const WEIGHTS: &str = "best.safetensors";
 /// `StageCtx::register_model`, which holds each stage to the model names it declared.
 pub const TABLE: &str = "models";
 
+/// Which model of each name is current (append-only, the latest row of a name wins): what
+/// `model = "current:NAME"` resolves to.
+pub const PROMOTIONS: &str = "promotions";
+
+/// How a stage's `model` key names the current model of a name.
+pub const CURRENT_PREFIX: &str = "current:";
+
+/// The model name of an id (`<name>-<12 hex>`, as `StageCtx::register_model` holds stages to).
+pub fn name_of(id: &str) -> Option<&str> {
+    let (name, hash) = id.rsplit_once('-')?;
+    (!name.is_empty() && hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(name)
+}
+
+/// A model that is current for its name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Current {
+    pub name: String,
+    pub model_id: String,
+    pub reason: String,
+    pub map_at_20: Option<f64>,
+    /// The model that was current before.
+    pub replaced: Option<String>,
+    pub run_id: String,
+    /// Microseconds since the epoch, UTC.
+    pub promoted_at: i64,
+}
+
+/// Every name's current model (the latest promotion of each name), by name.
+pub async fn current_all(lake: &Lake) -> Result<std::collections::BTreeMap<String, Current>> {
+    use arrow::array::{Array, AsArray};
+    let mut out: std::collections::BTreeMap<String, Current> = std::collections::BTreeMap::new();
+    let Some(ds) = lake.open(PROMOTIONS).await? else { return Ok(out) };
+    let batches = tables::rows_where(&ds, PROMOTIONS, "name IS NOT NULL", None).await?;
+    for b in &batches {
+        let c = tables::Columns::new(PROMOTIONS, b);
+        let (names, ids, reasons, runs) = (c.strings("name")?, c.strings("model_id")?, c.strings("reason")?, c.strings("run_id")?);
+        let replaced = c.strings("replaced")?;
+        let map = b.column_by_name("map_at_20").map(|a| a.as_primitive::<arrow::datatypes::Float64Type>().clone());
+        let at = b
+            .column_by_name("promoted_at")
+            .ok_or_else(|| Error::Schema { table: PROMOTIONS.into(), column: "promoted_at".into(), detail: "is missing".into() })?
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+            .clone();
+        for i in 0..b.num_rows() {
+            let row = Current {
+                name: names.value(i).to_string(),
+                model_id: ids.value(i).to_string(),
+                reason: reasons.value(i).to_string(),
+                map_at_20: map.as_ref().and_then(|m| m.is_valid(i).then(|| m.value(i))),
+                replaced: replaced.is_valid(i).then(|| replaced.value(i).to_string()),
+                run_id: runs.value(i).to_string(),
+                promoted_at: at.value(i),
+            };
+            // Later wins; rows of one instant keep the order they were written in.
+            if out.get(&row.name).is_none_or(|c| c.promoted_at <= row.promoted_at) {
+                out.insert(row.name.clone(), row);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The current model of `name`, None when none was ever promoted.
+pub async fn current(lake: &Lake, name: &str) -> Result<Option<Current>> {
+    Ok(current_all(lake).await?.remove(name))
+}
+
+/// One row of [`PROMOTIONS`]: `id` becomes current for its name.
+pub fn promotion_row(id: &str, reason: &str, map_at_20: Option<f64>, replaced: Option<&str>, run_id: &str) -> Result<arrow::array::RecordBatch> {
+    use arrow::array::{Float64Array, StringArray, TimestampMicrosecondArray};
+    let name = name_of(id).ok_or_else(|| Error::Other(format!("`{id}` is not a model id (<name>-<12 hex digits>)")))?;
+    let schema = crate::Catalog::builtin(PROMOTIONS);
+    Ok(arrow::array::RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec![name])),
+            Arc::new(StringArray::from(vec![id])),
+            Arc::new(StringArray::from(vec![reason])),
+            Arc::new(Float64Array::from(vec![map_at_20])),
+            Arc::new(StringArray::from(vec![replaced])),
+            Arc::new(StringArray::from(vec![run_id])),
+            Arc::new(TimestampMicrosecondArray::from(vec![chrono::Utc::now().timestamp_micros()]).with_timezone("UTC")),
+        ],
+    )?)
+}
+
+/// A registered model's best validation mAP@20 (None: unknown model, or not validated).
+pub async fn best_map(lake: &Lake, id: &str) -> Result<Option<f64>> {
+    use arrow::array::{Array, AsArray};
+    let Some(ds) = lake.open(TABLE).await? else { return Ok(None) };
+    let rows = tables::rows_where(&ds, TABLE, &format!("model_id = {}", tables::sql_string(id)), Some(&["best_map_at_20"])).await?;
+    for b in &rows {
+        let a = b.column(0).as_primitive::<arrow::datatypes::Float64Type>();
+        if let Some(i) = (0..a.len()).find(|&i| a.is_valid(i)) {
+            return Ok(Some(a.value(i)));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether model `id` has a row in the registry.
+pub async fn registered(lake: &Lake, id: &str) -> Result<bool> {
+    let Some(ds) = lake.open(TABLE).await? else { return Ok(false) };
+    Ok(!tables::rows_where(&ds, TABLE, &format!("model_id = {}", tables::sql_string(id)), Some(&["model_id"])).await?.iter().all(|b| b.num_rows() == 0))
+}
+
 /// Key in a stage's ledger entry that says it registered model `id` (see [`present`]).
 pub fn ledger_key(id: &str) -> String {
     format!("model:{id}")
@@ -136,9 +242,20 @@ pub async fn model_dir(lake: &Lake, id: &str) -> Result<ModelDir> {
     Ok(ModelDir { local: tmp.path().to_path_buf(), uri, remote: Some((store, prefix)), _tmp: Some(Arc::new(tmp)) })
 }
 
-/// `model`: a table with a `model_id` column (a train stage's) or a model id. Returns the id
-/// and the model's folder.
+/// `model`: a table with a `model_id` column (a train stage's), `current:NAME` (the model of
+/// that name promoted last, see [`PROMOTIONS`]) or a model id. Returns the id and the model's
+/// folder.
 pub async fn resolve_model(lake: &Lake, model: &str) -> Result<(String, ModelDir)> {
+    if let Some(name) = model.strip_prefix(CURRENT_PREFIX) {
+        let c = current(lake, name).await?.ok_or_else(|| {
+            Error::Other(format!(
+                "no model named `{name}` is current in {}: run the training pipeline (its train stage promotes what it trains) or `pipeline promote MODEL_ID`",
+                lake.root()
+            ))
+        })?;
+        let dir = model_dir(lake, &c.model_id).await?;
+        return Ok((c.model_id, dir));
+    }
     let id = match lake.open(model).await? {
         Some(ds) if ds.schema().field("model_id").is_some() => tables::first_string(&ds, model, "model_id")
             .await?

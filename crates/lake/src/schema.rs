@@ -20,6 +20,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("runs", include_str!("../../../schemas/runs.toml")),
     ("splits", include_str!("../../../schemas/splits.toml")),
     ("models", include_str!("../../../schemas/models.toml")),
+    ("promotions", include_str!("../../../schemas/promotions.toml")),
     ("embeddings", include_str!("../../../schemas/embeddings.toml")),
     ("evaluations", include_str!("../../../schemas/evaluations.toml")),
     ("pseudo_labels", include_str!("../../../schemas/pseudo_labels.toml")),

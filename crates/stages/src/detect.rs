@@ -289,6 +289,7 @@ impl DetectStage {
                 info.train_photos + info.val_photos,
                 if unmatched > 0 { format!("; {unmatched} box rows name no photo of `{}`", self.table) } else { String::new() },
             ),
+            changes: engine::stage::Changes { new: Some((total - reused) as u64), ..Default::default() },
         })
     }
 }

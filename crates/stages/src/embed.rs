@@ -12,7 +12,8 @@
 //! [stages.embed]
 //! kind = "embed"
 //! inputs = ["train", "ingest"]
-//! model = "train"          # the table a train stage wrote (it names the model), or a model id
+//! model = "train"          # the table a train stage wrote (it names the model), a model id,
+//!                          # or "current:NAME": the model of that name promoted last
 //! table = "images"         # photos to embed: every photo of the collection
 //! flip_tta = true
 //! ```
@@ -92,8 +93,14 @@ impl EmbedStage {
         if let Some(c) = &self.crops {
             ins.need(rep, &mut reads, c, &["photo_id", "detector_id", "x0", "y0", "x1", "y1"]);
         }
-        // `model` is a train stage's table when one is visible, else a model id in the lake.
-        if let Some(s) = visible.get(&self.model) {
+        // `model` is a train stage's table when one is visible, `current:NAME` (the promoted
+        // model: reading `promotions` makes a new promotion re-run this stage), else a model id.
+        if let Some(name) = self.model.strip_prefix(lake::models::CURRENT_PREFIX) {
+            if name.is_empty() {
+                rep.error(at, Some(stage), "`model = \"current:\"` names no model: write `current:NAME` (a train stage's `model`, or its stage name)");
+            }
+            reads.push(lake::models::PROMOTIONS.to_string());
+        } else if let Some(s) = visible.get(&self.model) {
             if s.field_with_name("model_id").is_err() {
                 rep.error(at, Some(stage), format!("`model = \"{}\"` names a table without `model_id` (a train stage's table)", self.model));
             }
@@ -128,6 +135,8 @@ impl EmbedStage {
         let incremental = have.is_some();
         let have = have.unwrap_or_default();
         let mut seen_uris: std::collections::HashSet<String> = std::collections::HashSet::new();
+        // Embedded photos whose label changed, by their new label.
+        let mut relabel: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
         let photos = ctx.read(&self.table, &["photo_id", "uri", "individual_id"]).map(Input::Photos);
         let mut input = match (crops_streamed, &self.crops, &spec.crop) {
             (true, Some(table), Some(c)) => {
@@ -160,7 +169,13 @@ impl EmbedStage {
                         total += 1;
                         if incremental {
                             seen_uris.insert(uri.value(i).to_string());
-                            if have.contains(uri.value(i)) {
+                            if let Some(had) = have.get(uri.value(i)) {
+                                // Embedded already; a changed label is a change of its row, not
+                                // of its embedding.
+                                let now = lab.is_valid(i).then(|| lab.value(i).to_string());
+                                if *had != now {
+                                    relabel.entry(now).or_default().push(uri.value(i).to_string());
+                                }
                                 kept += 1;
                                 ctx.progress.inc(1);
                                 continue;
@@ -240,7 +255,7 @@ impl EmbedStage {
         }
         let mut version = sink.finish().await?.version;
         // Photos that left the input leave the table.
-        let gone: Vec<&String> = if incremental { have.iter().filter(|u| !seen_uris.contains(*u)).collect() } else { Vec::new() };
+        let gone: Vec<&String> = if incremental { have.keys().filter(|u| !seen_uris.contains(*u)).collect() } else { Vec::new() };
         if !gone.is_empty() {
             if let Some(mut out) = ctx.lake.open(&self.output).await? {
                 for chunk in gone.chunks(1000) {
@@ -250,8 +265,31 @@ impl EmbedStage {
                 version = out.version().version;
             }
         }
+        let relabelled: usize = relabel.values().map(Vec::len).sum();
+        if relabelled > 0 {
+            if let Some(out) = ctx.lake.open(&self.output).await? {
+                let mut out = Arc::new(out);
+                for (label, uris) in &relabel {
+                    let value = label.as_deref().map_or("NULL".to_string(), lake::tables::sql_string);
+                    for chunk in uris.chunks(1000) {
+                        let list = chunk.iter().map(|u| lake::tables::sql_string(u)).collect::<Vec<_>>().join(", ");
+                        let lerr = |e| Error::lance(&self.output, e);
+                        let job = lance::dataset::UpdateBuilder::new(out.clone())
+                            .update_where(&format!("uri IN ({list})"))
+                            .map_err(lerr)?
+                            .set("individual_id", &value)
+                            .map_err(lerr)?
+                            .build()
+                            .map_err(lerr)?;
+                        out = job.execute().await.map_err(lerr)?.new_dataset;
+                    }
+                }
+                version = out.version().version;
+            }
+        }
         let how = if incremental {
-            format!("{rows} new photos embedded, {kept} already embedded, {} removed", gone.len())
+            let relabelled = if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() };
+            format!("{rows} new photos embedded, {kept} already embedded{relabelled}, {} removed", gone.len())
         } else {
             format!("{rows} photos embedded")
         };
@@ -265,6 +303,12 @@ impl EmbedStage {
                 if dim > 0 { format!("{dim}-d") } else { "model unchanged".into() },
                 if self.flip_tta { ", flip TTA" } else { "" }
             ),
+            changes: engine::stage::Changes {
+                new: Some(rows),
+                changed: Some(relabelled as u64),
+                deleted: Some(gone.len() as u64),
+                rejected: None,
+            },
         })
     }
 }
@@ -286,24 +330,25 @@ enum Input {
     BoxesEnded,
 }
 
-/// URIs in `table` when every row of it is of `model_id` with `tta`; None when the table is
-/// missing, empty or of another embedding (then it is rewritten whole).
-async fn existing(lake: &Lake, table: &str, model_id: &str, tta: &str) -> Result<Option<std::collections::HashSet<String>>> {
+/// URIs in `table`, with their labels, when every row of it is of `model_id` with `tta`; None
+/// when the table is missing, empty or of another embedding (then it is rewritten whole).
+async fn existing(lake: &Lake, table: &str, model_id: &str, tta: &str) -> Result<Option<HashMap<String, Option<String>>>> {
     let Some(ds) = lake.open(table).await? else { return Ok(None) };
     if ds.schema().field("tta").is_none() {
         return Ok(None);
     }
     let mut scan = ds.scan();
-    scan.project(&["uri", "model_id", "tta"]).map_err(|e| Error::lance(table, e))?;
+    scan.project(&["uri", "model_id", "tta", "individual_id"]).map_err(|e| Error::lance(table, e))?;
     let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
-    let mut uris = std::collections::HashSet::new();
+    let mut uris = HashMap::new();
     while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
         let (u, m, t) = (b.column(0).as_string::<i32>(), b.column(1).as_string::<i32>(), b.column(2).as_string::<i32>());
+        let l = Columns::new(table, &b).strings("individual_id")?;
         for i in 0..b.num_rows() {
             if m.value(i) != model_id || t.value(i) != tta {
                 return Ok(None);
             }
-            uris.insert(u.value(i).to_string());
+            uris.insert(u.value(i).to_string(), l.is_valid(i).then(|| l.value(i).to_string()));
         }
     }
     Ok((!uris.is_empty()).then_some(uris))

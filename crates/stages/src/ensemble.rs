@@ -156,6 +156,7 @@ impl EnsembleStage {
             rows_out: common.len() as u64,
             written: BTreeMap::from([(self.output.clone(), committed.version)]),
             summary: format!("{model_id}: {} photos, {dim}-d from {}{dropped}", common.len(), ids.join(" + ")),
+            ..Default::default()
         })
     }
 }

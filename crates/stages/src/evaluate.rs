@@ -187,6 +187,7 @@ impl EvaluateStage {
             rows_out: n as u64,
             written: BTreeMap::from([(out, committed.version)]),
             summary: format!("{}: {}", set.model_id, lines.join("; ")),
+            ..Default::default()
         })
     }
 }

@@ -163,7 +163,7 @@ impl IndexStage {
         // The index is part of the embeddings table, which the embed stage owns: nothing is
         // recorded as written here. A new index version makes the readers of the table (and,
         // once, this stage) run again, which finds nothing to do.
-        Ok(Outcome { rows_in: rows as u64, rows_out: 0, written: BTreeMap::new(), summary })
+        Ok(Outcome { rows_in: rows as u64, rows_out: 0, written: BTreeMap::new(), summary, ..Default::default() })
     }
 
     /// Brings the index of `ds` (with `rows` vectors of `dim`) to what this stage asks for.

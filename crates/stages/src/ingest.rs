@@ -376,6 +376,7 @@ impl IngestConfig {
                 if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() },
                 if gone > 0 { format!(", {gone} gone from the source") } else { String::new() }
             ),
+            changes: engine::stage::Changes { new: Some(n_images), changed: Some(relabelled), deleted: Some(gone), rejected: Some(n_rejects) },
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod report;
 pub mod sql;
 pub mod submit;
 pub mod train;
+pub mod vacuum;
 
 #[cfg(test)]
 mod config_tests;
@@ -37,4 +38,5 @@ pub fn registry() -> Registry {
         .kind("index", |k, _| index::IndexStage::parse(k).map(stage))
         .kind("submit", |k, cx| submit::SubmitStage::parse(k, cx).map(stage))
         .kind("report", |k, cx| report::ReportStage::parse(k, cx).map(stage))
+        .kind("vacuum", |k, _| vacuum::VacuumStage::parse(k).map(stage))
 }

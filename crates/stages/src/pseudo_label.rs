@@ -98,6 +98,7 @@ impl PseudoLabelStage {
             rows_out: n as u64,
             written: BTreeMap::from([(self.output.clone(), committed.version)]),
             summary: format!("{n} of {unlabelled} unlabelled photos labelled at similarity >= {}", self.threshold),
+            ..Default::default()
         })
     }
 }

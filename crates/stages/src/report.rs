@@ -94,7 +94,7 @@ impl ReportStage {
         let bytes = html.len();
         let (st, path) = store::open(&self.out, ctx.lake.options())?;
         st.put(&path, PutPayload::from(html.into_bytes())).await.map_err(|e| Error::ObjectStore { uri: self.out.clone(), source: e })?;
-        Ok(Outcome { rows_in: 0, rows_out: 0, written: BTreeMap::new(), summary: format!("wrote {} ({} KiB)", self.out, bytes / 1024) })
+        Ok(Outcome { rows_in: 0, rows_out: 0, written: BTreeMap::new(), summary: format!("wrote {} ({} KiB)", self.out, bytes / 1024), ..Default::default() })
     }
 }
 

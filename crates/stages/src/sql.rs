@@ -261,6 +261,7 @@ impl SqlConfig {
             rows_out: c.rows_sent,
             written: BTreeMap::from([(output.clone(), c.version)]),
             summary: format!("{} of {} rows kept in `{output}`", c.rows_sent, rows_in),
+            ..Default::default()
         })
     }
 }

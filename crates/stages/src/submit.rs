@@ -344,6 +344,7 @@ impl SubmitStage {
                 if expansion.k > 0 { format!(", alpha-query expansion k {} alpha {}", expansion.k, expansion.alpha) } else { String::new() },
                 threshold.map(|t| format!("{t:.3} ({fitted})")).unwrap_or(fitted),
             ),
+            ..Default::default()
         })
     }
 

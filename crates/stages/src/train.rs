@@ -54,8 +54,21 @@ const KEYS: &[&str] = &[
     "margin_lambda", "margin_b", "triplet_margin", "sampler", "pk_p", "pk_k", "batch_size", "epochs", "optimizer",
     "lr", "head_lr", "weight_decay", "clip_grad_norm", "schedule", "warmup_epochs", "warmup_start", "lr_floor",
     "step_epochs", "milestones", "gamma", "augment", "seed", "val_individuals", "val_photos", "min_photos",
-    "early_stop", "device", "amp", "channels_last", "threads", "loader_threads", "cache_mb", "prefetch", "eval_batch",
+    "early_stop", "device", "amp", "channels_last", "threads", "loader_threads", "cache_mb", "prefetch", "eval_batch", "promote",
 ];
+
+lake::choice! { "promotion policy",
+    /// `promote = ...`: whether the model trained becomes current for its name (what stages
+    /// with `model = "current:NAME"`, the nightly pipeline's embed, use).
+    pub enum Promote {
+        /// When its best validation mAP@20 beats the current model's, or none is current.
+        Best = "best",
+        /// Every model it trains.
+        Always = "always",
+        /// Never; `pipeline promote MODEL_ID` does it by hand.
+        Never = "never",
+    }
+}
 
 /// How the labelled photos are split.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -94,6 +107,7 @@ pub struct TrainStage {
     pub cache_mb: usize,
     pub prefetch: usize,
     pub eval_batch: usize,
+    pub promote: Promote,
 }
 
 const LOSSES: &[&str] = &["arcface", "subcenter_arcface", "triplet", "cross_entropy"];
@@ -474,6 +488,13 @@ impl TrainStage {
             cache_mb: k.int("cache_mb", 0, 1 << 20).unwrap_or(4096) as usize,
             prefetch,
             eval_batch: k.int("eval_batch", 1, 4096).unwrap_or(64) as usize,
+            promote: match k.choice("promote", Promote::Best) {
+                Some(p) => p,
+                None => {
+                    ok = false;
+                    Promote::Best
+                }
+            },
         };
         engine::stage::finish_keys(k, KEYS);
         ok.then_some(stage)
@@ -481,6 +502,38 @@ impl TrainStage {
 
     pub fn output(&self, stage: &str) -> String {
         self.output.clone().unwrap_or_else(|| stage.to_string())
+    }
+
+    /// Promotes `id` by the stage's policy; says what it did, for the summary.
+    async fn promote_if(&self, ctx: &StageCtx, id: &str, map: Option<f64>) -> Result<String> {
+        let name = self.model_name(&ctx.name);
+        let current = lake::models::current(&ctx.lake, &name).await?;
+        let fmt = |m: Option<f64>| m.map_or("none".to_string(), |m| format!("{m:.3}"));
+        if current.as_ref().is_some_and(|c| c.model_id == id) {
+            return Ok("current model".into());
+        }
+        let (reason, why) = match (self.promote, &current) {
+            (Promote::Never, _) => return Ok("not promoted (promote = \"never\")".into()),
+            (Promote::Always, _) => ("always", String::new()),
+            (Promote::Best, None) => ("best", format!(" (no `{name}` model was current)")),
+            (Promote::Best, Some(c)) => {
+                let theirs = lake::models::best_map(&ctx.lake, &c.model_id).await?.or(c.map_at_20);
+                match (map, theirs) {
+                    (Some(m), Some(t)) if m > t => ("best", format!(" (val mAP@20 {m:.3} > {t:.3} of {})", c.model_id)),
+                    (Some(_), None) => ("best", format!(" ({} has no validation mAP@20)", c.model_id)),
+                    _ => {
+                        return Ok(format!(
+                            "not promoted: val mAP@20 {} does not beat {} of current {} (`pipeline promote {id}` to use it anyway)",
+                            fmt(map),
+                            fmt(theirs),
+                            c.model_id
+                        ));
+                    }
+                }
+            }
+        };
+        ctx.promote_model(id, reason, map, current.as_ref().map(|c| c.model_id.as_str())).await?;
+        Ok(format!("promoted to current `{name}`{why}"))
     }
 
     fn model_name(&self, stage: &str) -> String {
@@ -666,6 +719,7 @@ impl TrainStage {
             ],
         )?;
         ctx.register_model(registry).await?;
+        let promoted = self.promote_if(ctx, &model_id, st.best_map_at_20).await?;
 
         let counts = |s: &str| split.iter().filter(|x| **x == s).count();
         let metrics = best
@@ -682,7 +736,7 @@ impl TrainStage {
             rows_out: n as u64,
             written: BTreeMap::from([(out, committed.version)]),
             summary: format!(
-                "model {model_id}{resumed}: {} epochs on {} photos of {} individuals, {} val_unseen, {} val_seen{metrics}{}",
+                "model {model_id}{resumed}: {} epochs on {} photos of {} individuals, {} val_unseen, {} val_seen{metrics}{}; {promoted}",
                 st.epochs_done,
                 counts("train"),
                 outcome.classes,
@@ -694,6 +748,7 @@ impl TrainStage {
                     None => String::new(),
                 },
             ),
+            ..Default::default()
         })
     }
 }

@@ -49,6 +49,8 @@ pub struct Entry {
     pub tables_read: BTreeMap<String, u64>,
     pub tables_written: BTreeMap<String, u64>,
     pub error: Option<String>,
+    pub summary: String,
+    pub changes: crate::stage::Changes,
 }
 
 /// What an earlier successful run of a stage saw and left.
@@ -65,6 +67,7 @@ pub async fn record(lake: &Lake, e: &Entry) -> Result<()> {
     let ts = |t: DateTime<Utc>| TimestampMicrosecondArray::from(vec![t.timestamp_micros()]).with_timezone("UTC");
     let s = |v: &str| Arc::new(StringArray::from(vec![v.to_string()])) as Arc<dyn Array>;
     let json = |m: &BTreeMap<String, u64>| serde_json::to_string(m).unwrap_or_else(|_| "{}".into());
+    let n = |v: Option<u64>| Arc::new(Int64Array::from(vec![v.map(|v| v as i64)])) as Arc<dyn Array>;
     let batch = RecordBatch::try_new(
         schema.clone(),
         vec![
@@ -83,6 +86,11 @@ pub async fn record(lake: &Lake, e: &Entry) -> Result<()> {
             s(&json(&e.tables_read)),
             s(&json(&e.tables_written)),
             Arc::new(StringArray::from(vec![e.error.clone()])),
+            Arc::new(StringArray::from(vec![(!e.summary.is_empty()).then(|| e.summary.clone())])),
+            n(e.changes.new),
+            n(e.changes.changed),
+            n(e.changes.deleted),
+            n(e.changes.rejected),
         ],
     )?;
     let mut sink = lake.sink(TABLE, schema, WriteKind::Append);

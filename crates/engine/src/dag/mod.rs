@@ -145,6 +145,20 @@ impl StageCtx {
         Ok(committed.version)
     }
 
+    /// Makes model `id` (one this stage registered) current for its name: a row in
+    /// `promotions`, committed like the stage's tables. Stages with `model = "current:NAME"`
+    /// read that table, so their next run uses it.
+    pub async fn promote_model(&self, id: &str, reason: &str, map_at_20: Option<f64>, replaced: Option<&str>) -> Result<u64> {
+        if !self.registered.lock().map_err(|_| Error::Other("stage context poisoned".into()))?.iter().any(|r| r == id) {
+            return Err(Error::Other(format!("stage `{}` promotes model `{id}`, which it did not register this run", self.name)));
+        }
+        let row = lake::models::promotion_row(id, reason, map_at_20, replaced, &self.run_id)?;
+        let schema = self.lake.catalog().get(lake::models::PROMOTIONS).unwrap_or_else(|| lake::Catalog::builtin(lake::models::PROMOTIONS));
+        let mut sink = self.sink(lake::models::PROMOTIONS, schema, WriteKind::Append).await?;
+        sink.send(row).await?;
+        Ok(sink.finish().await?.version)
+    }
+
     /// Records `fingerprint` in the ledger instead of the one `prepare` gave, when what the run
     /// did changed it (an ingest whose retried objects all read now leaves the fingerprint of a
     /// source with nothing left to retry, so the next run over the same source is up to date).
@@ -344,6 +358,52 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
     let result = run_leased(plan, opts, selected, lake, run_id, &lease).await;
     lease.release().await;
     result
+}
+
+/// What each stage that reads from outside the lake (ingest: its source listing and labels)
+/// sees there now, by stage: the fingerprint its `prepare` computes, read-only and without the
+/// lease. `pipeline schedule --watch` polls it and starts a run when it changes; a failing
+/// listing is the stage's error.
+pub async fn source_fingerprints(plan: &Plan) -> Result<BTreeMap<String, String>> {
+    let lake = Lake::new(plan.lake.clone(), plan.storage_options.clone(), plan.catalog.clone());
+    let mut out = BTreeMap::new();
+    for stage in plan.stages.iter().filter(|s| s.inputs.is_empty()) {
+        let ctx = StageCtx {
+            name: stage.name.clone(),
+            run_id: String::from("watch"),
+            lake: lake.clone(),
+            progress: ProgressBar::hidden(),
+            cancel: CancellationToken::new(),
+            resume: false,
+            device: None,
+            taps: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            producers: Vec::new(),
+            fail_after: None,
+            fetch_faults: Mutex::new(HashMap::new()),
+            models: stage.models.clone(),
+            registered: Mutex::new(Vec::new()),
+            fingerprint_after: Mutex::new(None),
+        };
+        let prepared = stage.kind.prepare(&ctx).await.map_err(|e| e.in_stage(&stage.name))?;
+        if let Some(f) = prepared.fingerprint {
+            out.insert(stage.name.clone(), f);
+        }
+    }
+    Ok(out)
+}
+
+/// The fingerprints each source stage recorded at its last success in the ledger (what
+/// [`source_fingerprints`] gave then), by stage.
+pub async fn recorded_fingerprints(plan: &Plan) -> Result<BTreeMap<String, String>> {
+    let lake = Lake::new(plan.lake.clone(), plan.storage_options.clone(), plan.catalog.clone());
+    let mut out = BTreeMap::new();
+    for stage in plan.stages.iter().filter(|s| s.inputs.is_empty()) {
+        if let Some(f) = ledger::last_success(&lake, &plan.name, &stage.name).await?.and_then(|l| l.input_fingerprint) {
+            out.insert(stage.name.clone(), f);
+        }
+    }
+    Ok(out)
 }
 
 async fn run_leased(
@@ -553,6 +613,8 @@ async fn run_one(
         tables_read: BTreeMap::new(),
         tables_written: BTreeMap::new(),
         error: None,
+        summary: String::new(),
+        changes: Default::default(),
     };
     match result {
         Ok(done) => {
@@ -565,6 +627,8 @@ async fn run_one(
             entry.rows_in = done.outcome.rows_in;
             entry.rows_out = done.outcome.rows_out;
             entry.input_fingerprint = done.fingerprint;
+            entry.summary = done.outcome.summary.clone();
+            entry.changes = done.outcome.changes;
             entry.tables_read = done.read;
             entry.tables_written = done.outcome.written;
         }
