@@ -188,14 +188,21 @@ where
     let mut pending: Option<(String, tokio::time::Instant)> = None;
     // Runs that ran: a tick skipped because the lake was held does not count.
     let done_runs = |t: &Tally| t.succeeded + t.failed;
+    // The cron occurrence slept for last: the next one is after it even if the wall clock,
+    // read after a wake-up on the monotonic one, is a hair behind it.
+    let mut last_tick: Option<DateTime<Utc>> = None;
     loop {
         if opts.max_runs.is_some_and(|m| done_runs(&tally) >= m) && running.is_none() {
             log(&format!("stopping after {} run(s)", done_runs(&tally)));
             return tally;
         }
+        let mut this_tick = None;
         let wake = match &opts.trigger {
-            Trigger::Cron { .. } => match opts.trigger.next_after(Utc::now()) {
-                Ok(next) => tokio::time::Instant::now() + (next - Utc::now()).to_std().unwrap_or_default(),
+            Trigger::Cron { .. } => match opts.trigger.next_after(last_tick.map_or(Utc::now(), |t| t.max(Utc::now()))) {
+                Ok(next) => {
+                    this_tick = Some(next);
+                    tokio::time::Instant::now() + (next - Utc::now()).to_std().unwrap_or_default()
+                }
                 Err(e) => {
                     log(&format!("stopping: {e}"));
                     return tally;
@@ -234,7 +241,7 @@ where
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(wake) => {}
+            _ = tokio::time::sleep_until(wake) => last_tick = this_tick,
         }
         // A tick.
         if running.is_some() {
