@@ -105,3 +105,48 @@ pub async fn run_fresh(f: &Fixture) -> (pipeline::config::Plan, pipeline::lake::
     assert!(report.stages.iter().all(|s| s.status == pipeline::dag::ledger::Status::Succeeded), "{report:#?}");
     (plan, lake, opts)
 }
+
+/// `pipeline serve` as a process, killed when dropped.
+pub struct Served {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    /// GET `path`: (status, body), None while nothing answers.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let r = reqwest::get(format!("http://127.0.0.1:{}{path}", self.port)).await.ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.text().await.ok()?))
+    }
+}
+
+/// Starts `pipeline serve` with `args` on a free loopback port and waits until it answers.
+pub async fn serve(args: &[&str], cwd: &Path) -> Served {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = std::process::Command::new(bin())
+        .args(["serve", "--addr", &addr, "--device", "cpu"])
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut served = Served { child, port };
+    let t = std::time::Instant::now();
+    while served.get("/healthz").await.is_none() {
+        if let Ok(Some(status)) = served.child.try_wait() {
+            panic!("pipeline serve exited with {status}");
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(60), "pipeline serve did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    served
+}

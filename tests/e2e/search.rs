@@ -29,7 +29,7 @@ fn batch(start: usize, values: &[f32]) -> RecordBatch {
     let photos: Vec<Photo> = (start..start + values.len() / DIM)
         .map(|i| Photo { photo_id: format!("p{i:06}"), uri: format!("file:///x/p{i:06}.jpg"), label: Some(format!("W{}", i % 50)), crop: None })
         .collect();
-    embedding_batch(&photos, values, DIM, "m", "none", "r").unwrap()
+    embedding_batch(&photos, values, DIM, "m", "none", "r", &Default::default()).unwrap()
 }
 
 /// A lake in a temporary folder whose table `embeddings` holds `all` (rows of `DIM`).

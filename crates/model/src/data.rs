@@ -185,8 +185,17 @@ pub fn prefetch(
     rx
 }
 
-/// One chunk of rows for the `embeddings` table.
-pub fn embedding_batch(photos: &[Photo], values: &[f32], dim: usize, model_id: &str, tta: &str, run_id: &str) -> Result<RecordBatch> {
+/// One chunk of rows for the `embeddings` table; `hash_of` gives photos' content hashes by URI
+/// (empty when the input has none).
+pub fn embedding_batch(
+    photos: &[Photo],
+    values: &[f32],
+    dim: usize,
+    model_id: &str,
+    tta: &str,
+    run_id: &str,
+    hash_of: &HashMap<String, String>,
+) -> Result<RecordBatch> {
     let n = photos.len();
     let item = Arc::new(Field::new("item", DataType::Float32, true));
     let vectors = FixedSizeListArray::try_new(item, dim as i32, Arc::new(Float32Array::from(values.to_vec())), None)?;
@@ -206,6 +215,7 @@ pub fn embedding_batch(photos: &[Photo], values: &[f32], dim: usize, model_id: &
             Arc::new(StringArray::from(vec![tta; n])),
             Arc::new(vectors),
             Arc::new(StringArray::from(vec![run_id; n])),
+            Arc::new(StringArray::from_iter(photos.iter().map(|p| hash_of.get(&p.uri).map(String::as_str)))),
         ],
     )?)
 }

@@ -351,3 +351,18 @@ fn a_loss_is_a_name_a_table_or_a_list_of_tables() {
     let lines: std::collections::BTreeSet<usize> = train.iter().map(|x| line_of(x)).collect();
     assert!(lines.len() >= 4, "each problem at its own line: {d}");
 }
+
+#[test]
+fn detect_trains_on_boxes_or_uses_a_trained_detector_not_both() {
+    let base = "[pipeline]\nname = \"t\"\nlake = \"lake\"\n\n[stages.ingest]\nkind = \"ingest\"\nsource = \"../photos\"\n\n[stages.detect]\nkind = \"detect\"\ninputs = [\"ingest\"]\n";
+    // The nightly pipeline's form: the current model's detector, no boxes; it makes no model.
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/nightly-reingest.toml");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let plan = rt.block_on(load(&file, &[])).unwrap();
+    assert!(plan.stage("detect").unwrap().models.is_empty());
+    assert_eq!(options::<crate::detect::DetectStage>(&plan, "detect").detector.as_deref(), Some("current:train"));
+    let both = diags(&format!("{base}boxes = \"../boxes.csv\"\ndetector = \"current:train\"\n"), &[]);
+    assert!(both.iter().any(|d| d.message.contains("`boxes` (train a detector on them) or `detector`")), "{both:?}");
+    let neither = diags(base, &[]);
+    assert!(neither.iter().any(|d| d.message.contains("boxes") && d.message.contains("`detector`")), "{neither:?}");
+}

@@ -47,7 +47,7 @@ use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
     "table", "boxes", "boxes_photo_column", "output", "model", "backbone", "input_size", "hidden", "epochs", "batch_size",
-    "lr", "weight_decay", "val_fraction", "seed", "device", "loader_threads", "prefetch",
+    "lr", "weight_decay", "val_fraction", "seed", "device", "loader_threads", "prefetch", "detector",
 ];
 
 /// Files of a detector's folder.
@@ -55,8 +55,14 @@ const KEYS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct DetectStage {
     pub table: String,
-    /// Resolved location of the boxes file (CSV: photo, x0, y0, x1, y1 in displayed pixels).
+    /// Resolved location of the boxes file (CSV: photo, x0, y0, x1, y1 in displayed pixels);
+    /// empty with [`Self::detector`].
     pub boxes: String,
+    /// A detector trained before, instead of boxes to train one: `current:NAME` (the detector
+    /// the model promoted last under NAME was trained on) or a detector id. The nightly pipeline
+    /// uses it so that new boxes (a new detector in the training pipeline) cannot leave the
+    /// current model without the crops it was trained on.
+    pub detector: Option<String>,
     pub boxes_photo_column: String,
     pub output: String,
     pub model: Option<String>,
@@ -72,7 +78,13 @@ pub struct DetectStage {
 impl DetectStage {
     pub fn parse(k: &mut Keys, ctx: &Context) -> Option<DetectStage> {
         let mut ok = true;
+        let detector = k.str("detector");
+        if detector.is_some() && k.has("boxes") {
+            k.error("detector", "set `boxes` (train a detector on them) or `detector` (use one trained before), not both".to_string());
+            ok = false;
+        }
         let boxes = match k.str("boxes") {
+            _ if detector.is_some() => String::new(),
             Some(b) => match ctx.location(&b) {
                 Ok(u) => u,
                 Err(e) => {
@@ -83,7 +95,7 @@ impl DetectStage {
             },
             None => {
                 if !k.has("boxes") {
-                    k.missing("boxes", "a CSV of training boxes: photo,x0,y0,x1,y1 in displayed pixels");
+                    k.missing("boxes", "a CSV of training boxes: photo,x0,y0,x1,y1 in displayed pixels (or `detector`: one trained before)");
                 }
                 ok = false;
                 String::new()
@@ -102,6 +114,7 @@ impl DetectStage {
         let s = DetectStage {
             table: k.str("table").unwrap_or_else(|| "images".into()),
             boxes,
+            detector,
             boxes_photo_column: k.str("boxes_photo_column").unwrap_or_else(|| "photo".into()),
             output: k.str("output").unwrap_or_else(|| "detections".into()),
             model: k.str("model"),
@@ -135,94 +148,126 @@ impl DetectStage {
             writes: vec![(self.output.clone(), Catalog::builtin("detections"))],
             // The options are hashed as written; the boxes file by its content (the fingerprint).
             hash_extra: String::new(),
-            models: vec![self.model.clone().unwrap_or_else(|| stage.to_string())],
+            // A stage that uses a detector trained before makes none.
+            models: if self.detector.is_some() { Vec::new() } else { vec![self.model.clone().unwrap_or_else(|| stage.to_string())] },
         }
     }
 
-    /// Reads the boxes file; its content is the stage's outside input.
-    pub async fn prepare(&self, _ctx: &StageCtx) -> Result<Prepared> {
+    /// Reads the boxes file; its content is the stage's outside input. With `detector`, the
+    /// input is the detector it names now (a promotion can change it).
+    pub async fn prepare(&self, ctx: &StageCtx) -> Result<Prepared> {
+        if let Some(d) = &self.detector {
+            let id = resolve_detector(&ctx.lake, d).await?;
+            return Ok(Prepared { fingerprint: Some(id.clone()), state: Some(Box::new(Pinned(id))) });
+        }
         let bytes = fetch(&self.boxes).await?;
         Ok(Prepared { fingerprint: Some(blake3::hash(&bytes).to_hex().to_string()), state: Some(Box::new(bytes)) })
     }
 
     pub async fn run(&self, ctx: &StageCtx, mut prepared: Prepared) -> Result<Outcome> {
-        let bytes = match prepared.take::<bytes::Bytes>() {
-            Some(b) => b,
-            None => fetch(&self.boxes).await?,
-        };
-        // The photos arrive as the table is written (streamed from its producer) or from the
-        // committed table. The detector needs every photo its boxes name: rows are gathered
-        // (ids and sizes only, no pixels) until each box row names a gathered photo by its exact
-        // id, or the input ends; then detection runs as rows keep coming.
-        // With the photos' content hashes (an `images`-like input), photos detected on an earlier
-        // run by the same detector are not detected again.
         let keyed = ctx.lake.catalog().get(&self.table).is_some_and(|s| s.field_with_name("content_hash").is_ok());
         let columns: &[&str] = if keyed { &["photo_id", "uri", "width", "height", "content_hash"] } else { &["photo_id", "uri", "width", "height"] };
         let mut rows = ctx.read(&self.table, columns);
         let mut hash_of: HashMap<String, String> = HashMap::new();
         let mut photos: Vec<(Photo, u32, u32)> = Vec::new();
-        let (boxed, unmatched, mut ended) = loop {
-            let Some(b) = rows.try_next().await? else {
-                photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
-                let (boxed, unmatched, _) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
-                break (boxed, unmatched, true);
-            };
-            photos.extend(frames(&self.table, &b)?);
-            hashes(&self.table, &b, keyed, &mut hash_of)?;
-            let (boxed, unmatched, by_name) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
-            if unmatched == 0 && by_name == 0 && !boxed.is_empty() {
-                break (boxed, unmatched, false);
-            }
-        };
-        if photos.is_empty() {
-            return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
-        }
-        if boxed.is_empty() {
-            return Err(Error::Other(format!(
-                "boxes file `{}`: none of its {unmatched} rows names a photo of table `{}`",
-                self.boxes, self.table
-            )));
-        }
         let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
-        let mut h = blake3::Hasher::new();
-        h.update(serde_json::to_string(&(&self.spec, &self.train, self.val_fraction)).unwrap_or_default().as_bytes());
-        for (p, b) in &boxed {
-            h.update(p.uri.as_bytes());
-            for v in b {
-                h.update(&v.to_le_bytes());
-            }
-        }
-        let name = self.model.clone().unwrap_or_else(|| ctx.name.clone());
-        let detector_id = format!("{name}-{}", &h.finalize().to_hex()[..12]);
-        let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
         let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
         let handle = tokio::runtime::Handle::current();
         let (batch, depth) = (self.train.batch_size.max(8), self.prefetch);
+        let (det, info, trained, detector_id, unmatched, mut ended) = match &self.detector {
+            // A detector trained before: loaded, nothing to gather first.
+            Some(named) => {
+                let detector_id = match prepared.take::<Pinned>() {
+                    Some(Pinned(id)) => id,
+                    None => resolve_detector(&ctx.lake, named).await?,
+                };
+                let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
+                let (weights, info_file) = (dir.local.join(WEIGHTS), dir.local.join(INFO));
+                let text = std::fs::read_to_string(&info_file).map_err(|e| {
+                    Error::Other(format!("detector `{detector_id}` (from `detector = \"{named}\"`): {} cannot be read: {e}", info_file.display()))
+                })?;
+                let info: DetectorInfo = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", info_file.display())))?;
+                let det = Detector::load(&info.spec, &weights, device).map_err(|e| Error::Other(format!("detector `{detector_id}`: {e}")))?;
+                (det, info, false, detector_id, 0, false)
+            }
+            None => {
+                let bytes = match prepared.take::<bytes::Bytes>() {
+                    Some(b) => b,
+                    None => fetch(&self.boxes).await?,
+                };
+                // The photos arrive as the table is written (streamed from its producer) or
+                // from the committed table. The detector needs every photo its boxes name: rows
+                // are gathered (ids and sizes only, no pixels) until each box row names a
+                // gathered photo by its exact id, or the input ends; then detection runs as
+                // rows keep coming. With the photos' content hashes (an `images`-like input),
+                // photos detected on an earlier run by the same detector are not detected again.
+                let (boxed, unmatched, ended) = loop {
+                    let Some(b) = rows.try_next().await? else {
+                        photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
+                        let (boxed, unmatched, _) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
+                        break (boxed, unmatched, true);
+                    };
+                    photos.extend(frames(&self.table, &b)?);
+                    hashes(&self.table, &b, keyed, &mut hash_of)?;
+                    let (boxed, unmatched, by_name) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
+                    if unmatched == 0 && by_name == 0 && !boxed.is_empty() {
+                        break (boxed, unmatched, false);
+                    }
+                };
+                if photos.is_empty() {
+                    return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
+                }
+                if boxed.is_empty() {
+                    return Err(Error::Other(format!(
+                        "boxes file `{}`: none of its {unmatched} rows names a photo of table `{}`",
+                        self.boxes, self.table
+                    )));
+                }
+                let mut h = blake3::Hasher::new();
+                h.update(serde_json::to_string(&(&self.spec, &self.train, self.val_fraction)).unwrap_or_default().as_bytes());
+                for (p, b) in &boxed {
+                    h.update(p.uri.as_bytes());
+                    for v in b {
+                        h.update(&v.to_le_bytes());
+                    }
+                }
+                let name = self.model.clone().unwrap_or_else(|| ctx.name.clone());
+                let detector_id = format!("{name}-{}", &h.finalize().to_hex()[..12]);
+                let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
 
-        // The detector: reused when this configuration already trained on these boxes.
-        let (weights, info_file) = (dir.local.join(WEIGHTS), dir.local.join(INFO));
-        let existing = std::fs::read_to_string(&info_file).ok().and_then(|t| serde_json::from_str::<DetectorInfo>(&t).ok());
-        let (det, info, trained) = match existing {
-            Some(info) if weights.is_file() => {
-                let det = Detector::load(&self.spec, &weights, device).map_err(|e| Error::Other(e.to_string()))?;
-                (det, info, false)
+                // The detector: reused when this configuration already trained on these boxes.
+                let (weights, info_file) = (dir.local.join(WEIGHTS), dir.local.join(INFO));
+                let existing = std::fs::read_to_string(&info_file).ok().and_then(|t| serde_json::from_str::<DetectorInfo>(&t).ok());
+                let (det, info, trained) = match existing {
+                    Some(info) if weights.is_file() => {
+                        let det = Detector::load(&self.spec, &weights, device).map_err(|e| Error::Other(e.to_string()))?;
+                        (det, info, false)
+                    }
+                    _ => {
+                        ctx.progress.set_message(format!("{detector_id}: training on {} boxes", boxed.len()));
+                        let (spec, cfg, val_fraction) = (self.spec.clone(), self.train.clone(), self.val_fraction);
+                        let (loader, handle, cancel, id) = (loader.clone(), handle.clone(), ctx.cancel.clone(), detector_id.clone());
+                        let (det, info) = tokio::task::spawn_blocking(move || {
+                            train_detector(&spec, &cfg, val_fraction, boxed, device, &loader, &handle, batch, depth, &id, &|| cancel.is_cancelled())
+                        })
+                        .await
+                        .map_err(|e| Error::Other(format!("detector training panicked: {e}")))??;
+                        std::fs::create_dir_all(&dir.local).map_err(|e| Error::io(&dir.local, e))?;
+                        det.save(&weights).map_err(|e| Error::Other(e.to_string()))?;
+                        let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Other(e.to_string()))?;
+                        std::fs::write(&info_file, text).map_err(|e| Error::io(&info_file, e))?;
+                        dir.upload().await?;
+                        (det, info, true)
+                    }
+                };
+                (det, info, trained, detector_id, unmatched, ended)
             }
-            _ => {
-                ctx.progress.set_message(format!("{detector_id}: training on {} boxes", boxed.len()));
-                let (spec, cfg, val_fraction) = (self.spec.clone(), self.train.clone(), self.val_fraction);
-                let (loader, handle, cancel, id) = (loader.clone(), handle.clone(), ctx.cancel.clone(), detector_id.clone());
-                let (det, info) = tokio::task::spawn_blocking(move || {
-                    train_detector(&spec, &cfg, val_fraction, boxed, device, &loader, &handle, batch, depth, &id, &|| cancel.is_cancelled())
-                })
-                .await
-                .map_err(|e| Error::Other(format!("detector training panicked: {e}")))??;
-                std::fs::create_dir_all(&dir.local).map_err(|e| Error::io(&dir.local, e))?;
-                det.save(&weights).map_err(|e| Error::Other(e.to_string()))?;
-                let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Other(e.to_string()))?;
-                std::fs::write(&info_file, text).map_err(|e| Error::io(&info_file, e))?;
-                dir.upload().await?;
-                (det, info, true)
-            }
+        };
+        // A detector loaded with its own input size reads photos at that size.
+        let loader = if info.spec.input_size == self.spec.input_size {
+            loader
+        } else {
+            Arc::new(Loader::new(info.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()))
         };
 
         // Every photo of the table, a chunk at a time: those gathered, then the rest as it comes.
@@ -244,7 +289,7 @@ impl DetectStage {
             }
             let drained: Vec<Photo> = pending.drain(..pending.len().min(CHUNK)).collect();
             // Rows of photos detected before, unchanged since: carried over as they are.
-            let (again, todo): (Vec<Photo>, Vec<Photo>) = drained.into_iter().partition(|p| earlier.has(&p.uri, hash_of.get(&p.uri)));
+            let (again, todo): (Vec<Photo>, Vec<Photo>) = drained.into_iter().partition(|p| earlier.has(hash_of.get(&p.uri)));
             if !again.is_empty() {
                 let kept = earlier.rows(&again, &hash_of)?;
                 found += earlier.found(&kept);
@@ -273,6 +318,9 @@ impl DetectStage {
             sink.send(detections_batch(&chunk, &dets, &detector_id, &ctx.run_id, &chunk_hashes)?).await?;
             ctx.progress.inc(chunk.len() as u64);
         }
+        if total == 0 {
+            return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
+        }
         let version = sink.finish().await?.version;
         let quality = match (info.val_mean_iou, info.val_hit_rate) {
             (Some(m), Some(r)) => format!(", held-out boxes: mean IoU {m:.3}, {:.0} % found at IoU >= 0.5", r * 100.0),
@@ -285,13 +333,30 @@ impl DetectStage {
             summary: format!(
                 "{total} photos{}, {found} with a subject (score >= 0.5); detector {detector_id} {} on {} boxes{quality}{}",
                 if reused > 0 { format!(" ({} detected now, {reused} on an earlier run)", total - reused) } else { String::new() },
-                if trained { "trained" } else { "reused, trained" },
+                if trained { "trained" } else if self.detector.is_some() { "(the current model's), trained" } else { "reused, trained" },
                 info.train_photos + info.val_photos,
                 if unmatched > 0 { format!("; {unmatched} box rows name no photo of `{}`", self.table) } else { String::new() },
             ),
             changes: engine::stage::Changes { new: Some((total - reused) as u64), ..Default::default() },
         })
     }
+}
+
+/// The detector a `detector` option names, resolved when the stage is prepared.
+struct Pinned(String);
+
+/// The detector id `named` stands for: `current:NAME` is the detector of the model promoted
+/// last under NAME (an error when that model was trained on whole photos); anything else is a
+/// detector id of this lake.
+async fn resolve_detector(lake: &lake::Lake, named: &str) -> Result<String> {
+    if named.starts_with(lake::models::CURRENT_PREFIX) {
+        let (model_id, dir) = lake::models::resolve_model(lake, named).await?;
+        let (spec, _) = train::model_files(&dir, &model_id)?;
+        return spec.crop.map(|c| c.detector).ok_or_else(|| {
+            Error::Other(format!("`detector = \"{named}\"`: model `{model_id}` was trained on whole photos, with no detector; drop the detect stage or give it `boxes`"))
+        });
+    }
+    Ok(named.to_string())
 }
 
 async fn fetch(uri: &str) -> Result<bytes::Bytes> {
@@ -491,11 +556,13 @@ pub fn detect_photos(
     Ok(out)
 }
 
-/// The rows an output table already holds from one detector, by photo URI and content.
+/// The rows an output table already holds from one detector, by photo content: a photo whose
+/// bytes were detected before (under any name: a renamed or moved photo, a copy) is not
+/// detected again.
 #[derive(Default)]
 struct Earlier {
     rows: Option<RecordBatch>,
-    by_uri: HashMap<String, (usize, String)>,
+    by_hash: HashMap<String, usize>,
 }
 
 impl Earlier {
@@ -508,26 +575,26 @@ impl Earlier {
         let batches = lake::tables::rows_where(&ds, table, &filter, None).await?;
         let Some(first) = batches.first() else { return Ok(Earlier::default()) };
         let all = arrow::compute::concat_batches(&first.schema(), &batches)?;
-        let c = Columns::new(table, &all);
-        let (uris, hashes) = (c.strings("uri")?, c.strings("content_hash")?);
-        let by_uri = (0..all.num_rows()).map(|i| (uris.value(i).to_string(), (i, hashes.value(i).to_string()))).collect();
-        Ok(Earlier { rows: Some(all), by_uri })
+        let hashes = Columns::new(table, &all).strings("content_hash")?.clone();
+        let by_hash = (0..all.num_rows()).map(|i| (hashes.value(i).to_string(), i)).collect();
+        Ok(Earlier { rows: Some(all), by_hash })
     }
 
-    fn has(&self, uri: &str, hash: Option<&String>) -> bool {
-        hash.is_some_and(|h| self.by_uri.get(uri).is_some_and(|(_, had)| had == h))
+    fn has(&self, hash: Option<&String>) -> bool {
+        hash.is_some_and(|h| self.by_hash.contains_key(h))
     }
 
-    /// The earlier rows of `photos` (each [`Self::has`]), as the output's schema; the photo id
-    /// is today's.
+    /// The earlier rows of `photos` (each [`Self::has`] its hash), as the output's schema; the
+    /// photo's id and URI are today's.
     fn rows(&self, photos: &[Photo], hash_of: &HashMap<String, String>) -> Result<RecordBatch> {
         let all = self.rows.as_ref().ok_or_else(|| Error::Other("no earlier detections".into()))?;
-        let idx = arrow::array::UInt32Array::from_iter_values(photos.iter().map(|p| self.by_uri[&p.uri].0 as u32));
+        let idx = arrow::array::UInt32Array::from_iter_values(photos.iter().map(|p| self.by_hash[&hash_of[&p.uri]] as u32));
         let schema = Catalog::builtin("detections");
         let mut cols = Vec::with_capacity(schema.fields().len());
         for f in schema.fields() {
             let col = match f.name().as_str() {
                 "photo_id" => Arc::new(StringArray::from_iter_values(photos.iter().map(|p| p.photo_id.as_str()))) as arrow::array::ArrayRef,
+                "uri" => Arc::new(StringArray::from_iter_values(photos.iter().map(|p| p.uri.as_str()))),
                 "content_hash" => Arc::new(StringArray::from_iter(photos.iter().map(|p| hash_of.get(&p.uri).map(String::as_str)))),
                 name => {
                     let c = all.column_by_name(name).ok_or_else(|| Error::Schema { table: "detections".into(), column: name.into(), detail: "missing in the earlier table".into() })?;

@@ -134,10 +134,17 @@ impl EmbedStage {
         let have = existing(&ctx.lake, &self.output, &model_id, tta).await?;
         let incremental = have.is_some();
         let have = have.unwrap_or_default();
+        // Embedded photos by content: a photo renamed, moved or copied since keeps its embedding.
+        let by_hash: HashMap<&str, &str> = have.iter().filter_map(|(u, e)| Some((e.hash.as_deref()?, u.as_str()))).collect();
+        let keyed = ctx.lake.catalog().get(&self.table).is_some_and(|s| s.field_with_name("content_hash").is_ok());
+        let mut hash_of: HashMap<String, String> = HashMap::new();
+        // Photos whose bytes are embedded under another URI, with that URI.
+        let mut reuse: Vec<(Photo, String)> = Vec::new();
         let mut seen_uris: std::collections::HashSet<String> = std::collections::HashSet::new();
         // Embedded photos whose label changed, by their new label.
         let mut relabel: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
-        let photos = ctx.read(&self.table, &["photo_id", "uri", "individual_id"]).map(Input::Photos);
+        let columns: &[&str] = if keyed { &["photo_id", "uri", "individual_id", "content_hash"] } else { &["photo_id", "uri", "individual_id"] };
+        let photos = ctx.read(&self.table, columns).map(Input::Photos);
         let mut input = match (crops_streamed, &self.crops, &spec.crop) {
             (true, Some(table), Some(c)) => {
                 let boxes = ctx.read(table, &["photo_id", "detector_id", "x0", "y0", "x1", "y1"]).map(Input::Boxes);
@@ -165,18 +172,30 @@ impl EmbedStage {
                     let b = b?;
                     let c = Columns::new(&self.table, &b);
                     let (pid, uri, lab) = (c.strings("photo_id")?, c.strings("uri")?, c.strings("individual_id")?);
+                    let hashes = if keyed { Some(c.strings("content_hash")?) } else { None };
                     for i in 0..b.num_rows() {
                         total += 1;
+                        let hash = hashes.as_ref().filter(|h| h.is_valid(i)).map(|h| h.value(i));
+                        if let Some(h) = hash {
+                            hash_of.insert(uri.value(i).to_string(), h.to_string());
+                        }
                         if incremental {
                             seen_uris.insert(uri.value(i).to_string());
                             if let Some(had) = have.get(uri.value(i)) {
                                 // Embedded already; a changed label is a change of its row, not
                                 // of its embedding.
                                 let now = lab.is_valid(i).then(|| lab.value(i).to_string());
-                                if *had != now {
+                                if had.label != now {
                                     relabel.entry(now).or_default().push(uri.value(i).to_string());
                                 }
                                 kept += 1;
+                                ctx.progress.inc(1);
+                                continue;
+                            }
+                            if let Some(old) = hash.and_then(|h| by_hash.get(h)) {
+                                let label = lab.is_valid(i).then(|| lab.value(i).to_string());
+                                let photo = Photo { photo_id: pid.value(i).to_string(), uri: uri.value(i).to_string(), label, crop: None };
+                                reuse.push((photo, old.to_string()));
                                 ctx.progress.inc(1);
                                 continue;
                             }
@@ -245,13 +264,16 @@ impl EmbedStage {
                 net = Some(m);
                 let (values, d) = res?;
                 dim = d;
-                sink.send(embedding_batch(&chunk, &values, d, &model_id, tta, &ctx.run_id)?).await?;
+                sink.send(embedding_batch(&chunk, &values, d, &model_id, tta, &ctx.run_id, &hash_of)?).await?;
                 rows += chunk.len() as u64;
                 ctx.progress.inc(chunk.len() as u64);
             }
             if done {
                 break;
             }
+        }
+        if !reuse.is_empty() {
+            sink.send(reused_rows(&ctx.lake, &self.output, &reuse, &ctx.run_id, &hash_of).await?).await?;
         }
         let mut version = sink.finish().await?.version;
         // Photos that left the input leave the table.
@@ -287,9 +309,17 @@ impl EmbedStage {
                 version = out.version().version;
             }
         }
+        // Reused embeddings whose old name left the input: the photo was renamed or moved.
+        // (Counted once per old name: a photo renamed and copied is one move and one copy.)
+        let moved = reuse.iter().map(|(_, old)| old).filter(|old| !seen_uris.contains(*old)).collect::<std::collections::HashSet<_>>().len();
         let how = if incremental {
             let relabelled = if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() };
-            format!("{rows} new photos embedded, {kept} already embedded{relabelled}, {} removed", gone.len())
+            let reused = match (reuse.len(), moved) {
+                (0, _) => String::new(),
+                (n, 0) => format!(", {n} copies of embedded photos (embedding reused)"),
+                (n, m) => format!(", {n} photos already embedded under another name ({m} renamed or moved; embedding reused)"),
+            };
+            format!("{rows} new photos embedded, {kept} already embedded{reused}{relabelled}, {} removed", gone.len() - moved)
         } else {
             format!("{rows} photos embedded")
         };
@@ -304,9 +334,9 @@ impl EmbedStage {
                 if self.flip_tta { ", flip TTA" } else { "" }
             ),
             changes: engine::stage::Changes {
-                new: Some(rows),
-                changed: Some(relabelled as u64),
-                deleted: Some(gone.len() as u64),
+                new: Some(rows + (reuse.len() - moved) as u64),
+                changed: Some((relabelled + moved) as u64),
+                deleted: Some((gone.len() - moved) as u64),
                 rejected: None,
             },
         })
@@ -323,6 +353,50 @@ pub async fn crop_boxes(lake: &Lake, spec: &NetSpec, table: Option<&str>) -> Res
     Ok(boxes.into_iter().map(|(k, b)| (k, vision::expand_box(b, c.margin))).collect())
 }
 
+/// Rows of `table` for photos whose bytes it holds under another URI (`reuse`: the photo as it is
+/// now, and that URI): the embedding and model as they were, the rest as the photo is now.
+async fn reused_rows(lake: &Lake, table: &str, reuse: &[(Photo, String)], run_id: &str, hash_of: &HashMap<String, String>) -> Result<RecordBatch> {
+    let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` went away while embedding")))?;
+    let mut olds: Vec<&str> = reuse.iter().map(|(_, old)| old.as_str()).collect();
+    olds.sort_unstable();
+    olds.dedup();
+    let mut batches = Vec::new();
+    for chunk in olds.chunks(1000) {
+        let list = chunk.iter().map(|u| lake::tables::sql_string(u)).collect::<Vec<_>>().join(", ");
+        batches.extend(lake::tables::rows_where(&ds, table, &format!("uri IN ({list})"), None).await?);
+    }
+    let schema = batches.first().map(|b| b.schema()).ok_or_else(|| Error::Other(format!("table `{table}`: the embedded rows to reuse are gone")))?;
+    let all = arrow::compute::concat_batches(&schema, &batches)?;
+    let c = Columns::new(table, &all);
+    let uris = c.strings("uri")?;
+    let row_of: HashMap<&str, u32> = (0..all.num_rows()).map(|i| (uris.value(i), i as u32)).collect();
+    let idx = reuse
+        .iter()
+        .map(|(_, old)| row_of.get(old.as_str()).copied().ok_or_else(|| Error::Other(format!("table `{table}`: no row for `{old}` to reuse"))))
+        .collect::<Result<Vec<u32>>>()?;
+    let idx = arrow::array::UInt32Array::from(idx);
+    let photos: Vec<&Photo> = reuse.iter().map(|(p, _)| p).collect();
+    let target = Catalog::builtin("embeddings");
+    let mut fields = Vec::new();
+    let mut cols: Vec<arrow::array::ArrayRef> = Vec::new();
+    for f in target.fields() {
+        let col: arrow::array::ArrayRef = match f.name().as_str() {
+            "photo_id" => Arc::new(arrow::array::StringArray::from_iter_values(photos.iter().map(|p| p.photo_id.as_str()))),
+            "uri" => Arc::new(arrow::array::StringArray::from_iter_values(photos.iter().map(|p| p.uri.as_str()))),
+            "individual_id" => Arc::new(arrow::array::StringArray::from(photos.iter().map(|p| p.label.as_deref()).collect::<Vec<_>>())),
+            "run_id" => Arc::new(arrow::array::StringArray::from(vec![run_id; photos.len()])),
+            "content_hash" => Arc::new(arrow::array::StringArray::from_iter(photos.iter().map(|p| hash_of.get(&p.uri).map(String::as_str)))),
+            name => {
+                let col = all.column_by_name(name).ok_or_else(|| Error::Schema { table: table.into(), column: name.into(), detail: "missing".into() })?;
+                arrow::compute::take(col, &idx, None)?
+            }
+        };
+        fields.push(arrow::datatypes::Field::new(f.name(), col.data_type().clone(), f.is_nullable()));
+        cols.push(col);
+    }
+    Ok(RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), cols)?)
+}
+
 /// What embed reads: photos, and (streamed crops) the detector's boxes, then their end.
 enum Input {
     Photos(Result<RecordBatch>),
@@ -330,25 +404,37 @@ enum Input {
     BoxesEnded,
 }
 
-/// URIs in `table`, with their labels, when every row of it is of `model_id` with `tta`; None
-/// when the table is missing, empty or of another embedding (then it is rewritten whole).
-async fn existing(lake: &Lake, table: &str, model_id: &str, tta: &str) -> Result<Option<HashMap<String, Option<String>>>> {
+/// An embedded photo: its label and content hash (None on rows written without one).
+struct Embedded {
+    label: Option<String>,
+    hash: Option<String>,
+}
+
+/// URIs in `table`, with their labels and hashes, when every row of it is of `model_id` with
+/// `tta`; None when the table is missing, empty or of another embedding (then it is rewritten
+/// whole).
+async fn existing(lake: &Lake, table: &str, model_id: &str, tta: &str) -> Result<Option<HashMap<String, Embedded>>> {
     let Some(ds) = lake.open(table).await? else { return Ok(None) };
     if ds.schema().field("tta").is_none() {
         return Ok(None);
     }
+    let hashed = ds.schema().field("content_hash").is_some();
     let mut scan = ds.scan();
-    scan.project(&["uri", "model_id", "tta", "individual_id"]).map_err(|e| Error::lance(table, e))?;
+    let columns: &[&str] = if hashed { &["uri", "model_id", "tta", "individual_id", "content_hash"] } else { &["uri", "model_id", "tta", "individual_id"] };
+    scan.project(columns).map_err(|e| Error::lance(table, e))?;
     let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
     let mut uris = HashMap::new();
     while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
         let (u, m, t) = (b.column(0).as_string::<i32>(), b.column(1).as_string::<i32>(), b.column(2).as_string::<i32>());
-        let l = Columns::new(table, &b).strings("individual_id")?;
+        let c = Columns::new(table, &b);
+        let l = c.strings("individual_id")?;
+        let h = if hashed { Some(c.strings("content_hash")?) } else { None };
         for i in 0..b.num_rows() {
             if m.value(i) != model_id || t.value(i) != tta {
                 return Ok(None);
             }
-            uris.insert(u.value(i).to_string(), l.is_valid(i).then(|| l.value(i).to_string()));
+            let hash = h.as_ref().filter(|h| h.is_valid(i)).map(|h| h.value(i).to_string());
+            uris.insert(u.value(i).to_string(), Embedded { label: l.is_valid(i).then(|| l.value(i).to_string()), hash });
         }
     }
     Ok((!uris.is_empty()).then_some(uris))

@@ -127,7 +127,7 @@ impl EnsembleStage {
                 values[start..].iter_mut().for_each(|x| *x /= n);
                 photos.push(Photo { photo_id: first.photo_ids[i].clone(), uri: first.uris[i].clone(), label: first.labels[i].clone(), crop: None });
             }
-            sink.send(embedding_batch(&photos, &values, dim, &model_id, "none", &ctx.run_id)?).await?;
+            sink.send(embedding_batch(&photos, &values, dim, &model_id, "none", &ctx.run_id, &HashMap::new())?).await?;
         }
         let committed = sink.finish().await?;
         let config = serde_json::json!({ "members": self.members, "member_models": ids, "weights": self.weights }).to_string();

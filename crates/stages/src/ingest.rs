@@ -192,7 +192,13 @@ impl IngestConfig {
         // How rows name their photo: relative to the lake when both were written relative,
         // unless the lake already records this source's photos by absolute URI (a lake made
         // before lake-relative records, kept as it is).
-        let (image_uris, reject_uris) = (recorded_uris(ctx, "images").await?, recorded_uris(ctx, "rejects").await?);
+        let (images_before, image_hashes) = recorded_hashes(ctx).await?;
+        let image_uris: Vec<String> = image_hashes.iter().map(|(u, _)| u.clone()).collect();
+        let reject_uris = recorded_uris(ctx, "rejects").await?;
+        // Photos of the lake by content: an object whose bytes are one of them (renamed, moved,
+        // copied, or touched) takes that row's measurements instead of being decoded again.
+        let by_hash: Arc<HashMap<String, String>> =
+            Arc::new(image_hashes.into_iter().filter_map(|(u, h)| Some((h?, u))).collect());
         let legacy = self.relative && image_uris.iter().any(|u| u.starts_with(&format!("{}/", self.source)));
         let record_relative = self.relative && !legacy;
         let root = ctx.lake.root().to_string();
@@ -203,6 +209,8 @@ impl IngestConfig {
         let current: HashMap<String, String> = objects.iter().map(|m| (uri_of(m), etag(m))).collect();
         // How this source's rows begin, to tell them from other sources' rows in the lake.
         let mine = if record_relative { store::lake_relative(&root, &self.source).unwrap_or(self.source.clone()) } else { self.source.clone() };
+        let gone_uris: std::collections::HashSet<String> =
+            image_uris.iter().filter(|u| u.starts_with(&format!("{mine}/")) && !current.contains_key(*u)).cloned().collect();
         let gone = delete_gone(ctx, &format!("{mine}/"), &current, [("images", image_uris), ("rejects", reject_uris)]).await?;
 
         let images_schema = Catalog::builtin("images");
@@ -282,6 +290,7 @@ impl IngestConfig {
                 let slots = decode_slots.clone();
                 let limits = limits.clone();
                 let key = relative(&prefix, &meta.location);
+                let by_hash = by_hash.clone();
                 async move {
                     let fetched = fetch(store.as_ref(), &meta.location, || ctx.fetch_fault(&key)).await;
                     let outcome = match fetched {
@@ -293,7 +302,10 @@ impl IngestConfig {
                             let b = bytes.clone();
                             match tokio::task::spawn_blocking(move || {
                                 let hash = blake3::hash(&b).to_hex().to_string();
-                                vision::analyze(&b, &limits).map(|a| (a, hash))
+                                match by_hash.get(&hash) {
+                                    Some(had) => Ok(Got::Known { had: had.clone() }),
+                                    None => vision::analyze(&b, &limits).map(|a| Got::Decoded(Box::new(a), hash)),
+                                }
                             })
                             .await
                             {
@@ -313,12 +325,21 @@ impl IngestConfig {
         let mut n_retryable = 0usize;
         let (mut n_images, mut n_rejects) = (0u64, 0u64);
         let mut decoded_uris = Vec::new();
+        // Objects whose bytes the lake has under a URI: (object, its URI now, that URI).
+        let mut known_bytes: Vec<(ObjectMeta, String, String)> = Vec::new();
         while let Some((meta, outcome)) = results.next().await {
             ctx.progress.inc(1);
             let rel = relative(&prefix, &meta.location);
             let uri = uri_of(&meta);
             match outcome {
-                Ok((analysis, content_hash)) => {
+                Ok(Got::Known { had }) => {
+                    if known.contains_key(&uri) || retry.contains(&uri) {
+                        decoded_uris.push(uri.clone());
+                    }
+                    known_bytes.push((meta, uri, had));
+                }
+                Ok(Got::Decoded(analysis, content_hash)) => {
+                    let analysis = *analysis;
                     n_images += 1;
                     if known.contains_key(&uri) || retry.contains(&uri) {
                         decoded_uris.push(uri.clone());
@@ -351,6 +372,25 @@ impl IngestConfig {
         if !img_rows.is_empty() {
             images.send(image_batch(&img_rows, &run_id)?).await?;
         }
+        // Renamed, moved, copied or touched photos: their earlier row (read at the version
+        // before this run deleted what left the source) under today's name.
+        let mut moved = 0u64;
+        if let (false, Some(v)) = (known_bytes.is_empty(), images_before) {
+            let ds = ctx.lake.open("images").await?.ok_or_else(|| Error::Other("table `images` went away during ingest".into()))?;
+            let before = ds.checkout_version(v).await.map_err(|e| Error::lance("images", e))?;
+            for chunk in known_bytes.chunks(self.batch_size) {
+                let rows: Vec<Carried> = chunk
+                    .iter()
+                    .map(|(m, uri, had)| Carried { meta: m, uri: uri.clone(), label: label_of(&relative(&prefix, &m.location)), etag: etag(m), had })
+                    .collect();
+                images.send(carried_rows(&before, &rows, &prefix, &run_id).await?).await?;
+            }
+            moved = known_bytes.iter().map(|(_, _, had)| had).filter(|had| gone_uris.contains(*had)).collect::<std::collections::HashSet<_>>().len() as u64;
+        }
+        // Bytes the lake had under this very name (a file touched, or rewritten as it was).
+        let touched = known_bytes.iter().filter(|(_, uri, had)| uri == had).count() as u64;
+        let copies = known_bytes.len() as u64 - moved - touched;
+        let unchanged = unchanged + touched;
         if !rej_rows.is_empty() {
             rejects.send(reject_batch(&rej_rows, &run_id)?).await?;
         }
@@ -369,14 +409,21 @@ impl IngestConfig {
         }
         Ok(Outcome {
             rows_in: listed,
-            rows_out: n_images,
+            rows_out: n_images + known_bytes.len() as u64,
             written,
             summary: format!(
-                "{listed} listed, {unchanged} unchanged, {n_images} new photos, {n_rejects} rejected{}{}",
+                "{listed} listed, {unchanged} unchanged, {} new photos, {n_rejects} rejected{}{}{}",
+                n_images + copies,
+                if moved > 0 { format!(", {moved} renamed or moved (same bytes)") } else { String::new() },
                 if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() },
-                if gone > 0 { format!(", {gone} gone from the source") } else { String::new() }
+                if gone > moved { format!(", {} gone from the source", gone - moved) } else { String::new() }
             ),
-            changes: engine::stage::Changes { new: Some(n_images), changed: Some(relabelled), deleted: Some(gone), rejected: Some(n_rejects) },
+            changes: engine::stage::Changes {
+                new: Some(n_images + copies),
+                changed: Some(relabelled + moved),
+                deleted: Some(gone.saturating_sub(moved)),
+                rejected: Some(n_rejects),
+            },
         })
     }
 }
@@ -394,6 +441,86 @@ impl IngestConfig {
 /// earlier version (`inode-mtime-size`) with the same modification time and size.
 fn same_tag(old: &str, new: &str) -> bool {
     old == new || old.strip_suffix(new).is_some_and(|head| head.ends_with('-') && !head[..head.len() - 1].contains('-'))
+}
+
+/// What a fetched object is: new bytes, decoded and measured; or bytes the lake already has
+/// under the URI `had` (not decoded again).
+enum Got {
+    Decoded(Box<Analysis>, String),
+    Known { had: String },
+}
+
+/// The version of `images` before this run and its `uri` and `content_hash` columns (None and
+/// empty when the table does not exist yet).
+async fn recorded_hashes(ctx: &StageCtx) -> Result<(Option<u64>, Vec<(String, Option<String>)>)> {
+    let Some(ds) = ctx.lake.open("images").await? else { return Ok((None, Vec::new())) };
+    let hashed = ds.schema().field("content_hash").is_some();
+    let mut scan = ds.scan();
+    scan.project(if hashed { &["uri", "content_hash"][..] } else { &["uri"][..] }).map_err(|e| Error::lance("images", e))?;
+    let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance("images", e))?;
+    let mut out = Vec::new();
+    while let Some(b) = stream.try_next().await.map_err(|e| Error::lance("images", e))? {
+        let c = lake::tables::Columns::new("images", &b);
+        let uris = c.strings("uri")?;
+        let hashes = if hashed { Some(c.strings("content_hash")?) } else { None };
+        for i in 0..b.num_rows() {
+            out.push((uris.value(i).to_string(), hashes.as_ref().filter(|h| h.is_valid(i)).map(|h| h.value(i).to_string())));
+        }
+    }
+    Ok((Some(ds.version().version), out))
+}
+
+/// An object whose bytes the lake holds under the URI `had`.
+struct Carried<'a> {
+    meta: &'a ObjectMeta,
+    uri: String,
+    label: Option<String>,
+    etag: String,
+    had: &'a str,
+}
+
+/// Rows of `images` for objects whose bytes `before` holds under another URI: the measurements
+/// and hashes as they were, the object's name, tag, size, time and label as they are now.
+async fn carried_rows(before: &lance::Dataset, rows: &[Carried<'_>], prefix: &ObjectPath, run_id: &str) -> Result<RecordBatch> {
+    let mut olds: Vec<&str> = rows.iter().map(|r| r.had).collect();
+    olds.sort_unstable();
+    olds.dedup();
+    let list = olds.iter().map(|u| lake::tables::sql_string(u)).collect::<Vec<_>>().join(", ");
+    let batches = lake::tables::rows_where(before, "images", &format!("uri IN ({list})"), None).await?;
+    let schema = Catalog::builtin("images");
+    let all = match batches.first() {
+        Some(b) => arrow::compute::concat_batches(&b.schema(), &batches)?,
+        None => return Err(Error::Other("table `images`: the rows of photos to carry over are gone".into())),
+    };
+    let uris = lake::tables::Columns::new("images", &all).strings("uri")?.clone();
+    let row_of: HashMap<&str, u32> = (0..all.num_rows()).map(|i| (uris.value(i), i as u32)).collect();
+    let idx = rows
+        .iter()
+        .map(|r| row_of.get(r.had).copied().ok_or_else(|| Error::Other(format!("table `images`: no row for `{}` to carry over", r.had))))
+        .collect::<Result<Vec<u32>>>()?;
+    let idx = arrow::array::UInt32Array::from(idx);
+    let now = Utc::now().timestamp_micros();
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        let col: ArrayRef = match f.name().as_str() {
+            "photo_id" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| relative(prefix, &r.meta.location)))),
+            "uri" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.uri.as_str()))),
+            "individual_id" => Arc::new(StringArray::from(rows.iter().map(|r| r.label.clone()).collect::<Vec<_>>())),
+            "size_bytes" => Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.meta.size as i64))),
+            "etag" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.etag.as_str()))),
+            "last_modified" => ts(rows.iter().map(|r| r.meta.last_modified.timestamp_micros()).collect()),
+            "ingested_at" => ts(vec![now; rows.len()]),
+            "run_id" => Arc::new(StringArray::from(vec![run_id; rows.len()])),
+            name => match all.column_by_name(name) {
+                Some(c) => arrow::compute::take(c, &idx, None)?,
+                // A column added to `images` after that row was written.
+                None if f.is_nullable() => arrow::array::new_null_array(f.data_type(), rows.len()),
+                None => return Err(Error::Schema { table: "images".into(), column: name.into(), detail: "missing in the earlier table".into() }),
+            },
+        };
+        cols.push(col);
+    }
+    Ok(RecordBatch::try_new(schema, cols)?)
 }
 
 /// The `uri` column of `table` (empty when the table does not exist yet).
