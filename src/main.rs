@@ -80,6 +80,10 @@ enum Cmd {
         /// Read the lake as it was after this run (its id from `pipeline runs`, or `run-<id>`).
         #[arg(long, value_name = "RUN")]
         as_of: Option<String>,
+        /// Memory for joins, sorts and aggregations: a size (4G, 512M) or a share of this
+        /// machine's memory; a query that needs more fails with a clear error.
+        #[arg(long, default_value = "50%", value_parser = query::parse_memory, value_name = "SIZE")]
+        memory_limit: u64,
     },
     /// Housekeeping: compacts each table's small fragments and removes versions older than
     /// --keep-days that no run tag holds (run tags older than that go too, but each table's
@@ -268,11 +272,29 @@ fn main() -> ExitCode {
             };
             match e.downcast_ref::<Error>() {
                 Some(Error::Config(d)) => eprint!("{d}"),
-                _ => eprintln!("error: {e:#}"),
+                _ => eprintln!("error: {}", said_once(&e)),
             }
             ExitCode::from(code)
         }
     }
+}
+
+/// An error and its causes, each said once: a cause whose message the text already holds (a
+/// wrapper that quotes its source, as DataFusion's and ours do) is left out.
+fn said_once(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        let msg = msg.trim();
+        if msg.is_empty() || text.contains(msg) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(msg);
+    }
+    text
 }
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
@@ -459,9 +481,9 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Query { sql, at, format, out, as_of } => {
+        Cmd::Query { sql, at, format, out, as_of, memory_limit } => {
             let lake = at.open().await?;
-            let (schema, batches) = query::query_as_of(&lake, &sql, as_of.as_deref()).await?;
+            let (schema, batches) = query::query_limited(&lake, &sql, as_of.as_deref(), Some(memory_limit)).await?;
             match out {
                 Some(p) => {
                     let mut f = std::fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;

@@ -100,6 +100,20 @@ fn run_query_and_refused_writes() {
     let (code, _, err) = run(&["query", "SELECT nope FROM images", "--lake", "lake"], cwd);
     assert_eq!(code, 1);
     assert!(err.contains("nope"), "{err}");
+    assert_eq!(err.matches("nope").count(), 1, "said once: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // A careless aggregation over a three-way join fails over the limit, saying so; under a
+    // larger one it answers.
+    let cross = "SELECT a.photo_id, b.photo_id AS b, c.photo_id AS c, count(*) AS n FROM images a, images b, images c GROUP BY 1, 2, 3";
+    let (code, _, err) = run(&["query", cross, "--lake", "lake", "--memory-limit", "64K"], cwd);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("error: the query needs more memory than its limit of 64.0 KiB (--memory-limit"), "{err}");
+    let (code, out, err) = run(&["query", cross, "--lake", "lake", "--memory-limit", "2G", "--format", "csv"], cwd);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().count() > 1000, "{}", out.lines().count());
+    let (code, _, err) = run(&["query", "SELECT 1", "--lake", "lake", "--memory-limit", "lots"], cwd);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("lots"), "{err}");
     let (code, out, _) = run(&["runs", "--lake", "lake"], cwd);
     assert_eq!(code, 0);
     assert!(out.contains("up_to_date") && out.contains("succeeded"), "{out}");

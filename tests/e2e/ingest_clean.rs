@@ -157,3 +157,49 @@ async fn a_source_with_no_photos_is_an_error_naming_it() {
     let e = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap_err().to_string();
     assert!(e.contains("nowhere") && e.contains("no objects"), "{e}");
 }
+
+/// What a survey folder holds besides camera JPEGs: a phone's motion photo, a WebP, a HEIC,
+/// files that are not photos; and a labels file with a repeated row, a row for a photo that is
+/// not there and, later, a photo given two individuals. Each is answered, none silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_file_is_answered_and_nothing_is_left_out_without_a_word() {
+    let f = common::demo(3, 3, 4);
+    let photos = f.dir.path().join("demo-lake/photos");
+    let good = f.truth.iter().find(|(_, (d, e))| d == "none" && e == "keep").map(|(p, _)| p.clone()).unwrap();
+    let bytes = std::fs::read(photos.join(&good)).unwrap();
+    let mut motion = bytes.clone();
+    motion.extend_from_slice(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom and then a video");
+    std::fs::write(photos.join("MOTION_0001.jpg"), &motion).unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    image::DynamicImage::ImageRgb8(img).save(photos.join("WEBP_0001.webp")).unwrap();
+    std::fs::write(photos.join("PHONE_0001.HEIC"), b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic").unwrap();
+    std::fs::write(photos.join("notes.txt"), "field notes").unwrap();
+    std::fs::write(photos.join("IMG_0001.jpg.xmp"), "<x:xmpmeta/>").unwrap();
+    let labels = f.dir.path().join("demo-lake/labels.csv");
+    let text = std::fs::read_to_string(&labels).unwrap();
+    let repeated = text.lines().nth(1).unwrap().to_string();
+    std::fs::write(&labels, format!("{text}{repeated}\nMOTION_0001.jpg,W777\nghost.jpg,W1\n")).unwrap();
+
+    let plan = pipeline::load(&f.pipeline, &[]).await.unwrap();
+    let opts = RunOptions { quiet: true, until: Some("ingest".into()), ..Default::default() };
+    let report = dag::run(&plan, &opts).await.unwrap();
+    let s = &report.stage("ingest").unwrap().summary;
+    assert!(s.contains("; 2 skipped (not matching ") && s.contains(": IMG_0001.jpg.xmp, notes.txt)"), "{s}");
+    assert!(s.contains("1 label rows name no listed photo (ghost.jpg), 1 label rows repeated"), "{s}");
+    let lake = Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap());
+    let row = |p: &str| format!("SELECT concat(format, ' ', coalesce(individual_id, '-'), ' ', CAST(width AS VARCHAR)) FROM images WHERE photo_id = '{p}'");
+    let width = strings(&lake, &format!("SELECT CAST(width AS VARCHAR) FROM images WHERE photo_id = '{good}'")).await;
+    assert_eq!(strings(&lake, &row("MOTION_0001.jpg")).await, vec![format!("jpeg W777 {}", width[0])], "the motion photo is its picture");
+    assert_eq!(strings(&lake, &row("WEBP_0001.webp")).await, vec![format!("webp - {}", width[0])]);
+    let heic = strings(&lake, "SELECT concat(reason, ': ', detail) FROM rejects WHERE photo_id = 'PHONE_0001.HEIC'").await;
+    assert_eq!(heic.len(), 1);
+    assert!(heic[0].starts_with("unsupported_format: heic: a HEIF/HEIC"), "{heic:?}");
+
+    // A photo given two individuals: the stage fails naming both rows, and commits nothing.
+    let text = std::fs::read_to_string(&labels).unwrap();
+    std::fs::write(&labels, format!("{text}MOTION_0001.jpg,W778\n")).unwrap();
+    let before = lake.version("images").await.unwrap();
+    let e = dag::run(&plan, &opts).await.unwrap_err().to_string();
+    assert!(e.contains("labels.csv") && e.contains("`MOTION_0001.jpg` is `W777` (line") && e.contains("and `W778` (line"), "{e}");
+    assert_eq!(lake.version("images").await.unwrap(), before);
+}

@@ -106,10 +106,12 @@ async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
         .try_collect()
         .await
         .unwrap();
-    for f in ["best.safetensors", "model.json", "last.optim.safetensors", "last.json"] {
+    // Each epoch's checkpoint under its own name (the last one stays), the manifest last.
+    for f in ["best.safetensors", "model.json", "last-0002.safetensors", "last-0002.optim.safetensors", "last.json", "_manifest.json"] {
         assert!(listed.iter().any(|l| l.ends_with(f)), "{f} not uploaded: {listed:?}");
     }
     assert!(listed.iter().any(|l| l.contains("/tensorboard/events.out.tfevents.")), "{listed:?}");
+    assert!(!listed.iter().any(|l| l.contains("last-0001")), "an older checkpoint leaves the bucket: {listed:?}");
     let again = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap();
     assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
 
@@ -128,4 +130,14 @@ async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
     let again = dag::run(&plan, &RunOptions { quiet: true, ..Default::default() }).await.unwrap();
     assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
     assert!(s3.head(&record).await.is_err(), "released after the run");
+
+    // A model folder whose upload was cut short (a file that is not the one its manifest lists)
+    // is refused by name, never loaded.
+    let model_id = pipeline::lake::models::current(&lake, "train").await.unwrap().unwrap().model_id;
+    assert!(pipeline::lake::models::model_dir(&lake, &model_id).await.is_ok());
+    let best = ObjectPath::from(format!("lake/models/{model_id}/best.safetensors"));
+    let bytes = s3.get(&best).await.unwrap().bytes().await.unwrap();
+    s3.put(&best, bytes.slice(..bytes.len() / 2).into()).await.unwrap();
+    let e = pipeline::lake::models::model_dir(&lake, &model_id).await.err().expect("a cut upload is refused").to_string();
+    assert!(e.contains(&format!("models/{model_id} is incomplete")) && e.contains("`best.safetensors` is not the file its manifest lists"), "{e}");
 }

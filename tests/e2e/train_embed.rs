@@ -84,7 +84,7 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     let dir = lake.locate(recorded).strip_prefix("file://").unwrap().to_string();
     let history: serde_json::Value = serde_json::from_str(m[0].column(1).as_string::<i32>().value(0)).unwrap();
     assert_eq!(history.as_array().unwrap().len(), 2);
-    for f in ["best.safetensors", "model.json", "last.safetensors", "last.optim.safetensors", "last.json"] {
+    for f in ["best.safetensors", "model.json", "last-0002.safetensors", "last-0002.optim.safetensors", "last.json"] {
         assert!(std::path::Path::new(&dir).join(f).is_file(), "{f} missing in {dir}");
     }
     let tb = std::fs::read_dir(std::path::Path::new(&dir).join("tensorboard")).unwrap().next().unwrap().unwrap().path();

@@ -56,6 +56,14 @@ pub enum Error {
     #[error("schema file {file}: {detail}")]
     SchemaFile { file: String, detail: String },
 
+    /// A query that needs more memory than `pipeline query --memory-limit` gives it.
+    #[error("the query needs more memory than its limit of {} (--memory-limit; a join or aggregation over too many rows?): {detail}", human_bytes(*limit))]
+    MemoryLimit { limit: u64, detail: String },
+
+    /// A model folder on an object store whose files are not the ones its manifest lists.
+    #[error("model folder {uri} is incomplete: {detail}")]
+    IncompleteModel { uri: String, detail: String },
+
     /// `pipeline query` refuses anything that would change the lake.
     #[error("pipeline query is read-only: {0}")]
     ReadOnly(String),
@@ -160,3 +168,15 @@ impl fmt::Display for Diagnostics {
     }
 }
 
+
+/// `bytes` as people read it: 1.5 GiB, 512 MiB.
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+}

@@ -157,6 +157,45 @@ pub async fn present(lake: &Lake, id: &str) -> Result<bool> {
     }
 }
 
+/// Writes `path` through a temporary file beside it (`write` makes that file), flushed to disk,
+/// then renamed over `path` in one step: a kill at any instant leaves the old file or the new
+/// one, never a part of one. What `write` returns is passed on; a failed write leaves no
+/// temporary file behind.
+pub fn write_atomically<T, E: From<Error>>(path: &std::path::Path, write: impl FnOnce(&std::path::Path) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let out = match write(&tmp) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let sync = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
+    sync.map_err(|e| E::from(Error::io(&tmp, e)))?;
+    std::fs::rename(&tmp, path).map_err(|e| E::from(Error::io(path, e)))?;
+    // The rename itself reaches the disk with the folder's entry.
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(out)
+}
+
+/// [`write_atomically`] of bytes.
+pub fn write_file_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(path, |tmp| std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e)))
+}
+
+/// The object a model folder on an object store is complete by: written after every other file
+/// of the folder, it lists them with their sizes and BLAKE3 hashes.
+pub const MANIFEST: &str = "_manifest.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ManifestFile {
+    size: u64,
+    blake3: String,
+}
+
 /// A model's folder: local (a file:// lake) or a local copy synced to the lake's store.
 pub struct ModelDir {
     pub local: PathBuf,
@@ -171,14 +210,33 @@ pub struct Sync {
 }
 
 impl Sync {
-    /// Copies every file of the local folder to the lake (no-op for a local lake).
+    /// Copies every file of the local folder to the lake (no-op for a local lake), then writes
+    /// its [`MANIFEST`], then removes the objects the manifest no longer lists (an older
+    /// checkpoint). A reader trusts only what the manifest lists and checks it against it, so
+    /// an upload cut short is seen as such, never taken for a model.
     pub async fn upload(&self) -> Result<()> {
         let Some((store, prefix)) = &self.remote else { return Ok(()) };
+        let oerr = |path: &ObjectPath, e| Error::ObjectStore { uri: path.to_string(), source: e };
+        let mut manifest = std::collections::BTreeMap::new();
         for entry in walk(&self.local) {
             let rel = entry.strip_prefix(&self.local).unwrap_or(&entry).to_string_lossy().replace('\\', "/");
+            if rel.contains(".partial-") {
+                continue;
+            }
             let bytes = std::fs::read(&entry).map_err(|e| Error::io(&entry, e))?;
+            manifest.insert(rel.clone(), ManifestFile { size: bytes.len() as u64, blake3: blake3::hash(&bytes).to_hex().to_string() });
             let path = ObjectPath::from(format!("{prefix}/{rel}"));
-            store.put(&path, PutPayload::from(bytes)).await.map_err(|e| Error::ObjectStore { uri: path.to_string(), source: e })?;
+            store.put(&path, PutPayload::from(bytes)).await.map_err(|e| oerr(&path, e))?;
+        }
+        let path = ObjectPath::from(format!("{prefix}/{MANIFEST}"));
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?;
+        store.put(&path, PutPayload::from(text)).await.map_err(|e| oerr(&path, e))?;
+        let listed: Vec<_> = store.list(Some(prefix)).try_collect().await.map_err(|e| oerr(prefix, e))?;
+        for m in listed {
+            let rel = m.location.as_ref().strip_prefix(prefix.as_ref()).unwrap_or(m.location.as_ref()).trim_start_matches('/').to_string();
+            if rel != MANIFEST && !manifest.contains_key(&rel) {
+                store.delete(&m.location).await.map_err(|e| oerr(&m.location, e))?;
+            }
         }
         Ok(())
     }
@@ -198,6 +256,49 @@ impl ModelDir {
     pub async fn upload(&self) -> Result<()> {
         self.clone_sync().upload().await
     }
+
+    /// Publishes a folder made elsewhere as this model's, whole or not at all: on a local
+    /// lake `made` (a folder beside this one) is renamed to it in one step, replacing an
+    /// incomplete one; on an object store its files are copied here and uploaded, manifest
+    /// last ([`Sync::upload`]).
+    pub async fn publish(&self, made: &std::path::Path) -> Result<()> {
+        if self.remote.is_none() {
+            if self.local.exists() {
+                std::fs::remove_dir_all(&self.local).map_err(|e| Error::io(&self.local, e))?;
+            }
+            std::fs::rename(made, &self.local).map_err(|e| Error::io(&self.local, e))?;
+            if let Some(parent) = self.local.parent() {
+                let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+            }
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.local).map_err(|e| Error::io(&self.local, e))?;
+        for f in walk(made) {
+            let rel = f.strip_prefix(made).unwrap_or(&f).to_path_buf();
+            let dest = self.local.join(&rel);
+            if let Some(p) = dest.parent() {
+                std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+            }
+            std::fs::copy(&f, &dest).map_err(|e| Error::io(&dest, e))?;
+        }
+        let _ = std::fs::remove_dir_all(made);
+        self.upload().await
+    }
+
+    /// A folder to make this model's files in before [`Self::publish`]: beside it on a local
+    /// lake (so that the rename stays on one file system), else a temporary one.
+    pub fn staging(&self) -> Result<PathBuf> {
+        let name = self.local.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dir = match self.remote {
+            None => self.local.with_file_name(format!(".{name}.partial-{}", std::process::id())),
+            Some(_) => std::env::temp_dir().join(format!("pipeline-{name}.partial-{}", std::process::id())),
+        };
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(dir)
+    }
 }
 
 fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
@@ -215,7 +316,23 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     out
 }
 
-/// Opens `<lake>/models/<id>/`; for a remote lake, downloads what is there to a temporary folder.
+/// [`model_dir`] for a training that makes (or resumes) this model: a folder on an object store
+/// whose last upload was cut short is not resumed from but started afresh (its files are
+/// replaced at the next checkpoint).
+pub async fn model_dir_to_train(lake: &Lake, id: &str) -> Result<ModelDir> {
+    match model_dir(lake, id).await {
+        Err(Error::IncompleteModel { uri, detail }) => {
+            tracing::warn!(%uri, %detail, "an interrupted upload of this model: training it from the start");
+            let (store, prefix) = store::open(&uri, lake.options())?;
+            let tmp = tempfile::tempdir().map_err(|e| Error::Other(format!("temporary folder: {e}")))?;
+            Ok(ModelDir { local: tmp.path().to_path_buf(), uri, remote: Some((store, prefix)), _tmp: Some(Arc::new(tmp)) })
+        }
+        other => other,
+    }
+}
+
+/// Opens `<lake>/models/<id>/`; for a remote lake, downloads what is there to a temporary folder
+/// (what its manifest lists, checked against it: [`Error::IncompleteModel`] otherwise).
 pub async fn model_dir(lake: &Lake, id: &str) -> Result<ModelDir> {
     let uri = format!("{}/models/{id}", lake.root());
     if let Some(path) = uri.strip_prefix("file://") {
@@ -229,10 +346,34 @@ pub async fn model_dir(lake: &Lake, id: &str) -> Result<ModelDir> {
         .try_collect()
         .await
         .map_err(|e| Error::ObjectStore { uri: uri.clone(), source: e })?;
-    for m in objects {
-        let rel = m.location.as_ref().strip_prefix(prefix.as_ref()).unwrap_or(m.location.as_ref()).trim_start_matches('/').to_string();
-        let bytes = store.get(&m.location).await.map_err(|e| Error::ObjectStore { uri: uri.clone(), source: e })?.bytes().await
-            .map_err(|e| Error::ObjectStore { uri: uri.clone(), source: e })?;
+    let rel_of = |m: &object_store::ObjectMeta| m.location.as_ref().strip_prefix(prefix.as_ref()).unwrap_or(m.location.as_ref()).trim_start_matches('/').to_string();
+    let get = |path: ObjectPath| {
+        let (store, uri) = (store.clone(), uri.clone());
+        async move {
+            let got = store.get(&path).await.map_err(|e| Error::ObjectStore { uri: uri.clone(), source: e })?;
+            got.bytes().await.map_err(|e| Error::ObjectStore { uri, source: e })
+        }
+    };
+    // With a manifest, exactly the files it lists, each as it lists it; without one (a folder
+    // uploaded before manifests existed), every object there.
+    let manifest: Option<std::collections::BTreeMap<String, ManifestFile>> = match objects.iter().find(|m| rel_of(m) == MANIFEST) {
+        Some(m) => Some(serde_json::from_slice(&get(m.location.clone()).await?).map_err(|e| Error::Other(format!("{uri}/{MANIFEST}: {e}")))?),
+        None => None,
+    };
+    let wanted: Vec<String> = match &manifest {
+        Some(files) => files.keys().cloned().collect(),
+        None => objects.iter().map(&rel_of).collect(),
+    };
+    for rel in wanted {
+        let bytes = get(ObjectPath::from(format!("{prefix}/{rel}"))).await?;
+        if let Some(want) = manifest.as_ref().and_then(|m| m.get(&rel)) {
+            if bytes.len() as u64 != want.size || blake3::hash(&bytes).to_hex().as_str() != want.blake3 {
+                return Err(Error::IncompleteModel {
+                    uri: uri.clone(),
+                    detail: format!("`{rel}` is not the file its manifest lists (an upload was cut short, or is under way)"),
+                });
+            }
+        }
         let dest = tmp.path().join(&rel);
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -264,4 +405,54 @@ pub async fn resolve_model(lake: &Lake, model: &str) -> Result<(String, ModelDir
     };
     let dir = model_dir(lake, &id).await?;
     Ok((id, dir))
+}
+
+#[cfg(test)]
+mod atomic_tests {
+    use super::*;
+
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_file_is_replaced_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("best.safetensors");
+        write_file_atomically(&f, b"old").unwrap();
+        // A writer that fails half-way (a kill is the same to the reader): the old file stays,
+        // and no temporary file is left.
+        let r: Result<()> = write_atomically(&f, |tmp| {
+            std::fs::write(tmp, b"ne").unwrap();
+            Err(Error::Other("killed".into()))
+        });
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&f).unwrap(), b"old");
+        assert_eq!(names(dir.path()), ["best.safetensors"]);
+        write_file_atomically(&f, b"new").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"new");
+        assert_eq!(names(dir.path()), ["best.safetensors"]);
+    }
+
+    #[tokio::test]
+    async fn a_model_folder_is_published_with_one_rename_replacing_an_incomplete_one() {
+        let root = tempfile::tempdir().unwrap();
+        let lake = Lake::new(format!("file://{}", root.path().display()), Default::default(), crate::Catalog::load(None).unwrap());
+        let dir = model_dir(&lake, "detect-0123456789ab").await.unwrap();
+        // What a killed writer left: a folder without its info file.
+        std::fs::create_dir_all(&dir.local).unwrap();
+        std::fs::write(dir.local.join("detector.safetensors"), b"half").unwrap();
+        let staging = dir.staging().unwrap();
+        assert_eq!(staging.parent(), dir.local.parent(), "made beside it, on the same file system");
+        std::fs::write(staging.join("detector.safetensors"), b"weights").unwrap();
+        std::fs::write(staging.join("detector.json"), b"{}").unwrap();
+        assert!(!dir.local.join("detector.json").exists(), "nothing visible before publishing");
+        dir.publish(&staging).await.unwrap();
+        assert_eq!(names(&dir.local), ["detector.json", "detector.safetensors"]);
+        assert_eq!(std::fs::read(dir.local.join("detector.safetensors")).unwrap(), b"weights");
+        assert!(!staging.exists());
+        assert_eq!(names(&root.path().join("models")), ["detect-0123456789ab"]);
+    }
 }

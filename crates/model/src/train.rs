@@ -114,6 +114,22 @@ pub struct TrainState {
     pub best_epoch: Option<u32>,
     pub best_map_at_20: Option<f64>,
     pub stopped_early: bool,
+    /// The last checkpoint's files, `<stem>.safetensors` and `<stem>.optim.safetensors`
+    /// (`last-0007`: after epoch 7). Each epoch writes new files and then this state, which
+    /// is what makes them current, so a kill at any instant leaves a state and the very
+    /// checkpoint it names. None: `last.safetensors` (folders written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+impl TrainState {
+    /// The last checkpoint's weights and optimizer files in `dir`.
+    pub fn last_files(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        match &self.checkpoint {
+            Some(stem) => (dir.join(format!("{stem}.safetensors")), dir.join(format!("{stem}.optim.safetensors"))),
+            None => (dir.join(LAST), dir.join(LAST_OPTIM)),
+        }
+    }
 }
 
 /// What a finished run leaves.
@@ -282,6 +298,7 @@ pub fn train(cfg: &TrainConfig, train: &[Photo], val: &[Photo], loader: Arc<Load
         best_epoch: None,
         best_map_at_20: None,
         stopped_early: false,
+        checkpoint: None,
     };
     let mut resumed_from = None;
     let state_file = env.dir.join(LAST_STATE);
@@ -302,9 +319,10 @@ pub fn train(cfg: &TrainConfig, train: &[Photo], val: &[Photo], loader: Arc<Load
         let same = saved.config_hash == config_hash;
         let finished = same && (saved.epochs_done >= cfg.epochs || saved.stopped_early) && env.dir.join(BEST).is_file();
         if same && (env.resume || finished) {
-            net.load_from(&env.dir.join(LAST), true).map_err(|e| err(e.to_string()))?;
-            load_loss_vars(&net, &env.dir.join(LAST))?;
-            opt.load(&env.dir.join(LAST_OPTIM)).map_err(|e| err(e.to_string()))?;
+            let (last, last_optim) = saved.last_files(&env.dir);
+            net.load_from(&last, true).map_err(|e| err(e.to_string()))?;
+            load_loss_vars(&net, &last)?;
+            opt.load(&last_optim).map_err(|e| err(e.to_string()))?;
             resumed_from = Some(saved.epochs_done);
             state = saved;
         } else if env.resume {
@@ -312,8 +330,7 @@ pub fn train(cfg: &TrainConfig, train: &[Photo], val: &[Photo], loader: Arc<Load
         }
     }
     let spec_file = env.dir.join(SPEC);
-    std::fs::write(&spec_file, serde_json::to_string_pretty(cfg).expect("config serialises"))
-        .map_err(|e| Error::io(&spec_file, e))?;
+    write_atomic(&spec_file, &serde_json::to_string_pretty(cfg).expect("config serialises"))?;
     let mut tb = EventWriter::create(&env.dir.join("tensorboard")).map_err(|e| Error::io(&env.dir, e))?;
 
     let val_photos = Arc::new(val.to_vec());
@@ -406,7 +423,7 @@ pub fn train(cfg: &TrainConfig, train: &[Photo], val: &[Photo], loader: Arc<Load
         if improved {
             state.best_epoch = Some(epoch);
             state.best_map_at_20 = val_metrics.as_ref().map(|m| m.map_at_20);
-            net.save(&env.dir.join(BEST)).map_err(|e| err(e.to_string()))?;
+            lake::models::write_atomically(&env.dir.join(BEST), |tmp| net.save(tmp).map_err(|e| err(e.to_string())))?;
             since_best = 0;
         } else {
             since_best += 1;
@@ -416,12 +433,20 @@ pub fn train(cfg: &TrainConfig, train: &[Photo], val: &[Photo], loader: Arc<Load
         if cfg.early_stop > 0 && since_best >= cfg.early_stop {
             state.stopped_early = true;
         }
-        // Last checkpoint: weights, optimizer, then the state that points at them, so a crash
-        // between the writes leaves the previous state (which resume ignores on hash mismatch
-        // of nothing: it simply redoes this epoch).
-        net.save(&env.dir.join(LAST)).map_err(|e| err(e.to_string()))?;
-        opt.save(&env.dir.join(LAST_OPTIM)).map_err(|e| err(e.to_string()))?;
+        // Last checkpoint: new weights and optimizer files, then the state that names them
+        // (one rename), then the files it no longer names. A kill before the state is written
+        // leaves the previous state and its own files: resume redoes this epoch from there.
+        let previous = state.last_files(&env.dir);
+        state.checkpoint = Some(format!("last-{:04}", epoch + 1));
+        let (last, last_optim) = state.last_files(&env.dir);
+        lake::models::write_atomically(&last, |tmp| net.save(tmp).map_err(|e| err(e.to_string())))?;
+        lake::models::write_atomically(&last_optim, |tmp| opt.save(tmp).map_err(|e| err(e.to_string())))?;
         write_atomic(&state_file, &serde_json::to_string_pretty(&state).expect("state serialises"))?;
+        for old in [previous.0, previous.1] {
+            if old != last && old != last_optim {
+                let _ = std::fs::remove_file(old);
+            }
+        }
         (env.on_checkpoint)()?;
         (env.on_epoch)(&record);
     }
@@ -460,9 +485,7 @@ fn load_loss_vars(net: &Net, file: &Path) -> Result<()> {
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    lake::models::write_atomically(path, |tmp| std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e)))
 }
 
 /// Eval-mode embeddings of `photos`, row-major, with their dimension.
@@ -607,9 +630,13 @@ mod tests {
         assert_eq!(h.len(), 8);
         assert!(h[7].loss < h[0].loss * 0.7, "loss should fall: {:?}", h.iter().map(|r| r.loss).collect::<Vec<_>>());
         assert!(h.iter().all(|r| r.val.is_some()), "validation runs every epoch");
-        for f in [BEST, LAST, LAST_OPTIM, LAST_STATE, SPEC] {
+        for f in [BEST, LAST_STATE, SPEC, "last-0008.safetensors", "last-0008.optim.safetensors"] {
             assert!(tmp.path().join("m").join(f).is_file(), "{f} missing");
         }
+        // Only the last checkpoint stays, and no temporary file.
+        let mut names: Vec<String> = std::fs::read_dir(tmp.path().join("m")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["best.safetensors", "last-0008.optim.safetensors", "last-0008.safetensors", "last.json", "model.json", "tensorboard"]);
         // The spec rebuilds the network; the best weights load into it.
         let spec: TrainConfig = serde_json::from_str(&std::fs::read_to_string(&out.spec_file).unwrap()).unwrap();
         assert_eq!(spec, cfg);
@@ -645,7 +672,8 @@ mod tests {
             assert_eq!(a.steps, b.steps);
             assert!((a.loss - b.loss).abs() < 1e-6, "epoch {}: {} vs {}", a.epoch, a.loss, b.loss);
         }
-        for ((na, ta), (nb, tb)) in weights(&tmp.path().join("whole").join(LAST)).iter().zip(&weights(&part.join(LAST))) {
+        let last = |dir: &Path| dir.join("last-0003.safetensors");
+        for ((na, ta), (nb, tb)) in weights(&last(&tmp.path().join("whole"))).iter().zip(&weights(&last(&part))) {
             assert_eq!(na, nb);
             let d = (ta - tb).abs().max().double_value(&[]);
             assert!(d < 1e-6, "{na} differs by {d}");

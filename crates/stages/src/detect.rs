@@ -252,11 +252,13 @@ impl DetectStage {
                         })
                         .await
                         .map_err(|e| Error::Other(format!("detector training panicked: {e}")))??;
-                        std::fs::create_dir_all(&dir.local).map_err(|e| Error::io(&dir.local, e))?;
-                        det.save(&weights).map_err(|e| Error::Other(e.to_string()))?;
+                        // Made aside and published whole: a reader sees no detector or a
+                        // complete one, whenever this process is killed.
+                        let staging = dir.staging()?;
+                        det.save(&staging.join(WEIGHTS)).map_err(|e| Error::Other(e.to_string()))?;
                         let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Other(e.to_string()))?;
-                        std::fs::write(&info_file, text).map_err(|e| Error::io(&info_file, e))?;
-                        dir.upload().await?;
+                        std::fs::write(staging.join(INFO), text).map_err(|e| Error::io(&staging, e))?;
+                        dir.publish(&staging).await?;
                         (det, info, true)
                     }
                 };

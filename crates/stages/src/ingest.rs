@@ -46,7 +46,7 @@ const KEYS: &[&str] = &[
     "storage_options",
 ];
 
-const DEFAULT_INCLUDE: &[&str] = &["*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff"];
+const DEFAULT_INCLUDE: &[&str] = &["*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.webp", "*.gif", "*.bmp", "*.heic", "*.heif"];
 
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -133,21 +133,24 @@ impl IngestConfig {
     pub async fn prepare(&self, ctx: &StageCtx) -> Result<Prepared> {
         let (store, prefix) = store::open(&self.source, &self.options())?;
         let include = globs(&self.include).map_err(Error::Other)?;
-        let mut objects: Vec<ObjectMeta> = store
-            .list(Some(&prefix))
-            .map_err(|e| Error::ObjectStore { uri: self.source.clone(), source: e })
-            .try_filter(|m| {
-                let rel = relative(&prefix, &m.location);
-                futures::future::ready(include.is_match(rel.as_str()))
-            })
-            .try_collect()
-            .await?;
+        let all: Vec<ObjectMeta> =
+            store.list(Some(&prefix)).map_err(|e| Error::ObjectStore { uri: self.source.clone(), source: e }).try_collect().await?;
+        // Objects the globs leave out are counted and named in the summary, never dropped
+        // without a word (a `.heic` survey, an upper-case extension not listed).
+        let (mut objects, left_out): (Vec<ObjectMeta>, Vec<ObjectMeta>) =
+            all.into_iter().partition(|m| include.is_match(relative(&prefix, &m.location).as_str()));
+        let mut skipped: Vec<String> = left_out.iter().map(|m| relative(&prefix, &m.location)).collect();
+        skipped.sort();
         if objects.is_empty() {
             // An empty or mistyped source is almost always a mistake; say so instead of
             // "succeeding" with nothing.
             return Err(Error::Location {
                 uri: self.source.clone(),
-                reason: format!("no objects matching {} under it", self.include.join(", ")),
+                reason: format!(
+                    "no objects matching {} under it{}",
+                    self.include.join(", "),
+                    if skipped.is_empty() { String::new() } else { format!(" ({} others: {})", skipped.len(), first_few(&skipped, 3)) }
+                ),
             });
         }
         objects.sort_by(|a, b| a.location.cmp(&b.location));
@@ -172,21 +175,23 @@ impl IngestConfig {
         ctx.progress.set_message(format!("{} objects listed", objects.len()));
         Ok(Prepared {
             fingerprint: Some(with_retries(&base, retryable_rejects(ctx).await?, &ctx.run_id)),
-            state: Some(Box::new(Listing { store, prefix, objects, fingerprint: base })),
+            state: Some(Box::new(Listing { store, prefix, objects, skipped, fingerprint: base })),
         })
     }
 
     pub async fn run(&self, ctx: &StageCtx, mut prepared: Prepared) -> Result<Outcome> {
-        let Listing { store, prefix, objects, fingerprint } =
+        let Listing { store, prefix, objects, skipped, fingerprint } =
             prepared.take::<Listing>().ok_or_else(|| Error::Other("ingest ran without its listing".into()))?;
-        let labels = match &self.labels {
-            Some(l) => Some(load_labels(l, &self.options(), &self.labels_photo_column, &self.labels_id_column).await?),
-            None => None,
+        let (labels, labels_note) = match &self.labels {
+            Some(l) => {
+                let rows = load_labels(l, &self.options(), &self.labels_photo_column, &self.labels_id_column).await?;
+                let rels: Vec<String> = objects.iter().map(|m| relative(&prefix, &m.location)).collect();
+                let (labels, note) = rows.resolve(l, rels.iter().map(String::as_str))?;
+                (Some(labels), note)
+            }
+            None => (None, String::new()),
         };
-        let label_of = |rel: &str| -> Option<String> {
-            let labels = labels.as_ref()?;
-            labels.get(rel).or_else(|| labels.get(rel.rsplit('/').next().unwrap_or(rel))).cloned()
-        };
+        let label_of = |rel: &str| -> Option<String> { labels.as_ref()?.get(rel).cloned() };
         let listed = objects.len() as u64;
         let etag = |m: &ObjectMeta| self.tag(m);
         // How rows name their photo: relative to the lake when both were written relative,
@@ -412,11 +417,17 @@ impl IngestConfig {
             rows_out: n_images + known_bytes.len() as u64,
             written,
             summary: format!(
-                "{listed} listed, {unchanged} unchanged, {} new photos, {n_rejects} rejected{}{}{}",
+                "{listed} listed, {unchanged} unchanged, {} new photos, {n_rejects} rejected{}{}{}{}{}",
                 n_images + copies,
                 if moved > 0 { format!(", {moved} renamed or moved (same bytes)") } else { String::new() },
                 if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() },
-                if gone > moved { format!(", {} gone from the source", gone - moved) } else { String::new() }
+                if gone > moved { format!(", {} gone from the source", gone - moved) } else { String::new() },
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} skipped (not matching {}: {})", skipped.len(), self.include.join(", "), first_few(&skipped, 3))
+                },
+                if labels_note.is_empty() { String::new() } else { format!("; {labels_note}") },
             ),
             changes: engine::stage::Changes {
                 new: Some(n_images + copies),
@@ -599,6 +610,8 @@ pub struct Listing {
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     objects: Vec<ObjectMeta>,
+    /// Objects under the source that `include` leaves out, by path under it.
+    skipped: Vec<String>,
     /// Of the listing and the labels.
     fingerprint: String,
 }
@@ -644,6 +657,7 @@ fn reason(e: &VisionError) -> &'static str {
     match e {
         VisionError::Empty => "empty",
         VisionError::UnknownFormat { .. } => "unknown_format",
+        VisionError::Unsupported { .. } => "unsupported_format",
         VisionError::Truncated => "truncated",
         VisionError::TooManyPixels { .. } => "too_many_pixels",
         VisionError::Decode(_) => "decode_error",
@@ -651,16 +665,11 @@ fn reason(e: &VisionError) -> &'static str {
 }
 
 /// Reads `photo → individual` from a CSV (header row) or Parquet file.
-async fn load_labels(
-    uri: &str,
-    options: &HashMap<String, String>,
-    photo_col: &str,
-    id_col: &str,
-) -> Result<HashMap<String, String>> {
+async fn load_labels(uri: &str, options: &HashMap<String, String>, photo_col: &str, id_col: &str) -> Result<LabelRows> {
     let err = |detail: String| Error::Labels { uri: uri.to_string(), detail };
     let (store, path) = store::open(uri, options)?;
     let bytes = store.get(&path).await.map_err(|e| err(e.to_string()))?.bytes().await.map_err(|e| err(e.to_string()))?;
-    let mut out = HashMap::new();
+    let mut out = LabelRows::default();
     if bytes.starts_with(b"PAR1") {
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
             .map_err(|e| err(e.to_string()))?
@@ -677,11 +686,12 @@ async fn load_labels(
             let (p, i) = (p.as_string::<i32>(), i.as_string::<i32>());
             for r in 0..batch.num_rows() {
                 if p.is_valid(r) && i.is_valid(r) && !i.value(r).is_empty() {
-                    out.insert(p.value(r).to_string(), i.value(r).to_string());
+                    out.add(p.value(r), i.value(r), format!("row {}", out.rows + 1));
                 }
+                out.rows += 1;
             }
         }
-        return Ok(out);
+        return out.checked(uri);
     }
     let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(bytes.as_ref());
     let headers = rdr.headers().map_err(|e| err(format!("not a CSV with a header row: {e}")))?.clone();
@@ -700,10 +710,110 @@ async fn load_labels(
             return Err(err(format!("line {}: expected at least {} fields", n + 2, pi.max(ii) + 1)));
         };
         if !p.is_empty() && !i.is_empty() {
-            out.insert(p.to_string(), i.to_string());
+            out.add(p, i, format!("line {}", n + 2));
+        }
+        out.rows += 1;
+    }
+    out.checked(uri)
+}
+
+/// A labels file as read: photo → (individual, where in the file), and what repeated.
+#[derive(Default)]
+struct LabelRows {
+    by_photo: HashMap<String, (String, String)>,
+    rows: usize,
+    /// Rows repeating an earlier row exactly (same photo, same individual): harmless.
+    repeated: usize,
+    /// Photos given two different individuals: (photo, first, second), with where.
+    conflicts: Vec<String>,
+}
+
+impl LabelRows {
+    fn add(&mut self, photo: &str, id: &str, at: String) {
+        match self.by_photo.get(photo) {
+            Some((had, _)) if had == id => self.repeated += 1,
+            Some((had, first)) => self.conflicts.push(format!("`{photo}` is `{had}` ({first}) and `{id}` ({at})")),
+            None => {
+                self.by_photo.insert(photo.to_string(), (id.to_string(), at));
+            }
         }
     }
-    Ok(out)
+
+    /// An error when a photo has two individuals: which one is right would be a guess.
+    fn checked(self, uri: &str) -> Result<LabelRows> {
+        if self.conflicts.is_empty() {
+            return Ok(self);
+        }
+        Err(Error::Labels {
+            uri: uri.to_string(),
+            detail: format!("{} photos have two different individuals: {}", self.conflicts.len(), first_few(&self.conflicts, 5)),
+        })
+    }
+
+    /// The label of every listed photo (by its path under the source), and a note of the label
+    /// rows that name no listed photo. A row names a photo by its path under the source, or by
+    /// its bare file name when exactly one listed photo has that name; a bare name that several
+    /// listed photos share (`a/DSC1.jpg`, `b/DSC1.jpg`) is an error, as the answer would be a guess.
+    fn resolve<'a>(&self, uri: &str, listed: impl Iterator<Item = &'a str>) -> Result<(HashMap<String, String>, String)> {
+        let listed: Vec<&str> = listed.collect();
+        let mut by_name: HashMap<&str, Vec<&str>> = HashMap::new();
+        for rel in &listed {
+            by_name.entry(rel.rsplit('/').next().unwrap_or(rel)).or_default().push(rel);
+        }
+        let mut out = HashMap::new();
+        let mut used: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut ambiguous = Vec::new();
+        for rel in &listed {
+            if let Some((id, _)) = self.by_photo.get(*rel) {
+                out.insert(rel.to_string(), id.clone());
+                used.insert(rel);
+                continue;
+            }
+            let name = rel.rsplit('/').next().unwrap_or(rel);
+            // A row that names a listed photo by its path is that photo's only.
+            if name == *rel || by_name.get(name).is_some_and(|s| s.contains(&name)) {
+                continue;
+            }
+            if let Some((id, at)) = self.by_photo.get(name) {
+                let sharing = &by_name[name];
+                if sharing.len() > 1 {
+                    ambiguous.push(format!("`{name}` ({at}) could be any of {}", first_few(sharing, 3)));
+                    used.insert(name);
+                    continue;
+                }
+                out.insert(rel.to_string(), id.clone());
+                used.insert(name);
+            }
+        }
+        if !ambiguous.is_empty() {
+            ambiguous.sort();
+            ambiguous.dedup();
+            return Err(Error::Labels {
+                uri: uri.to_string(),
+                detail: format!(
+                    "{} rows name a photo by a file name that several photos have; write their path under the source: {}",
+                    ambiguous.len(),
+                    first_few(&ambiguous, 3)
+                ),
+            });
+        }
+        let mut unknown: Vec<&str> = self.by_photo.keys().map(String::as_str).filter(|p| !used.contains(p)).collect();
+        unknown.sort_unstable();
+        let mut note = Vec::new();
+        if !unknown.is_empty() {
+            note.push(format!("{} label rows name no listed photo ({})", unknown.len(), first_few(&unknown, 3)));
+        }
+        if self.repeated > 0 {
+            note.push(format!("{} label rows repeated", self.repeated));
+        }
+        Ok((out, note.join(", ")))
+    }
+}
+
+/// The first `n` of `items`, and how many more.
+fn first_few<T: std::fmt::Display>(items: &[T], n: usize) -> String {
+    let shown: Vec<String> = items.iter().take(n).map(|i| i.to_string()).collect();
+    if items.len() > n { format!("{}, and {} more", shown.join(", "), items.len() - n) } else { shown.join(", ") }
 }
 
 struct ImageRow {
@@ -796,5 +906,47 @@ impl Stage for IngestConfig {
 
     fn run<'a>(&'a self, ctx: &'a StageCtx, prepared: Prepared) -> BoxFuture<'a, Result<Outcome>> {
         Box::pin(IngestConfig::run(self, ctx, prepared))
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::LabelRows;
+
+    fn rows(pairs: &[(&str, &str)]) -> LabelRows {
+        let mut r = LabelRows::default();
+        for (i, (p, id)) in pairs.iter().enumerate() {
+            r.add(p, id, format!("line {}", i + 2));
+            r.rows += 1;
+        }
+        r
+    }
+
+    #[test]
+    fn a_photo_with_two_individuals_is_an_error_naming_both_lines() {
+        let e = rows(&[("a.jpg", "W1"), ("b.jpg", "W2"), ("a.jpg", "W3")]).checked("file:///l.csv").err().unwrap().to_string();
+        assert!(e.contains("l.csv") && e.contains("`a.jpg` is `W1` (line 2) and `W3` (line 4)"), "{e}");
+        // The same row twice is only counted.
+        let r = rows(&[("a.jpg", "W1"), ("a.jpg", "W1")]).checked("l.csv").unwrap();
+        let (labels, note) = r.resolve("l.csv", ["a.jpg"].into_iter()).unwrap();
+        assert_eq!(labels["a.jpg"], "W1");
+        assert_eq!(note, "1 label rows repeated");
+    }
+
+    #[test]
+    fn rows_name_photos_by_path_or_by_a_file_name_only_one_photo_has() {
+        let r = rows(&[("2024/a.jpg", "W1"), ("b.jpg", "W2"), ("gone.jpg", "W3"), ("also-gone.jpg", "W4")]);
+        let listed = ["2024/a.jpg", "2025/b.jpg", "2025/c.jpg"];
+        let (labels, note) = r.resolve("l.csv", listed.into_iter()).unwrap();
+        assert_eq!(labels.len(), 2);
+        assert_eq!((labels["2024/a.jpg"].as_str(), labels["2025/b.jpg"].as_str()), ("W1", "W2"));
+        assert_eq!(note, "2 label rows name no listed photo (also-gone.jpg, gone.jpg)");
+        // Two photos called b.jpg: which one the row means would be a guess.
+        let e = r.resolve("l.csv", ["2024/b.jpg", "2025/b.jpg"].into_iter()).unwrap_err().to_string();
+        assert!(e.contains("`b.jpg` (line 3) could be any of 2024/b.jpg, 2025/b.jpg") && e.contains("write their path"), "{e}");
+        // Unless each is named by its path.
+        let exact = rows(&[("2024/b.jpg", "W1"), ("2025/b.jpg", "W2")]);
+        let (labels, _) = exact.resolve("l.csv", ["2024/b.jpg", "2025/b.jpg"].into_iter()).unwrap();
+        assert_eq!((labels["2024/b.jpg"].as_str(), labels["2025/b.jpg"].as_str()), ("W1", "W2"));
     }
 }

@@ -300,8 +300,13 @@ impl SubmitStage {
             })
             .buffered(self.concurrency);
         let mut sink = ctx.sink(&self.output, Catalog::builtin("submissions"), WriteKind::Overwrite).await?;
-        let mut csv_text = String::from("photo,neighbours\n");
-        let mut ind_text = String::from("photo,individuals\n");
+        // The csv crate quotes what needs it (an id with a comma, a quote, a line break); inside
+        // a field, ids are separated by spaces, so a space inside an id is written %20.
+        let mut csv_text = csv::Writer::from_writer(Vec::new());
+        let mut ind_text = csv::Writer::from_writer(Vec::new());
+        let cerr = |e: csv::Error| Error::Other(format!("writing the submission CSV: {e}"));
+        csv_text.write_record(["photo", "neighbours"]).map_err(cerr)?;
+        ind_text.write_record(["photo", "individuals"]).map_err(cerr)?;
         let mut rows_out = 0u64;
         let mut short = 0usize;
         let mut buf: Vec<(usize, Vec<Hit>)> = Vec::new();
@@ -310,9 +315,11 @@ impl SubmitStage {
             if hits.len() < k {
                 short += 1;
             }
-            csv_text.push_str(&format!("{},{}\n", csv_field(&set.photo_ids[q]), hits.iter().map(|h| h.photo_id.replace(' ', "%20")).collect::<Vec<_>>().join(" ")));
+            let neighbours = hits.iter().map(|h| h.photo_id.replace(' ', "%20")).collect::<Vec<_>>().join(" ");
+            csv_text.write_record([set.photo_ids[q].as_str(), &neighbours]).map_err(cerr)?;
             let inds = individuals(&hits, threshold, self.individuals);
-            ind_text.push_str(&format!("{},{}\n", csv_field(&set.photo_ids[q]), inds.iter().map(|(i, _)| i.replace(' ', "%20")).collect::<Vec<_>>().join(" ")));
+            let inds = inds.iter().map(|(i, _)| i.replace(' ', "%20")).collect::<Vec<_>>().join(" ");
+            ind_text.write_record([set.photo_ids[q].as_str(), &inds]).map_err(cerr)?;
             buf.push((q, hits));
             ctx.progress.inc(1);
             if buf.len() >= 256 {
@@ -323,12 +330,13 @@ impl SubmitStage {
         let committed = sink.finish().await?;
         let mut wrote = String::new();
         if let Some(csv) = &self.csv {
-            put(csv, csv_text.into_bytes(), ctx).await?;
+            let bytes = |w: csv::Writer<Vec<u8>>| w.into_inner().map_err(|e| Error::Other(format!("writing the submission CSV: {e}")));
+            put(csv, bytes(csv_text)?, ctx).await?;
             let ind_uri = match csv.strip_suffix(".csv") {
                 Some(stem) => format!("{stem}_individuals.csv"),
                 None => format!("{csv}_individuals.csv"),
             };
-            put(&ind_uri, ind_text.into_bytes(), ctx).await?;
+            put(&ind_uri, bytes(ind_text)?, ctx).await?;
             wrote = format!("; wrote {csv} and {ind_uri}");
         }
         let short = if short > 0 { format!(" ({short} queries have fewer than {k}: the collection is small)") } else { String::new() };
@@ -382,10 +390,6 @@ impl SubmitStage {
         sink.send(batch).await?;
         Ok(n as u64)
     }
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
 
 /// Writes `bytes` at `uri` (any object store), replacing what is there.

@@ -630,7 +630,7 @@ impl TrainStage {
         if self.threads > 0 {
             tch::set_num_threads(self.threads as i32);
         }
-        let dir = model_dir(&ctx.lake, &model_id).await?;
+        let dir = lake::models::model_dir_to_train(&ctx.lake, &model_id).await?;
         let loader = Arc::new(Loader::new(
             cfg.net.input_size,
             self.loader_threads,

@@ -1,4 +1,4 @@
-//! Header probing and scaled decoding for JPEG, PNG and TIFF.
+//! Header probing and scaled decoding for JPEG, PNG, TIFF, WebP, GIF and BMP.
 //!
 //! A [`Source`] is an opened file whose header has been read, checked for completeness and
 //! against the pixel limit; nothing full-size has been allocated yet. `decode_upright` then
@@ -12,8 +12,11 @@ use std::panic::{self, AssertUnwindSafe};
 
 use fast_image_resize::images::{Image as FirImage, ImageRef as FirImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::codecs::bmp::BmpDecoder;
+use image::codecs::gif::GifDecoder;
 use image::codecs::png::PngDecoder;
 use image::codecs::tiff::TiffDecoder;
+use image::codecs::webp::WebPDecoder;
 use image::{DynamicImage, ImageDecoder, RgbImage, imageops};
 use jpeg_decoder::{CodingProcess, PixelFormat};
 
@@ -43,6 +46,9 @@ enum Codec<'a> {
     Jpeg(Box<JpegSource<'a>>),
     Png(Box<PngDecoder<Cursor<&'a [u8]>>>),
     Tiff(Box<TiffDecoder<Cursor<&'a [u8]>>>),
+    Webp(Box<WebPDecoder<Cursor<&'a [u8]>>>),
+    Gif(Box<GifDecoder<Cursor<&'a [u8]>>>),
+    Bmp(Box<BmpDecoder<Cursor<&'a [u8]>>>),
 }
 
 struct JpegSource<'a> {
@@ -67,6 +73,9 @@ pub(super) fn open<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<
         ImageFormat::Jpeg => open_jpeg(bytes, limits),
         ImageFormat::Png => open_png(bytes, limits),
         ImageFormat::Tiff => open_tiff(bytes, limits),
+        ImageFormat::Webp => open_webp(bytes, limits),
+        ImageFormat::Gif => open_gif(bytes, limits),
+        ImageFormat::Bmp => open_bmp(bytes, limits),
     }
 }
 
@@ -91,6 +100,9 @@ impl Source<'_> {
             }
             Codec::Png(png) => guarded("PNG", || decode_with_image(*png, self.stored))?,
             Codec::Tiff(tiff) => guarded("TIFF", || decode_with_image(*tiff, self.stored))?,
+            Codec::Webp(webp) => guarded("WebP", || decode_with_image(*webp, self.stored))?,
+            Codec::Gif(gif) => guarded("GIF", || decode_with_image(*gif, self.stored))?,
+            Codec::Bmp(bmp) => guarded("BMP", || decode_with_image(*bmp, self.stored))?,
         };
         let raster = resize(raster, stored_target)?;
         let rgb = into_rgb(raster)?;
@@ -210,11 +222,48 @@ fn scan_jpeg_markers(bytes: &[u8]) -> JpegMarkers<'_> {
     }
 }
 
-/// A JPEG is complete when it ends in the EOI marker; zero padding after it (written by some
-/// cameras and transfer tools) is allowed.
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    bytes[..end].ends_with(&[0xFF, 0xD9])
+/// Where the JPEG image ends: just past the EOI marker of its last scan, found by walking the
+/// marker segments and the entropy-coded data; None when the file ends first (truncated).
+/// Whatever follows is not the image's: zero padding (cameras, transfer tools), the video of a
+/// phone's motion photo, a second picture (MPF). The walk skips length-delimited segments, so
+/// an embedded EXIF thumbnail's own EOI does not end it.
+fn jpeg_end(bytes: &[u8]) -> Option<usize> {
+    let mut pos = 2; // after SOI, which sniff() has checked
+    loop {
+        // Fill bytes and stray bytes between segments, as libjpeg tolerates them.
+        while bytes.get(pos).is_some_and(|&b| b != 0xFF) {
+            pos += 1;
+        }
+        while bytes.get(pos) == Some(&0xFF) && bytes.get(pos + 1) == Some(&0xFF) {
+            pos += 1;
+        }
+        let marker = *bytes.get(pos + 1)?;
+        pos += 2;
+        match marker {
+            0xD9 => return Some(pos),
+            0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        let len = usize::from(u16::from_be_bytes([*bytes.get(pos)?, *bytes.get(pos + 1)?]));
+        if len < 2 || pos + len > bytes.len() {
+            return None;
+        }
+        pos += len;
+        if marker == 0xDA {
+            // Entropy-coded data: up to the next marker that is not a stuffed 0x00, a restart
+            // marker or a fill byte.
+            loop {
+                let at = pos + bytes.get(pos..)?.iter().position(|&b| b == 0xFF)?;
+                match *bytes.get(at + 1)? {
+                    0x00 | 0xD0..=0xD7 | 0xFF => pos = at + 1,
+                    _ => {
+                        pos = at;
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn exif_orientation(tiff: &[u8]) -> u16 {
@@ -233,9 +282,7 @@ fn exif_orientation(tiff: &[u8]) -> u16 {
 }
 
 fn open_jpeg<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
-    if !jpeg_is_complete(bytes) {
-        return Err(VisionError::Truncated);
-    }
+    let bytes = &bytes[..jpeg_end(bytes).ok_or(VisionError::Truncated)?];
     let markers = scan_jpeg_markers(bytes);
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     guarded("JPEG", || {
@@ -459,6 +506,78 @@ fn open_tiff<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, V
         orientation,
         color: color_name(decoder.original_color_type()),
         codec: Codec::Tiff(Box::new(decoder)),
+    })
+}
+
+/// A RIFF (WebP) file is complete when it holds the bytes its header says.
+fn riff_is_complete(bytes: &[u8]) -> bool {
+    bytes.get(4..8).is_some_and(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) + 8 <= bytes.len() as u64)
+}
+
+fn open_webp<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
+    if !riff_is_complete(bytes) {
+        return Err(VisionError::Truncated);
+    }
+    let mut decoder = guarded("WebP", || WebPDecoder::new(Cursor::new(bytes)).map_err(image_err("WebP")))?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, limits)?;
+    let pixels = u64::from(width) * u64::from(height);
+    decoder.set_limits(image_limits(decode_budget(pixels))).map_err(image_err("WebP"))?;
+    let orientation = orientation_of(&mut decoder);
+    Ok(Source {
+        format: ImageFormat::Webp,
+        stored: (width, height),
+        orientation,
+        color: color_name(decoder.original_color_type()),
+        codec: Codec::Webp(Box::new(decoder)),
+    })
+}
+
+/// A GIF is complete when it ends with its trailer byte (0x3B), zero padding allowed.
+fn gif_is_complete(bytes: &[u8]) -> bool {
+    bytes.iter().rposition(|&b| b != 0).is_some_and(|i| bytes[i] == 0x3B)
+}
+
+/// The first frame; an animation's other frames are not the photo.
+fn open_gif<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
+    if !gif_is_complete(bytes) {
+        return Err(VisionError::Truncated);
+    }
+    let mut decoder = guarded("GIF", || GifDecoder::new(Cursor::new(bytes)).map_err(image_err("GIF")))?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, limits)?;
+    let pixels = u64::from(width) * u64::from(height);
+    decoder.set_limits(image_limits(decode_budget(pixels))).map_err(image_err("GIF"))?;
+    Ok(Source {
+        format: ImageFormat::Gif,
+        stored: (width, height),
+        orientation: 1,
+        color: color_name(decoder.original_color_type()),
+        codec: Codec::Gif(Box::new(decoder)),
+    })
+}
+
+/// A BMP is complete when it holds the bytes its file header says (a zero size is allowed by
+/// the format; the decoder then finds a short file itself).
+fn bmp_is_complete(bytes: &[u8]) -> bool {
+    bytes.get(2..6).is_some_and(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) <= bytes.len() as u64)
+}
+
+fn open_bmp<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
+    if !bmp_is_complete(bytes) {
+        return Err(VisionError::Truncated);
+    }
+    let mut decoder = guarded("BMP", || BmpDecoder::new(Cursor::new(bytes)).map_err(image_err("BMP")))?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(width, height, limits)?;
+    let pixels = u64::from(width) * u64::from(height);
+    decoder.set_limits(image_limits(decode_budget(pixels))).map_err(image_err("BMP"))?;
+    Ok(Source {
+        format: ImageFormat::Bmp,
+        stored: (width, height),
+        orientation: 1,
+        color: color_name(decoder.original_color_type()),
+        codec: Codec::Bmp(Box::new(decoder)),
     })
 }
 

@@ -8,7 +8,9 @@
 //!
 //! JPEG is the hot path: photos are decoded with `jpeg-decoder`'s DCT scaling (1/2, 1/4 or 1/8
 //! inside the IDCT), so a 4-megapixel photo wanted at 480² never exists at full size, then
-//! finished with `fast_image_resize`. PNG and TIFF go through the `image` crate at full size.
+//! finished with `fast_image_resize`. PNG, TIFF, WebP, GIF (its first frame) and BMP go through
+//! the `image` crate at full size. HEIF/HEIC and AVIF are recognised and refused by name
+//! ([`VisionError::Unsupported`]), not mistaken for garbage.
 
 mod decode;
 mod phash;
@@ -26,6 +28,9 @@ pub enum ImageFormat {
     Jpeg,
     Png,
     Tiff,
+    Webp,
+    Gif,
+    Bmp,
 }
 
 impl fmt::Display for ImageFormat {
@@ -34,6 +39,9 @@ impl fmt::Display for ImageFormat {
             ImageFormat::Jpeg => "jpeg",
             ImageFormat::Png => "png",
             ImageFormat::Tiff => "tiff",
+            ImageFormat::Webp => "webp",
+            ImageFormat::Gif => "gif",
+            ImageFormat::Bmp => "bmp",
         })
     }
 }
@@ -83,9 +91,12 @@ pub enum VisionError {
     #[error("empty image file: zero bytes")]
     Empty,
     /// `magic` holds the first (up to 8) bytes in hex.
-    #[error("unrecognised image format (first bytes {magic}); expected JPEG, PNG or TIFF")]
+    #[error("unrecognised image format (first bytes {magic}); expected JPEG, PNG, TIFF, WebP, GIF or BMP")]
     UnknownFormat { magic: String },
-    #[error("truncated image: JPEG without FF D9 end marker, or PNG without IEND chunk")]
+    /// A format recognised by its magic bytes that this build does not decode.
+    #[error("{format}: a {what} file, which is not decoded; convert it to JPEG or PNG")]
+    Unsupported { format: &'static str, what: &'static str },
+    #[error("truncated image: the file ends before its image data does (no JPEG end marker, PNG IEND chunk, GIF trailer, or fewer bytes than the header says)")]
     Truncated,
     #[error(
         "image is {width}x{height} = {} pixels, over the decode limit of {limit} \
@@ -120,6 +131,29 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, VisionError> {
         || bytes.starts_with(b"MM\0+")
     {
         return Ok(ImageFormat::Tiff);
+    }
+    if bytes.len() >= 12 && bytes.starts_with(b"RIFF") && &bytes[8..12] == b"WEBP" {
+        return Ok(ImageFormat::Webp);
+    }
+    if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        return Ok(ImageFormat::Gif);
+    }
+    // "BM" alone is too weak a magic: the info header's size must be one of the known ones.
+    if bytes.len() >= 18 && bytes.starts_with(b"BM") {
+        let info = u32::from_le_bytes([bytes[14], bytes[15], bytes[16], bytes[17]]);
+        if matches!(info, 12 | 16 | 40 | 52 | 56 | 64 | 108 | 124) {
+            return Ok(ImageFormat::Bmp);
+        }
+    }
+    // ISO base media files (HEIF/HEIC from phones, AVIF): an `ftyp` box with the brand.
+    if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" {
+        match &bytes[8..12] {
+            b"heic" | b"heix" | b"hevc" | b"hevx" | b"heim" | b"heis" | b"hevm" | b"hevs" | b"mif1" | b"msf1" => {
+                return Err(VisionError::Unsupported { format: "heic", what: "HEIF/HEIC (High Efficiency Image)" });
+            }
+            b"avif" | b"avis" => return Err(VisionError::Unsupported { format: "avif", what: "AVIF" }),
+            _ => {}
+        }
     }
     let magic = bytes
         .iter()

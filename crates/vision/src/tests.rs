@@ -147,8 +147,8 @@ fn sniff_recognises_formats_by_magic() {
         })
     );
     assert_eq!(
-        [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Tiff].map(|f| f.to_string()),
-        ["jpeg", "png", "tiff"]
+        [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Tiff, ImageFormat::Webp, ImageFormat::Gif, ImageFormat::Bmp].map(|f| f.to_string()),
+        ["jpeg", "png", "tiff", "webp", "gif", "bmp"]
     );
     assert!(VisionError::Empty.to_string().contains("empty"));
 }
@@ -631,4 +631,76 @@ fn boxes_are_clamped_and_expanded() {
         assert!((a - b).abs() < 1e-6, "{e:?}");
     }
     assert_eq!(expand_box([0.0, 0.0, 1.0, 1.0], 0.5), [0.0, 0.0, 1.0, 1.0]);
+}
+
+fn encode_with(img: &RgbImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img.clone()).write_to(&mut out, format).expect("encode test image");
+    out.into_inner()
+}
+
+/// Mean absolute difference of two same-sized images, per channel value.
+fn mean_diff(a: &RgbImage, b: &RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs()).sum::<f64>() / a.as_raw().len() as f64
+}
+
+#[test]
+fn webp_gif_and_bmp_decode_like_the_png_of_the_same_picture() {
+    let img = scene(120, 80, 11);
+    let reference = decode_square(&png(&img), &limits(), 64).expect("png");
+    for (format, name, tolerance) in [
+        (image::ImageFormat::WebP, "webp", 0.5), // lossless
+        (image::ImageFormat::Bmp, "bmp", 0.5),
+        (image::ImageFormat::Gif, "gif", 12.0), // 256 colours
+    ] {
+        let bytes = encode_with(&img, format);
+        let p = probe(&bytes, &limits()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((p.format.to_string().as_str(), p.width, p.height), (name, 120, 80));
+        let a = analyze(&bytes, &limits()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(a.probe.format.to_string(), name);
+        let got = decode_square(&bytes, &limits(), 64).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let d = mean_diff(&got, &reference);
+        assert!(d <= tolerance, "{name}: mean difference {d} from the PNG");
+        // Cut short: truncated, not a decoder's puzzle.
+        assert_eq!(probe(&bytes[..bytes.len() * 2 / 3], &limits()).unwrap_err(), VisionError::Truncated, "{name}");
+    }
+}
+
+#[test]
+fn a_jpeg_with_data_after_its_end_is_the_jpeg() {
+    let img = scene(200, 100, 12);
+    let plain = jpeg(&img);
+    // A phone's motion photo: the picture, then a video in the same file; and a second JPEG
+    // (an MPF depth map or preview) after the first.
+    let mut motion = plain.clone();
+    motion.extend_from_slice(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom");
+    motion.extend(std::iter::repeat_n(0xFFu8, 300).chain((0..5000u32).map(|i| (i * 7 % 251) as u8)));
+    let mut two = plain.clone();
+    two.extend_from_slice(&jpeg(&scene(40, 40, 13)));
+    for (bytes, what) in [(&motion, "motion photo"), (&two, "two JPEGs")] {
+        let a = analyze(bytes, &limits()).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(a, analyze(&plain, &limits()).unwrap(), "{what}");
+        assert_eq!(decode_square(bytes, &limits(), 64).unwrap(), decode_square(&plain, &limits(), 64).unwrap(), "{what}");
+    }
+    // An EXIF thumbnail's own end marker inside APP1 does not end the photo.
+    let thumb = jpeg(&scene(16, 16, 14));
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend_from_slice(&thumb);
+    let with_thumb = jpeg_with(img.as_raw(), 200, 100, jpeg_encoder::ColorType::Rgb, Some(app1));
+    assert!(analyze(&with_thumb, &limits()).is_ok());
+    assert_eq!(probe(&with_thumb[..with_thumb.len() - 40], &limits()).unwrap_err(), VisionError::Truncated);
+}
+
+#[test]
+fn heic_and_avif_are_named_not_called_garbage() {
+    let heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic\x00\x00\x00\x00";
+    let err = sniff(heic).unwrap_err();
+    assert_eq!(err, VisionError::Unsupported { format: "heic", what: "HEIF/HEIC (High Efficiency Image)" });
+    assert!(err.to_string().starts_with("heic: "), "{err}");
+    assert!(matches!(sniff(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00"), Err(VisionError::Unsupported { format: "avif", .. })));
+    // An MP4 is still unknown.
+    assert!(matches!(sniff(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00"), Err(VisionError::UnknownFormat { .. })));
+    // "BM" alone is not a bitmap.
+    assert!(matches!(sniff(b"BMW is a car, not a bitmap"), Err(VisionError::UnknownFormat { .. })));
 }
