@@ -4,7 +4,6 @@
 use crate::common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -46,19 +45,74 @@ fn moto() -> (Server, u16) {
     (server, port)
 }
 
-/// Creates a bucket with a bare HTTP request (object_store has no bucket API; moto needs no signature).
-fn create_bucket(port: u16, bucket: &str) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+/// Creates a bucket with an unsigned PUT (object_store has no bucket API; moto needs no signature).
+async fn create_bucket(port: u16, bucket: &str) {
+    let r = reqwest::Client::new().put(format!("http://127.0.0.1:{port}/{bucket}")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+}
+
+/// The demo photos and labels of `f`, put in `bucket` under photos/ and labels.csv.
+async fn upload_demo(s3: &dyn ObjectStore, f: &common::Fixture) {
+    let local = f.dir.path().join("demo-lake");
+    for e in std::fs::read_dir(local.join("photos")).unwrap() {
+        let p = e.unwrap().path();
+        let key = ObjectPath::from(format!("photos/{}", p.file_name().unwrap().to_str().unwrap()));
+        s3.put(&key, std::fs::read(&p).unwrap().into()).await.unwrap();
+    }
+    s3.put(&ObjectPath::from("labels.csv"), std::fs::read(local.join("labels.csv")).unwrap().into()).await.unwrap();
+}
+
+/// With only `AWS_PROFILE` (no keys in the environment), the photos and the lake are read with
+/// the profile's credentials: ingest and Lance use one credential chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aws_profile_is_enough_for_the_photos_and_the_lake() {
+    let (_server, port) = moto();
+    create_bucket(port, "profiled").await;
+    let f = common::demo(3, 3, 22);
+    let aws = f.dir.path().join("aws");
+    std::fs::create_dir_all(&aws).unwrap();
+    std::fs::write(aws.join("credentials"), "[survey]\naws_access_key_id = profilekey\naws_secret_access_key = profilesecret\n").unwrap();
+    std::fs::write(aws.join("config"), "[profile survey]\nregion = us-east-1\n").unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for (k, v) in [
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_PROFILE", "survey"),
+        ("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials").to_str().unwrap()),
+        ("AWS_CONFIG_FILE", aws.join("config").to_str().unwrap()),
+        // Nothing may reach for an instance role outside loopback.
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        // SAFETY: set before any other thread of this process reads the environment.
+        unsafe { std::env::set_var(k, v) };
+    }
+    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"] {
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(k) };
+    }
+    let s3 = AmazonS3Builder::from_env().with_bucket_name("profiled").with_access_key_id("x").with_secret_access_key("y").build().unwrap();
+    upload_demo(&s3, &f).await;
+    let text = std::fs::read_to_string(&f.pipeline)
+        .unwrap()
+        .replace("file://lake", "s3://profiled/lake")
+        .replace("file://demo-lake/photos", "s3://profiled/photos")
+        .replace("file://demo-lake/labels.csv", "s3://profiled/labels.csv");
+    std::fs::write(&f.pipeline, text).unwrap();
+    let plan = pipeline::load(&f.pipeline, &[]).await.unwrap();
+    let report = dag::run(&plan, &RunOptions { quiet: true, until: Some("ingest".into()), ..Default::default() }).await.unwrap();
+    let ingest = report.stage("ingest").unwrap();
+    assert_eq!(ingest.status, Status::Succeeded, "{report:#?}");
+    let lake = Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap());
+    let (_, b) = pipeline::query::query(&lake, "SELECT count(*) FROM images").await.unwrap();
+    assert_eq!(b[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0) as u64, ingest.rows_out);
+    assert!(ingest.rows_out > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
     let (_server, port) = moto();
-    create_bucket(port, "survey");
+    create_bucket(port, "survey").await;
     // Credentials and endpoint the way a user would give them: the AWS_* environment, which
     // both the ingest's object store and Lance read. This test binary holds only this test.
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -74,13 +128,7 @@ async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
     }
     let f = common::demo(3, 3, 21);
     let s3 = AmazonS3Builder::from_env().with_bucket_name("survey").build().unwrap();
-    let local = f.dir.path().join("demo-lake");
-    for e in std::fs::read_dir(local.join("photos")).unwrap() {
-        let p = e.unwrap().path();
-        let key = ObjectPath::from(format!("photos/{}", p.file_name().unwrap().to_str().unwrap()));
-        s3.put(&key, std::fs::read(&p).unwrap().into()).await.unwrap();
-    }
-    s3.put(&ObjectPath::from("labels.csv"), std::fs::read(local.join("labels.csv")).unwrap().into()).await.unwrap();
+    upload_demo(&s3, &f).await;
 
     let text = std::fs::read_to_string(&f.pipeline)
         .unwrap()

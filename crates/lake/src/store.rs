@@ -128,9 +128,56 @@ pub fn open(uri: &str, options: &HashMap<String, String>) -> Result<(Arc<dyn Obj
         .map(|(k, v)| (k.to_ascii_lowercase(), v))
         .collect();
     opts.extend(options.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if matches!(url.scheme(), "s3" | "s3a") {
+        return open_s3(uri, &url, &opts);
+    }
     let (store, path) = object_store::parse_url_opts(&url, opts)
         .map_err(|e| Error::ObjectStore { uri: uri.into(), source: e })?;
     Ok((Arc::from(store), path))
+}
+
+/// An S3 store with the settings given (the `AWS_*` environment, then the pipeline's options)
+/// and, unless those hold a key, the AWS SDK's credential chain — the one Lance uses for the
+/// lake: environment, `AWS_PROFILE` profiles and SSO, web identity, ECS and EC2 roles. So the
+/// photos and the lake are read with the same credentials.
+fn open_s3(uri: &str, url: &url::Url, opts: &[(String, String)]) -> Result<(Arc<dyn ObjectStore>, ObjectPath)> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    let err = |e| Error::ObjectStore { uri: uri.into(), source: e };
+    let mut b = AmazonS3Builder::new().with_url(url.as_str());
+    let mut keyed = false;
+    for (k, v) in opts {
+        if let Ok(key) = k.parse::<AmazonS3ConfigKey>() {
+            keyed |= matches!(key, AmazonS3ConfigKey::AccessKeyId | AmazonS3ConfigKey::SkipSignature);
+            b = b.with_config(key, v.clone());
+        }
+    }
+    if !keyed {
+        let chain = lance_io::object_store::providers::aws::AwsCredentialAdapter::new(Arc::new(DefaultChain::default()), std::time::Duration::from_secs(60));
+        b = b.with_credentials(Arc::new(chain));
+    }
+    let store = b.build().map_err(err)?;
+    let path = ObjectPath::from_url_path(url.path()).map_err(|e| err(e.into()))?;
+    Ok((Arc::new(store), path))
+}
+
+/// The AWS SDK's default credential chain, built on first use (building it reads the profile
+/// files, which is asynchronous) and kept.
+#[derive(Debug, Default)]
+struct DefaultChain(tokio::sync::OnceCell<aws_config::default_provider::credentials::DefaultCredentialsChain>);
+
+impl aws_credential_types::provider::ProvideCredentials for DefaultChain {
+    fn provide_credentials<'a>(&'a self) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(async move {
+            let chain = self
+                .0
+                .get_or_init(|| async { aws_config::default_provider::credentials::DefaultCredentialsChain::builder().build().await })
+                .await;
+            chain.provide_credentials().await
+        })
+    }
 }
 
 #[cfg(test)]

@@ -366,3 +366,15 @@ fn detect_trains_on_boxes_or_uses_a_trained_detector_not_both() {
     let neither = diags(base, &[]);
     assert!(neither.iter().any(|d| d.message.contains("boxes") && d.message.contains("`detector`")), "{neither:?}");
 }
+
+#[test]
+fn a_lake_where_lance_cannot_write_is_refused_at_validate() {
+    for (lake, ok) in [("gs://bucket/lake", false), ("az://container/lake", false), ("s3://bucket/lake", true), ("file:///tmp/lake", true)] {
+        let d = diags(&GOOD.replace("lake = \"lake\"", &format!("lake = \"{lake}\"")), &[]);
+        let refused = d.iter().any(|x| x.message.contains("is not supported (this build's Lance has file://, s3:// and memory:// stores)"));
+        assert_eq!(refused, !ok, "{lake}: {d:?}");
+        if !ok {
+            assert_eq!(line_of(&d[0]), 3, "{d:?}");
+        }
+    }
+}

@@ -232,6 +232,14 @@ pub async fn compile(path: &Path, text: &str, sets: &[String], registry: &Regist
             String::new()
         }
     };
+    // Lance is built with its S3 store only: a lake elsewhere would fail at the first write.
+    if let Some(scheme) = lake.split_once("://").map(|(s, _)| s).filter(|s| !matches!(*s, "file" | "s3" | "s3a" | "memory")) {
+        rep.error(
+            &lake_at,
+            None,
+            format!("a lake on `{scheme}://` is not supported (this build's Lance has file://, s3:// and memory:// stores); photos can stay there (an ingest `source`), the lake goes on file:// or s3://"),
+        );
+    }
 
     // [stages.*]
     let mut compiled: Vec<(String, Loc, Vec<(String, Loc)>, Option<(Arc<dyn Stage>, String)>)> = Vec::new();
