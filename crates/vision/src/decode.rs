@@ -490,23 +490,7 @@ fn open_png<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, Vi
 }
 
 fn open_tiff<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, VisionError> {
-    let mut decoder = guarded("TIFF", || {
-        TiffDecoder::new(Cursor::new(bytes)).map_err(image_err("TIFF"))
-    })?;
-    let (width, height) = decoder.dimensions();
-    check_pixels(width, height, limits)?;
-    let pixels = u64::from(width) * u64::from(height);
-    decoder
-        .set_limits(image_limits(decode_budget(pixels)))
-        .map_err(image_err("TIFF"))?;
-    let orientation = orientation_of(&mut decoder);
-    Ok(Source {
-        format: ImageFormat::Tiff,
-        stored: (width, height),
-        orientation,
-        color: color_name(decoder.original_color_type()),
-        codec: Codec::Tiff(Box::new(decoder)),
-    })
+    open_with_image(bytes, limits, ImageFormat::Tiff, "TIFF", TiffDecoder::new, |d| Codec::Tiff(Box::new(d)))
 }
 
 /// A RIFF (WebP) file is complete when it holds the bytes its header says.
@@ -518,19 +502,7 @@ fn open_webp<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, V
     if !riff_is_complete(bytes) {
         return Err(VisionError::Truncated);
     }
-    let mut decoder = guarded("WebP", || WebPDecoder::new(Cursor::new(bytes)).map_err(image_err("WebP")))?;
-    let (width, height) = decoder.dimensions();
-    check_pixels(width, height, limits)?;
-    let pixels = u64::from(width) * u64::from(height);
-    decoder.set_limits(image_limits(decode_budget(pixels))).map_err(image_err("WebP"))?;
-    let orientation = orientation_of(&mut decoder);
-    Ok(Source {
-        format: ImageFormat::Webp,
-        stored: (width, height),
-        orientation,
-        color: color_name(decoder.original_color_type()),
-        codec: Codec::Webp(Box::new(decoder)),
-    })
+    open_with_image(bytes, limits, ImageFormat::Webp, "WebP", WebPDecoder::new, |d| Codec::Webp(Box::new(d)))
 }
 
 /// A GIF is complete when it ends with its trailer byte (0x3B), zero padding allowed.
@@ -543,18 +515,7 @@ fn open_gif<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, Vi
     if !gif_is_complete(bytes) {
         return Err(VisionError::Truncated);
     }
-    let mut decoder = guarded("GIF", || GifDecoder::new(Cursor::new(bytes)).map_err(image_err("GIF")))?;
-    let (width, height) = decoder.dimensions();
-    check_pixels(width, height, limits)?;
-    let pixels = u64::from(width) * u64::from(height);
-    decoder.set_limits(image_limits(decode_budget(pixels))).map_err(image_err("GIF"))?;
-    Ok(Source {
-        format: ImageFormat::Gif,
-        stored: (width, height),
-        orientation: 1,
-        color: color_name(decoder.original_color_type()),
-        codec: Codec::Gif(Box::new(decoder)),
-    })
+    open_with_image(bytes, limits, ImageFormat::Gif, "GIF", GifDecoder::new, |d| Codec::Gif(Box::new(d)))
 }
 
 /// A BMP is complete when it holds the bytes its file header says (a zero size is allowed by
@@ -567,18 +528,28 @@ fn open_bmp<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, Vi
     if !bmp_is_complete(bytes) {
         return Err(VisionError::Truncated);
     }
-    let mut decoder = guarded("BMP", || BmpDecoder::new(Cursor::new(bytes)).map_err(image_err("BMP")))?;
+    open_with_image(bytes, limits, ImageFormat::Bmp, "BMP", BmpDecoder::new, |d| Codec::Bmp(Box::new(d)))
+}
+
+/// Opens a format the `image` crate decodes (at full size): the decoder made by `new` (guarded
+/// against panics), the pixel limit checked from its header before anything is allocated, its
+/// allocations bounded by that size, the orientation from its metadata (upright without any).
+fn open_with_image<'a, D: ImageDecoder>(
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+    format: ImageFormat,
+    name: &str,
+    new: impl FnOnce(Cursor<&'a [u8]>) -> image::ImageResult<D>,
+    codec: impl FnOnce(D) -> Codec<'a>,
+) -> Result<Source<'a>, VisionError> {
+    let mut decoder = guarded(name, || new(Cursor::new(bytes)).map_err(image_err(name)))?;
     let (width, height) = decoder.dimensions();
     check_pixels(width, height, limits)?;
     let pixels = u64::from(width) * u64::from(height);
-    decoder.set_limits(image_limits(decode_budget(pixels))).map_err(image_err("BMP"))?;
-    Ok(Source {
-        format: ImageFormat::Bmp,
-        stored: (width, height),
-        orientation: 1,
-        color: color_name(decoder.original_color_type()),
-        codec: Codec::Bmp(Box::new(decoder)),
-    })
+    decoder.set_limits(image_limits(decode_budget(pixels))).map_err(image_err(name))?;
+    let orientation = orientation_of(&mut decoder);
+    let color = color_name(decoder.original_color_type());
+    Ok(Source { format, stored: (width, height), orientation, color, codec: codec(decoder) })
 }
 
 /// PNG eXIf chunk or TIFF Orientation tag; unreadable metadata counts as upright, as for JPEG.
