@@ -172,7 +172,29 @@ pub async fn read_set(ds: &lance::Dataset, table: &str) -> Result<EmbeddingSet> 
         Ok(())
     })
     .await?;
-    Ok(set)
+    Ok(in_uri_order(set))
+}
+
+/// The rows of `set` ordered by URI (then photo id): the order a table's rows come in depends on
+/// how its writes interleaved, and every mean, tie and float sum over the set must not.
+fn in_uri_order(set: EmbeddingSet) -> EmbeddingSet {
+    let mut order: Vec<usize> = (0..set.len()).collect();
+    order.sort_by(|&a, &b| set.uris[a].cmp(&set.uris[b]).then_with(|| set.photo_ids[a].cmp(&set.photo_ids[b])));
+    if order.iter().enumerate().all(|(i, &j)| i == j) {
+        return set;
+    }
+    let mut values = Vec::with_capacity(set.values.len());
+    for &i in &order {
+        values.extend_from_slice(set.row(i));
+    }
+    EmbeddingSet {
+        model_id: set.model_id.clone(),
+        photo_ids: order.iter().map(|&i| set.photo_ids[i].clone()).collect(),
+        uris: order.iter().map(|&i| set.uris[i].clone()).collect(),
+        labels: order.iter().map(|&i| set.labels[i].clone()).collect(),
+        values,
+        dim: set.dim,
+    }
 }
 
 /// Split of each photo (by URI) from a train stage's table.
