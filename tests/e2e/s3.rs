@@ -17,7 +17,7 @@ use pipeline::dag::{self, RunOptions, ledger::Status};
 use pipeline::lake::lease::{self, Holder, Lease, Wait};
 use pipeline::lake::{Catalog, Lake};
 
-struct Server(Child);
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -26,7 +26,7 @@ impl Drop for Server {
     }
 }
 
-fn moto() -> (Server, u16) {
+pub(crate) fn moto() -> (Server, u16) {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let venv = std::env::var("VIRTUAL_ENV").unwrap_or_else(|_| format!("{}/.cache/pipeline/venv", std::env::var("HOME").unwrap()));
     let exe = format!("{venv}/bin/moto_server");
@@ -46,13 +46,13 @@ fn moto() -> (Server, u16) {
 }
 
 /// Creates a bucket with an unsigned PUT (object_store has no bucket API; moto needs no signature).
-async fn create_bucket(port: u16, bucket: &str) {
+pub(crate) async fn create_bucket(port: u16, bucket: &str) {
     let r = reqwest::Client::new().put(format!("http://127.0.0.1:{port}/{bucket}")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
 }
 
 /// The demo photos and labels of `f`, put in `bucket` under photos/ and labels.csv.
-async fn upload_demo(s3: &dyn ObjectStore, f: &common::Fixture) {
+pub(crate) async fn upload_demo(s3: &dyn ObjectStore, f: &common::Fixture) {
     let local = f.dir.path().join("demo-lake");
     for e in std::fs::read_dir(local.join("photos")).unwrap() {
         let p = e.unwrap().path();

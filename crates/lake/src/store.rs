@@ -151,6 +151,14 @@ fn open_s3(uri: &str, url: &url::Url, opts: &[(String, String)]) -> Result<(Arc<
             b = b.with_config(key, v.clone());
         }
     }
+    // `[pipeline.storage]`'s retries, as Lance reads them for the lake.
+    let setting = |name: &str| opts.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| v.parse::<u64>().ok());
+    let defaults = object_store::RetryConfig::default();
+    b = b.with_retry(object_store::RetryConfig {
+        max_retries: setting("client_max_retries").map_or(defaults.max_retries, |n| n as usize),
+        retry_timeout: setting("client_retry_timeout").map_or(defaults.retry_timeout, std::time::Duration::from_secs),
+        ..defaults
+    });
     if !keyed {
         let chain = lance_io::object_store::providers::aws::AwsCredentialAdapter::new(Arc::new(DefaultChain::default()), std::time::Duration::from_secs(60));
         b = b.with_credentials(Arc::new(chain));

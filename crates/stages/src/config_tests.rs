@@ -84,6 +84,26 @@ fn a_good_file_compiles_in_run_order() {
 }
 
 #[test]
+fn storage_settings_become_the_stores_options_and_mistakes_are_named() {
+    let with = GOOD.replace("lake = \"lake\"\n", "lake = \"lake\"\n\n[pipeline.storage]\nretries = 4\nretry_timeout = 12.5\ntimeout = 2.5\nconnect_timeout = 1\n");
+    let (_d, file) = fixture(&with);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let plan = rt.block_on(load(&file, &[])).unwrap();
+    let o = &plan.storage_options;
+    assert_eq!(o.get("client_max_retries").map(String::as_str), Some("4"));
+    assert_eq!(o.get("client_retry_timeout").map(String::as_str), Some("13"), "Lance reads whole seconds");
+    assert_eq!(o.get("timeout").map(String::as_str), Some("2500ms"));
+    assert_eq!(o.get("connect_timeout").map(String::as_str), Some("1000ms"));
+    let bad = GOOD.replace("lake = \"lake\"\n", "lake = \"lake\"\n\n[pipeline.storage]\nretries = -1\ntimeout = \"fast\"\nretry = 3\n");
+    let d = diags(&bad, &[]);
+    let text: Vec<String> = d.iter().map(|d| format!("{}: {}", line_of(d), d.message)).collect();
+    assert_eq!(d.len(), 3, "{text:?}");
+    assert!(text.iter().any(|t| t.starts_with("6:") && t.contains("retries")), "{text:?}");
+    assert!(text.iter().any(|t| t.starts_with("7:") && t.contains("timeout")), "{text:?}");
+    assert!(text.iter().any(|t| t.starts_with("8:") && t.contains("unknown key `retry`") && t.contains("retry_timeout")), "{text:?}");
+}
+
+#[test]
 fn every_error_is_reported_at_once_with_its_line_and_stage() {
     let broken = r#"[pipeline]
 name = "broken"

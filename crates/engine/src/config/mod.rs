@@ -155,7 +155,30 @@ impl Plan {
     }
 }
 
-const PIPELINE_KEYS: &[&str] = &["name", "description", "lake", "schemas", "storage_options"];
+const PIPELINE_KEYS: &[&str] = &["name", "description", "lake", "schemas", "storage_options", "storage"];
+
+/// `[pipeline.storage]`: how object stores (the photos' and the lake's) are talked to, as the
+/// storage options object_store and Lance read: `retries` of a failed request (5xx, throttling,
+/// a reset connection, a timeout) with exponential backoff, for at most `retry_timeout`
+/// seconds in all; `timeout` seconds per request; `connect_timeout` seconds per connection.
+fn storage_settings(node: &Node, rep: &mut Reporter) -> Vec<(String, String)> {
+    let mut k = Keys::new(node, None, "[pipeline.storage]", rep);
+    let mut out = Vec::new();
+    if let Some(n) = k.int("retries", 0, 100) {
+        out.push(("client_max_retries".to_string(), n.to_string()));
+    }
+    if let Some(t) = k.float("retry_timeout", 1.0, 86_400.0) {
+        // Lance reads whole seconds.
+        out.push(("client_retry_timeout".to_string(), (t.ceil() as u64).to_string()));
+    }
+    for key in ["timeout", "connect_timeout"] {
+        if let Some(t) = k.float(key, 0.1, 86_400.0) {
+            out.push((key.to_string(), format!("{}ms", (t * 1000.0).round() as u64)));
+        }
+    }
+    k.finish(&["retries", "retry_timeout", "timeout", "connect_timeout"]);
+    out
+}
 
 /// Reads, overrides and compiles a pipeline file; all problems come back at once as
 /// [`Error::Config`].
@@ -209,6 +232,9 @@ pub async fn compile(path: &Path, text: &str, sets: &[String], registry: &Regist
         schemas_dir = k.str("schemas").map(|s| base_dir.join(s));
         if let Some(o) = k.str_map("storage_options") {
             storage_options = o.into_iter().collect();
+        }
+        if let Some(node) = k.node("storage") {
+            storage_options.extend(storage_settings(node, k.reporter()));
         }
         k.str("description");
         k.finish(PIPELINE_KEYS);
