@@ -159,7 +159,7 @@ async fn main() {
     drop(ds);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, 20 << 20)).await });
+    let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, Default::default())).await });
     println!(
         "{uri} table {table}: {} photos, model {model}; uploads are {} photos of the lake, {mean_kb:.0} KiB on average; {} threads",
         photos.len(),

@@ -29,6 +29,7 @@ pub use engine::{config, dag, progress, stage};
 pub use lake::{metrics, query, tables, vector};
 pub use lake::{Error, Result};
 
+pub mod digest;
 pub mod schedule;
 pub mod serve;
 

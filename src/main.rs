@@ -153,6 +153,13 @@ enum Cmd {
         #[arg(long, value_name = "SECONDS")]
         wait: Option<u64>,
     },
+    /// What the lake holds, as hashes to compare with another lake: one line per table (rows,
+    /// rows that repeat another, BLAKE3 of the content in any order) and per model file; run
+    /// ids, times, timings and the `runs` log left out. Two runs over the same photos agree.
+    Digest {
+        #[command(flatten)]
+        at: LakeArgs,
+    },
     /// The run history of a lake (its ledger, table `runs`): start, end, status, stages run and up to date;
     /// `pipeline runs ID` details one run stage by stage.
     Runs {
@@ -217,8 +224,22 @@ enum Cmd {
         #[arg(long, default_value = "embeddings")]
         table: String,
         /// Largest accepted upload, in bytes.
-        #[arg(long, default_value_t = 20 << 20)]
+        #[arg(long, default_value_t = pipeline::serve::Limits::default().max_body)]
         max_body: usize,
+        /// Largest accepted upload in pixels (width × height from its header, checked before
+        /// decoding).
+        #[arg(long, default_value_t = pipeline::serve::Limits::default().max_upload_pixels)]
+        max_upload_pixels: u64,
+        /// Seconds a request may take before it is answered 503.
+        #[arg(long, default_value_t = pipeline::serve::Limits::default().timeout.as_secs_f64(), value_name = "SECONDS")]
+        timeout: f64,
+        /// Uploads decoded and embedded at once; one more is answered 503 with Retry-After.
+        #[arg(long, default_value_t = pipeline::serve::Limits::default().uploads)]
+        uploads: usize,
+        /// Require `Authorization: Bearer <token>` on every route but /healthz; the file holds
+        /// one `NAME TOKEN` per line (tokens of at least 16 characters).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         #[arg(long, value_parser = ["auto", "cpu", "cuda"], default_value = "auto")]
         device: String,
         #[command(flatten)]
@@ -423,6 +444,13 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             );
             print_query(&lake, &sql, format).await
         }
+        Cmd::Digest { at } => {
+            let lake = at.open().await?;
+            for line in pipeline::digest::digest(&lake).await? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Promote { model_id, at, wait } => {
             use pipeline::lake::models;
             let lake = at.open().await?;
@@ -524,7 +552,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     let bytes = answer::read_photo(&photo, lake.options()).await?;
                     let device = pipeline::model::train::pick_device("auto").map_err(anyhow::Error::msg)?;
                     let embedder = answer::Embedder::for_table(&lake, &table, device).await?;
-                    let v = embedder.embed_bytes(bytes).await?;
+                    let v = embedder.embed_bytes(bytes, Default::default()).await?;
                     answer::similar_to_vector(&ds, &src, &photo, &v, k, x).await?
                 }
             };
@@ -540,7 +568,19 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             println!("report: {}", std::fs::canonicalize(&out).unwrap_or(out).display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve { addr, table, max_body, device, search, at, refresh } => {
+        Cmd::Serve { addr, table, max_body, max_upload_pixels, timeout, uploads, token_file, device, search, at, refresh } => {
+            if !(timeout > 0.0 && timeout.is_finite()) || uploads == 0 {
+                anyhow::bail!("--timeout must be more than 0 seconds and --uploads at least 1");
+            }
+            let tokens = token_file.as_deref().map(pipeline::serve::Tokens::load).transpose()?.map(std::sync::Arc::new);
+            let limits = pipeline::serve::Limits {
+                max_body,
+                max_upload_pixels,
+                timeout: std::time::Duration::from_secs_f64(timeout),
+                uploads,
+                tokens,
+                ..Default::default()
+            };
             let lake = at.open().await?;
             let device = pipeline::model::train::pick_device(&device).map_err(anyhow::Error::msg)?;
             let service = answer::Service::open(lake, &table, device, search.overrides()).await?;
@@ -548,7 +588,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--refresh must be 0 (never) or more seconds, not {refresh}");
             }
             let refresh = (refresh > 0.0).then(|| std::time::Duration::from_secs_f64(refresh));
-            pipeline::serve::serve(service, addr, max_body, refresh).await?;
+            pipeline::serve::serve(service, addr, limits, refresh).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DemoLake { out, individuals, photos_per, seed, width, height } => {

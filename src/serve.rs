@@ -11,22 +11,37 @@
 //! Loopback only unless told otherwise. The model is loaded once and lives on one worker
 //! thread; concurrent uploads queue there and are embedded together in one forward pass.
 //!
+//! Under load or abuse ([`Limits`], kept middleware from tower and tower-http): every request
+//! has a time limit (503 past it), a request body that arrives too slowly is cut (408), at
+//! most `uploads` uploads are decoded at once and one more is turned away at once (503 with
+//! `Retry-After`), as is a photo when the model thread's queue is full; an upload's pixels are
+//! limited (`max_upload_pixels`, 413) and decoded once. Lookups by id never wait behind
+//! uploads. Error bodies say what was wrong with the request, never where the lake is; a
+//! failure inside is logged and answered with its id. With `--token-file` every route but
+//! `/healthz` needs `Authorization: Bearer <token>` (401 otherwise).
+//!
 //! It follows the lake: every `--refresh` seconds it looks for a new version of the table (a
 //! nightly run's new photos, or the collection re-embedded with a newly promoted model) and
 //! swaps to it, and to its model, without a restart; requests in flight finish on what they
 //! started with ([`Service::refresh`]).
 
 use std::net::SocketAddr;
+use std::path::Path as FsPath;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
+use tower::ServiceBuilder;
+use vision::DecodeLimits;
 
 use answer::{self, Service};
 use lake::vector::Expansion;
@@ -40,10 +55,114 @@ struct KParam {
     alpha: Option<f32>,
 }
 
-type Shared = Arc<Service>;
+/// What the API takes on at once, and who may use it.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest upload, in bytes (413 above).
+    pub max_body: usize,
+    /// Largest upload in pixels, from its header, before anything is decoded (413 above).
+    pub max_upload_pixels: u64,
+    /// Longest a request may take, from its first byte to its answer (503 past it).
+    pub timeout: Duration,
+    /// Longest an upload's body may take to arrive (408 past it: a client too slow to send).
+    pub body_timeout: Duration,
+    /// Uploads decoded and embedded at once; one more is answered 503 at once.
+    pub uploads: usize,
+    /// Bearer tokens, when the API needs one.
+    pub tokens: Option<Arc<Tokens>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 20 << 20,
+            // Every phone and most cameras (a 50 MP photo); a PNG that large decodes to 150 MB.
+            max_upload_pixels: 50_000_000,
+            timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(10),
+            uploads: 4,
+            tokens: None,
+        }
+    }
+}
+
+/// The bearer tokens of `--token-file`: one `NAME TOKEN` per line (`#` begins a comment);
+/// only their BLAKE3 hashes are kept, compared in constant time.
+#[derive(Debug)]
+pub struct Tokens(Vec<(String, blake3::Hash)>);
+
+/// Shortest token accepted: guessing one must not be practical.
+const MIN_TOKEN: usize = 16;
+
+impl Tokens {
+    /// Reads a token file; a line that is not `NAME TOKEN`, a token shorter than 16
+    /// characters or a name given twice is an error naming the line.
+    pub fn load(path: &FsPath) -> Result<Tokens> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Tokens::parse(&text).map_err(|e| Error::Other(format!("token file {}: {e}", path.display())))
+    }
+
+    fn parse(text: &str) -> std::result::Result<Tokens, String> {
+        let mut out: Vec<(String, blake3::Hash)> = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            let [name, token] = parts[..] else {
+                return Err(format!("line {}: expected `NAME TOKEN`, found {} words", n + 1, parts.len()));
+            };
+            if token.len() < MIN_TOKEN {
+                return Err(format!("line {} (`{name}`): the token has {} characters; at least {MIN_TOKEN}", n + 1, token.len()));
+            }
+            if out.iter().any(|(k, _)| k == name) {
+                return Err(format!("line {}: `{name}` is given twice", n + 1));
+            }
+            out.push((name.to_string(), blake3::hash(token.as_bytes())));
+        }
+        if out.is_empty() {
+            return Err("no tokens (one `NAME TOKEN` per line)".into());
+        }
+        Ok(Tokens(out))
+    }
+
+    /// The name of the holder of `token`, if it is one of these.
+    pub fn holder(&self, token: &str) -> Option<&str> {
+        let h = blake3::hash(token.as_bytes());
+        // blake3::Hash compares in constant time; every entry is compared.
+        self.0.iter().fold(None, |found, (name, t)| if *t == h { Some(name.as_str()) } else { found })
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+struct Api {
+    service: Arc<Service>,
+    limits: Limits,
+}
+
+type Shared = Arc<Api>;
 
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+/// A failure inside the server: logged with an id; the client gets the id, not the details
+/// (which can name the lake's paths).
+fn internal(what: &str, e: impl std::fmt::Display) -> Response {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    tracing::error!(error_id = %id, "{what}: {e}");
+    err(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} failed (error id {id} in the server's log)"))
+}
+
+/// 503 with `Retry-After`: busy now, not broken.
+fn busy(msg: impl Into<String>) -> Response {
+    let mut r = err(StatusCode::SERVICE_UNAVAILABLE, msg);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn k_of(p: &KParam) -> std::result::Result<(usize, Expansion), Response> {
@@ -65,7 +184,8 @@ fn k_of(p: &KParam) -> std::result::Result<(usize, Expansion), Response> {
     Ok((k, Expansion { k: expand, alpha }))
 }
 
-async fn healthz(State(s): State<Shared>) -> Response {
+async fn healthz(State(api): State<Shared>) -> Response {
+    let s = &api.service;
     let now = s.now();
     let rows = now.ds.count_rows(None).await.unwrap_or(0);
     Json(serde_json::json!({
@@ -79,22 +199,25 @@ async fn healthz(State(s): State<Shared>) -> Response {
     .into_response()
 }
 
-async fn models(State(s): State<Shared>) -> Response {
+async fn models(State(api): State<Shared>) -> Response {
+    let s = &api.service;
     let sql = "SELECT model_id, kind, backbone, embedding_dim, input_size, best_epoch, best_map_at_20, checkpoint_uri, \
                CAST(created_at AS VARCHAR) AS created_at FROM models ORDER BY created_at DESC";
     match lake::query::query(&s.lake, sql).await {
         Ok((schema, batches)) => {
             let mut out = Vec::new();
-            if lake::query::write(lake::query::Format::Json, &schema, &batches, &mut out).is_err() {
-                return err(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the models");
+            if let Err(e) = lake::query::write(lake::query::Format::Json, &schema, &batches, &mut out) {
+                return internal("encoding the models", e);
             }
             ([(header::CONTENT_TYPE, "application/json")], out).into_response()
         }
-        Err(e) => err(StatusCode::NOT_FOUND, format!("no models table: {e}")),
+        Err(_) if matches!(s.lake.open("models").await, Ok(None)) => err(StatusCode::NOT_FOUND, "this lake has no models yet"),
+        Err(e) => internal("reading the models", e),
     }
 }
 
-async fn similar_id(State(s): State<Shared>, Path(id): Path<String>, Query(p): Query<KParam>) -> Response {
+async fn similar_id(State(api): State<Shared>, Path(id): Path<String>, Query(p): Query<KParam>) -> Response {
+    let s = &api.service;
     let (k, x) = match k_of(&p) {
         Ok(kx) => kx,
         Err(r) => return r,
@@ -103,61 +226,118 @@ async fn similar_id(State(s): State<Shared>, Path(id): Path<String>, Query(p): Q
     match answer::similar_to_id(&now.ds, &now.source, &id, k, x).await {
         Ok(Some(a)) => Json(a).into_response(),
         Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => internal("the search", e),
     }
 }
 
-async fn similar_upload(State(s): State<Shared>, Query(p): Query<KParam>, body: Bytes) -> Response {
+async fn similar_upload(State(api): State<Shared>, Query(p): Query<KParam>, body: Bytes) -> Response {
+    let s = &api.service;
     let (k, x) = match k_of(&p) {
         Ok(kx) => kx,
         Err(r) => return r,
     };
     if body.is_empty() {
-        return err(StatusCode::BAD_REQUEST, "empty body: POST the image bytes (JPEG, PNG or TIFF)");
+        return err(StatusCode::BAD_REQUEST, "empty body: POST the image bytes (JPEG, PNG, TIFF, WebP, GIF or BMP)");
     }
     let now = s.now();
     let Some(embedder) = &now.embedder else {
         let why = now.no_embedder.clone().unwrap_or_default();
         return err(StatusCode::SERVICE_UNAVAILABLE, format!("no model can embed new photos for this table: {why}"));
     };
-    let v = match embedder.embed_bytes(body.to_vec()).await {
+    let limits = DecodeLimits { max_pixels: api.limits.max_upload_pixels };
+    let v = match embedder.embed_bytes(body.to_vec(), limits).await {
         Ok(v) => v,
+        Err(Error::BadImage(m)) if m.contains("over the decode limit") => {
+            let m = m.replace("the decode limit", "this server's upload limit");
+            return err(StatusCode::PAYLOAD_TOO_LARGE, format!("image too large: {m}"));
+        }
         Err(Error::BadImage(m)) => return err(StatusCode::BAD_REQUEST, format!("not a readable image: {m}")),
-        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(Error::Overloaded(m)) => return busy(format!("busy: {m}; try again shortly")),
+        Err(e) => return internal("embedding the upload", e),
     };
     match answer::similar_to_vector(&now.ds, &now.source, "upload", &v, k, x).await {
         Ok(a) => Json(a).into_response(),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => internal("the search", e),
     }
 }
 
-async fn thumbnail(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+async fn thumbnail(State(api): State<Shared>, Path(id): Path<String>) -> Response {
+    let s = &api.service;
     let hit = match lake::vector::embedding_of(&s.now().ds, &id).await {
         Ok(Some((_, h))) => h,
         Ok(None) => return err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
-        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return internal("the lookup", e),
     };
     let bytes = match answer::read_photo(&s.lake.locate(&hit.uri), s.lake.options()).await {
         Ok(b) => b,
-        Err(e) => return err(StatusCode::NOT_FOUND, format!("photo `{id}` cannot be read: {e}")),
+        Err(e) => {
+            tracing::warn!("thumbnail of `{id}`: {e}");
+            return err(StatusCode::NOT_FOUND, format!("photo `{id}` cannot be read from the collection (moved or deleted?)"));
+        }
     };
     match tokio::task::spawn_blocking(move || answer::thumbnail(&bytes, 256)).await {
         Ok(Ok(jpg)) => ([(header::CONTENT_TYPE, "image/jpeg")], jpg).into_response(),
-        Ok(Err(e)) => err(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Err(e)) => err(StatusCode::UNPROCESSABLE_ENTITY, format!("photo `{id}`: {e}")),
+        Err(e) => internal("the thumbnail", e),
     }
 }
 
-/// The API's routes over `service`; uploads above `max_body` bytes get 413.
-pub fn router(service: Arc<Service>, max_body: usize) -> Router {
+/// `Authorization: Bearer <token>` on every route but `/healthz`, when the API has tokens.
+async fn authorize(State(api): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(tokens) = &api.limits.tokens else { return next.run(req).await };
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given.map(|t| tokens.holder(t.trim())) {
+        Some(Some(_)) => next.run(req).await,
+        found => {
+            let why = if found.is_none() { "this API needs `Authorization: Bearer <token>`" } else { "unknown token" };
+            let mut r = err(StatusCode::UNAUTHORIZED, why);
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
+/// What the middleware's own refusals say: a request over its time, an upload over the
+/// concurrency limit (shed at once).
+async fn refused(timeout: Duration, e: tower::BoxError) -> Response {
+    if e.is::<tower::timeout::error::Elapsed>() {
+        busy(format!("the request took longer than {}s", timeout.as_secs_f64()))
+    } else if e.is::<tower::load_shed::error::Overloaded>() {
+        busy("busy: the server is working on as many uploads as it takes at once; try again shortly")
+    } else {
+        internal("the request", e)
+    }
+}
+
+/// The API's routes over `service`, with `limits`.
+pub fn router(service: Arc<Service>, limits: Limits) -> Router {
+    let (timeout, uploads) = (limits.timeout, limits.uploads.max(1));
+    let api = Arc::new(Api { service, limits: limits.clone() });
+    let upload = axum::routing::post(similar_upload).layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(move |e| refused(timeout, e)))
+            .load_shed()
+            .concurrency_limit(uploads)
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(limits.body_timeout)),
+    );
     Router::new()
         .route("/healthz", get(healthz))
         .route("/models", get(models))
         .route("/similar/{photo_id}", get(similar_id))
-        .route("/similar", axum::routing::post(similar_upload))
+        .route("/similar", upload)
         .route("/photos/{photo_id}/thumbnail", get(thumbnail))
-        .layer(DefaultBodyLimit::max(max_body))
-        .with_state(service)
+        .layer(DefaultBodyLimit::max(limits.max_body))
+        .layer(middleware::from_fn_with_state(api.clone(), authorize))
+        .layer(
+            ServiceBuilder::new()
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| internal("the request", "a handler panicked")))
+                .layer(HandleErrorLayer::new(move |e| refused(timeout, e)))
+                .timeout(timeout),
+        )
+        .with_state(api)
 }
 
 /// Swaps `service` to each new version of its table, checking every `every`; logs each swap
@@ -177,7 +357,7 @@ pub async fn follow(service: Arc<Service>, every: std::time::Duration) {
 }
 
 /// Serves until Ctrl-C or SIGTERM, following the lake every `refresh` (None: never).
-pub async fn serve(service: Service, addr: SocketAddr, max_body: usize, refresh: Option<std::time::Duration>) -> Result<()> {
+pub async fn serve(service: Service, addr: SocketAddr, limits: Limits, refresh: Option<std::time::Duration>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::Other(format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr().map_err(|e| Error::Other(e.to_string()))?;
     let service = Arc::new(service);
@@ -191,7 +371,19 @@ pub async fn serve(service: Service, addr: SocketAddr, max_body: usize, refresh:
         tokio::spawn(follow(service.clone(), every))
     });
     println!("serving {} on http://{local} (GET /healthz, /models, /similar/{{photo_id}}?k=20, /photos/{{photo_id}}/thumbnail; POST /similar)", service.table);
-    axum::serve(listener, router(service, max_body))
+    println!(
+        "limits: {}s a request, {} uploads at once (queue {} photos), uploads up to {} and {} MP{}",
+        limits.timeout.as_secs_f64(),
+        limits.uploads,
+        answer::similar::QUEUE,
+        lake::error::human_bytes(limits.max_body as u64),
+        limits.max_upload_pixels as f64 / 1e6,
+        match &limits.tokens {
+            Some(t) => format!("; bearer tokens of {}", t.names().join(", ")),
+            None => String::new(),
+        }
+    );
+    axum::serve(listener, router(service, limits))
         .with_graceful_shutdown(async {
             #[cfg(unix)]
             if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -209,4 +401,26 @@ pub async fn serve(service: Service, addr: SocketAddr, max_body: usize, refresh:
         f.abort();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_files_name_their_holders_and_refuse_weak_or_malformed_lines() {
+        let t = Tokens::parse("# who may ask\nalice s3cret-token-of-alice\n\nci   0123456789abcdef  # the CI job\n").unwrap();
+        assert_eq!(t.names(), vec!["alice", "ci"]);
+        assert_eq!(t.holder("s3cret-token-of-alice"), Some("alice"));
+        assert_eq!(t.holder("0123456789abcdef"), Some("ci"));
+        assert_eq!(t.holder("0123456789abcdeX"), None);
+        assert_eq!(t.holder(""), None);
+        let e = Tokens::parse("alice short\n").unwrap_err();
+        assert!(e.contains("line 1 (`alice`)") && e.contains("at least 16"), "{e}");
+        let e = Tokens::parse("ok 0123456789abcdef\nalice\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("NAME TOKEN"), "{e}");
+        let e = Tokens::parse("a 0123456789abcdef\na fedcba9876543210\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("twice"), "{e}");
+        assert!(Tokens::parse("# nothing\n").unwrap_err().contains("no tokens"));
+    }
 }

@@ -120,6 +120,10 @@ impl Drop for Served {
 }
 
 impl Served {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// GET `path`: (status, body), None while nothing answers.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         let r = reqwest::get(format!("http://127.0.0.1:{}{path}", self.port)).await.ok()?;

@@ -1,9 +1,12 @@
 //! The end-to-end tests, one binary (each test binary links libtorch, lance and DataFusion, so
 //! one link instead of five saves minutes per build). Each module is one area, as a user sees it.
 
+mod api;
 mod cli;
 mod common;
+mod faults;
 mod ingest_clean;
+mod kill;
 mod lease;
 mod nights;
 mod s3;

@@ -193,7 +193,7 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     drop(now);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, 200_000)).await });
+    let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, pipeline::serve::Limits { max_body: 200_000, ..Default::default() })).await });
     let (code, body) = http(addr, "GET", &format!("/similar/{some_photo}?k=7"), &[]).await;
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -34,7 +34,7 @@ pub struct Embedder {
     pub flip_tta: bool,
     /// Input side of the detector and the crop margin, for a model trained on crops.
     crop: Option<(u32, f32)>,
-    tx: std::sync::mpsc::Sender<Job>,
+    tx: std::sync::mpsc::SyncSender<Job>,
 }
 
 /// Work for the model thread: pixels at the model's (or the detector's) input size.
@@ -45,6 +45,10 @@ enum Job {
 
 /// Largest number of queued photos embedded in one forward pass.
 const MAX_BATCH: usize = 16;
+
+/// Photos that may wait for the model thread; one more is turned away with
+/// [`Error::Overloaded`] (the HTTP API's 503) instead of queueing without bound.
+pub const QUEUE: usize = 4 * MAX_BATCH;
 
 impl Embedder {
     /// Loads the model whose embeddings fill `table` (from its `model_id` and `tta` columns).
@@ -83,7 +87,7 @@ impl Embedder {
             _ => None,
         };
         let input_size = spec.input_size;
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
         std::thread::Builder::new()
             .name("embedder".into())
             .spawn(move || {
@@ -138,37 +142,58 @@ impl Embedder {
         Ok(Embedder { model_id: id, input_size, flip_tta, crop, tx })
     }
 
-    /// Decodes `bytes` (JPEG, PNG, TIFF), crops the subject when the model was trained on
-    /// crops, and embeds it. A bad image is an error saying why.
-    pub async fn embed_bytes(&self, bytes: Vec<u8>) -> Result<Vec<f32>> {
-        let bytes = Arc::new(bytes);
-        let stopped = || Error::Other("the embedding thread has stopped".into());
+    /// Decodes `bytes` (any format [`vision`] reads, within `limits`), crops the subject when
+    /// the model was trained on crops, and embeds it, decoding the photo once
+    /// ([`vision::Decoded`]). A bad image is [`Error::BadImage`] saying why; a full queue to the
+    /// model thread is [`Error::Overloaded`].
+    pub async fn embed_bytes(&self, bytes: Vec<u8>, limits: DecodeLimits) -> Result<Vec<f32>> {
+        let mut photo = vision::Decoded::new(bytes, limits);
         let crop = match self.crop {
             Some((det_side, margin)) => {
-                let b = bytes.clone();
-                let px = tokio::task::spawn_blocking(move || vision::decode_square(&b, &DecodeLimits::default(), det_side))
-                    .await
-                    .map_err(|e| Error::Other(format!("decoder panicked: {e}")))?
-                    .map_err(|e| Error::BadImage(e.to_string()))?;
-                let (tx, rx) = oneshot::channel();
-                self.tx.send(Job::Detect(px.into_raw(), tx)).map_err(|_| stopped())?;
-                let d = rx.await.map_err(|_| stopped())??;
+                let (back, px) = blocking(move || {
+                    let px = photo.square(det_side);
+                    (photo, px)
+                })
+                .await?;
+                photo = back;
+                let d = self.ask(|tx| Job::Detect(px.into_raw(), tx)).await?;
                 Some(vision::expand_box(d.bbox, margin))
             }
             None => None,
         };
         let side = self.input_size;
-        let px = tokio::task::spawn_blocking(move || match crop {
-            Some(c) => vision::decode_crop_square(&bytes, &DecodeLimits::default(), side, c),
-            None => vision::decode_square(&bytes, &DecodeLimits::default(), side),
+        let ((), px) = blocking(move || {
+            let px = match crop {
+                Some(c) => photo.crop_square(side, c),
+                None => photo.square(side),
+            };
+            ((), px)
         })
-        .await
-        .map_err(|e| Error::Other(format!("decoder panicked: {e}")))?
-        .map_err(|e| Error::BadImage(e.to_string()))?;
+        .await?;
+        self.ask(|tx| Job::Embed(px.into_raw(), tx)).await
+    }
+
+    /// Queues a job for the model thread and waits for its answer; a full queue is refused at once.
+    async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<Result<T>>) -> Job) -> Result<T> {
+        let stopped = || Error::Other("the embedding thread has stopped".into());
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Job::Embed(px.into_raw(), tx)).map_err(|_| stopped())?;
+        match self.tx.try_send(job(tx)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                return Err(Error::Overloaded(format!("{QUEUE} photos are already waiting for the model")));
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
+        }
         rx.await.map_err(|_| stopped())?
     }
+}
+
+/// Runs a decode on the blocking pool; its error is [`Error::BadImage`].
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> (T, std::result::Result<vision::RgbImage, vision::VisionError>) + Send + 'static,
+) -> Result<(T, vision::RgbImage)> {
+    let (back, px) = tokio::task::spawn_blocking(f).await.map_err(|e| Error::Other(format!("decoder panicked: {e}")))?;
+    Ok((back, px.map_err(|e| Error::BadImage(e.to_string()))?))
 }
 
 /// `[N, side, side, 3]` u8 from the jobs' pixels.

@@ -95,6 +95,11 @@ pub enum Error {
     #[error("run cancelled ({0})")]
     Cancelled(String),
 
+    /// More work than a server takes at once (the HTTP API's model queue is full): try again
+    /// shortly.
+    #[error("busy: {0}; try again shortly")]
+    Overloaded(String),
+
     /// An image given by a user (CLI, HTTP) that cannot be decoded.
     #[error("not a readable image: {0}")]
     BadImage(String),

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod history;
+pub mod kill;
 pub mod lease;
 pub mod metrics;
 pub mod models;
@@ -267,17 +268,24 @@ impl Lake {
         // The stream a Lance writer pulls from: the first batch, then the channel. It ends
         // with an error (so Lance aborts and commits nothing) if the sender vanished early.
         let counter = rows_sent.clone();
-        let rest = futures::stream::unfold((rx, finished, false), |(mut rx, fin, done)| async move {
-            if done {
-                return None;
-            }
-            match rx.recv().await {
-                Some(item) => Some((item, (rx, fin, false))),
-                None if fin.load(Ordering::SeqCst) => None,
-                None => Some((
-                    Err(DataFusionError::Execution("writer dropped before it finished; nothing committed".into())),
-                    (rx, fin, true),
-                )),
+        let point = format!("commit:{table}");
+        let rest = futures::stream::unfold((rx, finished, false), move |(mut rx, fin, done)| {
+            let point = point.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(item) => Some((item, (rx, fin, false))),
+                    None if fin.load(Ordering::SeqCst) => {
+                        kill::point(&point);
+                        None
+                    }
+                    None => Some((
+                        Err(DataFusionError::Execution("writer dropped before it finished; nothing committed".into())),
+                        (rx, fin, true),
+                    )),
+                }
             }
         });
         let stream = futures::stream::iter(first.map(Ok)).chain(rest).inspect(move |r| {
@@ -337,6 +345,7 @@ impl Lake {
                 }
             }
         };
+        kill::point(&format!("committed:{table}"));
         Ok(committed)
     }
 }

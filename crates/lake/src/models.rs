@@ -164,6 +164,7 @@ pub async fn present(lake: &Lake, id: &str) -> Result<bool> {
 pub fn write_atomically<T, E: From<Error>>(path: &std::path::Path, write: impl FnOnce(&std::path::Path) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    remove_partials(path);
     let out = match write(&tmp) {
         Ok(v) => v,
         Err(e) => {
@@ -173,6 +174,7 @@ pub fn write_atomically<T, E: From<Error>>(path: &std::path::Path, write: impl F
     };
     let sync = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
     sync.map_err(|e| E::from(Error::io(&tmp, e)))?;
+    crate::kill::point(&format!("save:{name}"));
     std::fs::rename(&tmp, path).map_err(|e| E::from(Error::io(path, e)))?;
     // The rename itself reaches the disk with the folder's entry.
     if let Some(dir) = path.parent() {
@@ -266,6 +268,7 @@ impl ModelDir {
             if self.local.exists() {
                 std::fs::remove_dir_all(&self.local).map_err(|e| Error::io(&self.local, e))?;
             }
+            crate::kill::point("publish");
             std::fs::rename(made, &self.local).map_err(|e| Error::io(&self.local, e))?;
             if let Some(parent) = self.local.parent() {
                 let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
@@ -296,8 +299,24 @@ impl ModelDir {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
+        if self.remote.is_none() {
+            remove_partials(&self.local);
+        }
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         Ok(dir)
+    }
+}
+
+/// Removes what a killed writer of `path` left beside it: the temporary files or folders
+/// (`.<name>.partial-<pid>`) of [`write_atomically`] and [`ModelDir::staging`].
+fn remove_partials(path: &std::path::Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let stem = format!(".{}.partial-", name.to_string_lossy());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&stem) {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
     }
 }
 

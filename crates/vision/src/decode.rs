@@ -61,7 +61,7 @@ struct JpegSource<'a> {
 }
 
 /// Pixels in stored orientation, one (luma) or three (RGB) interleaved u8 channels.
-struct Raster {
+pub(super) struct Raster {
     data: Vec<u8>,
     width: u32,
     height: u32,
@@ -95,18 +95,49 @@ impl Source<'_> {
     pub(super) fn decode_upright(self, target: (u32, u32)) -> Result<RgbImage, VisionError> {
         let stored_target = displayed(target, self.orientation);
         let raster = match self.codec {
-            Codec::Jpeg(jpeg) => {
-                guarded("JPEG", || decode_jpeg(*jpeg, self.stored, stored_target))?
-            }
-            Codec::Png(png) => guarded("PNG", || decode_with_image(*png, self.stored))?,
-            Codec::Tiff(tiff) => guarded("TIFF", || decode_with_image(*tiff, self.stored))?,
-            Codec::Webp(webp) => guarded("WebP", || decode_with_image(*webp, self.stored))?,
-            Codec::Gif(gif) => guarded("GIF", || decode_with_image(*gif, self.stored))?,
-            Codec::Bmp(bmp) => guarded("BMP", || decode_with_image(*bmp, self.stored))?,
+            Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, self.stored, stored_target))?,
+            codec => full_size(codec, self.stored)?,
         };
         let raster = resize(raster, stored_target)?;
         let rgb = into_rgb(raster)?;
         Ok(orient(rgb, self.orientation))
+    }
+
+    /// [`Self::decode_upright`] for a photo asked for at several sizes: the full-size pixels of
+    /// a format without scaled decoding are decoded into `full` the first time and resized
+    /// from there after, with the same result. A JPEG is decoded at each size (its decoding
+    /// scales: a small size costs a fraction of a full decode).
+    pub(super) fn decode_upright_keeping(self, target: (u32, u32), full: &mut Option<Raster>) -> Result<RgbImage, VisionError> {
+        if matches!(self.codec, Codec::Jpeg(_)) {
+            return self.decode_upright(target);
+        }
+        let stored_target = displayed(target, self.orientation);
+        let kept = match full.take() {
+            Some(r) => r,
+            None => full_size(self.codec, self.stored)?,
+        };
+        let raster = if (kept.width, kept.height) == stored_target {
+            Raster { data: kept.data.clone(), ..kept }
+        } else {
+            let pixel_type = if kept.channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
+            let data = resize_plane(&kept.data, (kept.width, kept.height), pixel_type, stored_target)?;
+            Raster { data, width: stored_target.0, height: stored_target.1, channels: kept.channels }
+        };
+        *full = Some(kept);
+        let rgb = into_rgb(raster)?;
+        Ok(orient(rgb, self.orientation))
+    }
+}
+
+/// The full-size pixels of a format the `image` crate decodes.
+fn full_size(codec: Codec<'_>, stored: (u32, u32)) -> Result<Raster, VisionError> {
+    match codec {
+        Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, stored, stored)),
+        Codec::Png(png) => guarded("PNG", || decode_with_image(*png, stored)),
+        Codec::Tiff(tiff) => guarded("TIFF", || decode_with_image(*tiff, stored)),
+        Codec::Webp(webp) => guarded("WebP", || decode_with_image(*webp, stored)),
+        Codec::Gif(gif) => guarded("GIF", || decode_with_image(*gif, stored)),
+        Codec::Bmp(bmp) => guarded("BMP", || decode_with_image(*bmp, stored)),
     }
 }
 

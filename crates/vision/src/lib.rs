@@ -205,8 +205,7 @@ pub fn decode_square(
     limits: &DecodeLimits,
     side: u32,
 ) -> Result<RgbImage, VisionError> {
-    let side = side.max(1);
-    decode::open(bytes, limits)?.decode_upright((side, side))
+    Decoded::new(bytes, *limits).square(side)
 }
 
 /// Decodes upright, cuts out `crop` = `[x0, y0, x1, y1]` (fractions of the displayed width and
@@ -220,25 +219,53 @@ pub fn decode_crop_square(
     side: u32,
     crop: [f32; 4],
 ) -> Result<RgbImage, VisionError> {
-    let side = side.max(1);
-    let source = decode::open(bytes, limits)?;
-    let probe = source.probe();
-    let (w, h) = (probe.width.max(1), probe.height.max(1));
-    let c = clamp_box(crop);
-    let (cw, ch) = (f64::from(c[2] - c[0]), f64::from(c[3] - c[1]));
-    let scale = (f64::from(side) / (cw * f64::from(w))).max(f64::from(side) / (ch * f64::from(h))).min(1.0);
-    let target = (
-        ((f64::from(w) * scale).round() as u32).clamp(1, w),
-        ((f64::from(h) * scale).round() as u32).clamp(1, h),
-    );
-    let rgb = source.decode_upright(target)?;
-    let (tw, th) = rgb.dimensions();
-    let x0 = ((c[0] * tw as f32).floor() as u32).min(tw - 1);
-    let y0 = ((c[1] * th as f32).floor() as u32).min(th - 1);
-    let x1 = ((c[2] * tw as f32).ceil() as u32).clamp(x0 + 1, tw);
-    let y1 = ((c[3] * th as f32).ceil() as u32).clamp(y0 + 1, th);
-    let cut = image::imageops::crop_imm(&rgb, x0, y0, x1 - x0, y1 - y0).to_image();
-    Ok(image::imageops::resize(&cut, side, side, image::imageops::FilterType::Triangle))
+    Decoded::new(bytes, *limits).crop_square(side, crop)
+}
+
+/// One photo asked for at several sizes (an upload: the detector's view of the whole photo,
+/// then the crop of its subject), with the results of [`decode_square`] and
+/// [`decode_crop_square`]: a PNG, TIFF, WebP, GIF or BMP is decoded once and kept at full size
+/// for the next ask; a JPEG is decoded at the scale each ask needs (the whole photo for a
+/// detector costs an eighth-scale decode).
+pub struct Decoded<B: AsRef<[u8]>> {
+    bytes: B,
+    limits: DecodeLimits,
+    full: Option<decode::Raster>,
+}
+
+impl<B: AsRef<[u8]>> Decoded<B> {
+    pub fn new(bytes: B, limits: DecodeLimits) -> Self {
+        Decoded { bytes, limits, full: None }
+    }
+
+    /// As [`decode_square`].
+    pub fn square(&mut self, side: u32) -> Result<RgbImage, VisionError> {
+        let side = side.max(1);
+        decode::open(self.bytes.as_ref(), &self.limits)?.decode_upright_keeping((side, side), &mut self.full)
+    }
+
+    /// As [`decode_crop_square`].
+    pub fn crop_square(&mut self, side: u32, crop: [f32; 4]) -> Result<RgbImage, VisionError> {
+        let side = side.max(1);
+        let source = decode::open(self.bytes.as_ref(), &self.limits)?;
+        let probe = source.probe();
+        let (w, h) = (probe.width.max(1), probe.height.max(1));
+        let c = clamp_box(crop);
+        let (cw, ch) = (f64::from(c[2] - c[0]), f64::from(c[3] - c[1]));
+        let scale = (f64::from(side) / (cw * f64::from(w))).max(f64::from(side) / (ch * f64::from(h))).min(1.0);
+        let target = (
+            ((f64::from(w) * scale).round() as u32).clamp(1, w),
+            ((f64::from(h) * scale).round() as u32).clamp(1, h),
+        );
+        let rgb = source.decode_upright_keeping(target, &mut self.full)?;
+        let (tw, th) = rgb.dimensions();
+        let x0 = ((c[0] * tw as f32).floor() as u32).min(tw - 1);
+        let y0 = ((c[1] * th as f32).floor() as u32).min(th - 1);
+        let x1 = ((c[2] * tw as f32).ceil() as u32).clamp(x0 + 1, tw);
+        let y1 = ((c[3] * th as f32).ceil() as u32).clamp(y0 + 1, th);
+        let cut = image::imageops::crop_imm(&rgb, x0, y0, x1 - x0, y1 - y0).to_image();
+        Ok(image::imageops::resize(&cut, side, side, image::imageops::FilterType::Triangle))
+    }
 }
 
 /// `[x0, y0, x1, y1]` inside the unit square with at least 1 % of it each way.

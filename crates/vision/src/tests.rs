@@ -621,6 +621,23 @@ fn crop_square_cuts_the_box_out_of_the_displayed_frame() {
 }
 
 #[test]
+fn a_photo_decoded_once_answers_as_the_separate_decodes_do() {
+    // The upload path: the detector's square of the whole photo, then the crop of its subject,
+    // from one decode of a PNG (kept at full size) and from scaled decodes of a JPEG.
+    let img = scene(900, 400, 5);
+    for (what, bytes) in [("png", png(&img)), ("jpeg", jpeg(&img)), ("tiff", tiff(&img))] {
+        let b = [0.2, 0.1, 0.7, 0.8];
+        let mut once = Decoded::new(&bytes, limits());
+        assert_eq!(once.square(48).unwrap(), decode_square(&bytes, &limits(), 48).unwrap(), "{what}");
+        assert_eq!(once.crop_square(32, b).unwrap(), decode_crop_square(&bytes, &limits(), 32, b).unwrap(), "{what}");
+        assert_eq!(once.square(900).unwrap(), decode_square(&bytes, &limits(), 900).unwrap(), "{what}: at full size too");
+    }
+    // Over the limit before anything is decoded.
+    let small = DecodeLimits { max_pixels: 1000 };
+    assert!(matches!(Decoded::new(&png(&img), small).square(8), Err(VisionError::TooManyPixels { .. })));
+}
+
+#[test]
 fn boxes_are_clamped_and_expanded() {
     assert_eq!(clamp_box([-0.2, 0.1, 1.4, 0.9]), [0.0, 0.1, 1.0, 0.9]);
     assert_eq!(clamp_box([0.8, 0.9, 0.2, 0.1]), [0.2, 0.1, 0.8, 0.9]);
