@@ -3,9 +3,10 @@
 //!     cargo bench --profile release --bench serve -- --lake file://$PWD/data/lake \
 //!         [--table embeddings] [--concurrency 16] [--requests 4000] [--uploads 200]
 //!
-//! Serves the lake's embeddings table exactly as `pipeline serve` does (same router, same
-//! model worker), then drives it from a bounded number of keep-alive connections, each sending
-//! its next request when the last answer arrived:
+//! Serves the lake's embeddings table exactly as `pipeline serve` does (same router and limits,
+//! same model worker), then drives it with reqwest from a bounded number of keep-alive
+//! connections, each sending its next request when the last answer arrived (uploads at once:
+//! `--concurrency`, so none is shed):
 //! * `GET /similar/{id}?k=20` over photos of the table, one connection and then `--concurrency`;
 //! * `POST /similar?k=20` with photos of the lake as the body (decode → detect and crop when the
 //!   model was trained on crops → embed → search), one connection and then `--concurrency`,
@@ -22,49 +23,25 @@ use arrow::array::{Array, StringArray};
 use futures::TryStreamExt;
 use pipeline::answer::{self, Service};
 use pipeline::lake::{Catalog, Lake};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-/// One keep-alive HTTP/1.1 connection.
-struct Conn(BufReader<TcpStream>);
+/// One keep-alive connection of the HTTP client (reqwest).
+struct Conn(reqwest::Client, SocketAddr);
 
 impl Conn {
     async fn open(addr: SocketAddr) -> Conn {
-        let s = TcpStream::connect(addr).await.expect("connect");
-        s.set_nodelay(true).expect("nodelay");
-        Conn(BufReader::new(s))
+        Conn(reqwest::Client::builder().pool_max_idle_per_host(1).tcp_nodelay(true).build().expect("client"), addr)
     }
 
     /// Sends one request and reads the whole answer: (status, body length).
     async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, usize) {
-        let head = format!("{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n", body.len());
-        let s = self.0.get_mut();
-        s.write_all(head.as_bytes()).await.expect("write head");
-        s.write_all(body).await.expect("write body");
-        let mut line = String::new();
-        self.0.read_line(&mut line).await.expect("status line");
-        let status: u16 = line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad status line {line:?}"));
-        let mut length = None;
-        loop {
-            line.clear();
-            self.0.read_line(&mut line).await.expect("header");
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                length = v.trim().parse::<usize>().ok();
-            }
-        }
-        let n = length.unwrap_or_else(|| panic!("{method} {path}: answer without content-length"));
-        let mut buf = vec![0u8; n];
-        self.0.read_exact(&mut buf).await.expect("body");
+        let r = self.0.request(method.parse().expect("method"), format!("http://{}{path}", self.1)).body(body.to_vec()).send().await;
+        let r = r.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = r.status().as_u16();
+        let n = r.bytes().await.map(|b| b.len()).unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         (status, n)
     }
 }
@@ -159,7 +136,7 @@ async fn main() {
     drop(ds);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, Default::default())).await });
+    let server = tokio::spawn(async move { axum::serve(listener, pipeline::serve::router(service, pipeline::serve::Limits { uploads: concurrency.max(1), ..Default::default() })).await });
     println!(
         "{uri} table {table}: {} photos, model {model}; uploads are {} photos of the lake, {mean_kb:.0} KiB on average; {} threads",
         photos.len(),

@@ -175,7 +175,9 @@ async fn a_misbehaving_store_loses_no_photo_and_what_stays_broken_is_retried_nex
     for fault in FAULTS {
         assert!(injected.get(&fault).copied().unwrap_or(0) > 0, "no {fault:?} was injected: {injected:?}");
     }
-    assert!(proxy.broken_hits.load(Ordering::SeqCst) >= 2, "the broken photo was tried more than once");
+    // Ingest's 4 fetches, each a request and `retries = 3` retries of it: the setting reached
+    // the photos' store.
+    assert_eq!(proxy.broken_hits.load(Ordering::SeqCst), 16, "4 fetches × (1 + 3 retries) of the broken photo");
 
     let lake = Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap());
     let readable = f.truth.values().filter(|(_, e)| e != "reject").count() as i64;
@@ -187,6 +189,11 @@ async fn a_misbehaving_store_loses_no_photo_and_what_stays_broken_is_retried_nex
     assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 1, "only the broken photo is a retryable reject");
     let uri = b[0].column(0).as_string::<i32>().value(0).to_string();
     assert!(uri.ends_with(&broken_photo), "{uri}");
+    println!(
+        "faults injected: {injected:?}; the broken photo asked for {} times; photos in: {} of {readable} (1 retryable reject, 0 lost)",
+        proxy.broken_hits.load(Ordering::SeqCst),
+        readable - 1
+    );
 
     // The store heals: the next run ingests the photo, and only it.
     *proxy.broken.lock().unwrap() = None;
@@ -195,5 +202,6 @@ async fn a_misbehaving_store_loses_no_photo_and_what_stays_broken_is_retried_nex
     assert_eq!(count(&lake, "SELECT count(*) FROM images").await, readable);
     assert_eq!(count(&lake, "SELECT count(*) FROM rejects").await, rejects);
     assert_eq!(count(&lake, "SELECT count(*) FROM rejects WHERE reason = 'fetch_error'").await, 0);
+    println!("after the store healed: photos in: {readable} of {readable}");
     served.abort();
 }

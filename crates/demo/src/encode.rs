@@ -81,6 +81,28 @@ fn jpeg(data: &[u8], w: usize, h: usize, quality: u8, color: ColorType, app1: Op
     Ok(out)
 }
 
+/// A phone's motion photo: the JPEG, then (after its end marker) the video the phone appends,
+/// here an MP4 `ftyp` box and filler, as Google's and Samsung's cameras write them.
+pub(crate) fn jpeg_motion_photo(rgb: &[u8], w: usize, h: usize, quality: u8, video_bytes: usize) -> Result<Vec<u8>> {
+    let mut out = jpeg_rgb(rgb, w, h, quality)?;
+    let mut video = Vec::with_capacity(video_bytes.max(32));
+    video.extend_from_slice(&24u32.to_be_bytes());
+    video.extend_from_slice(b"ftypmp42\0\0\0\0mp42isom");
+    video.extend_from_slice(&((video_bytes.max(32) - 24) as u32).to_be_bytes());
+    video.extend_from_slice(b"mdat");
+    // Bytes that look like JPEG markers, as compressed video does.
+    video.extend((0..video_bytes.max(32) - 32).map(|i| if i % 97 == 0 { 0xFF } else { (i * 31 % 251) as u8 }));
+    out.extend_from_slice(&video);
+    Ok(out)
+}
+
+/// Lossless WebP (the encoder the `image` crate has).
+pub(crate) fn webp(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    image::codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(rgb, w as u32, h as u32, image::ExtendedColorType::Rgb8)?;
+    Ok(out)
+}
+
 pub(crate) fn png8(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     image::codecs::png::PngEncoder::new(&mut out).write_image(

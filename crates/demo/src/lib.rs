@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail, ensure};
 use rand::Rng;
 
 use noise::{DOMAIN_PHOTO, Textures, rng_for, uni};
-use plan::{Defect, Dup, Plan, Shot};
+use plan::{Defect, Dup, Expected, Plan, Shot};
 use scene::{Exposure, Renderer, Request};
 
 pub struct DemoOptions {
@@ -198,6 +198,8 @@ fn render_shot(ctx: &Ctx, shot: &Shot, sprite: Option<&fluke::Sprite>, renderer:
         Defect::Cmyk => encode::jpeg_cmyk(photo.rgb8, w, h, quality)?,
         Defect::Grayscale => encode::jpeg_gray(photo.rgb8, w, h, quality)?,
         Defect::ExifRotated => encode::jpeg_exif_rotated(photo.rgb8, w, h, quality)?,
+        Defect::MotionPhoto => encode::jpeg_motion_photo(photo.rgb8, w, h, quality, 64 * 1024)?,
+        Defect::Webp => encode::webp(photo.rgb8, w, h)?,
         Defect::Corrupt => {
             encode::corrupt_jpeg(encode::jpeg_rgb(photo.rgb8, w, h, quality)?, &mut || rng.random::<u8>())?
         }
@@ -269,6 +271,12 @@ fn write_tables(out: &Path, plan: &Plan, boxes: &[BoxRow]) -> Result<(usize, usi
     }
     truth.sort();
     labels.sort();
+    // A survey's spreadsheet lists one photo twice (same individual): a repeated row, which
+    // ingest counts and keeps once.
+    if let Some(row) = labels.iter().find(|r| plan.shots.iter().any(|s| s.defect.expected() == Expected::Keep && s.file_name() == r[0])).cloned() {
+        labels.push(row);
+        labels.sort();
+    }
 
     let mut w = csv::Writer::from_path(out.join("ground_truth.csv"))?;
     w.write_record(["photo", "defect", "expected", "individual_id"])?;
@@ -321,6 +329,10 @@ fn readme(opts: &DemoOptions, plan: &Plan, photos: usize, defects: usize) -> Str
                 "clean photo stored rotated 90° counter-clockwise with EXIF Orientation = 6 (displays upright)"
             }
             Defect::Grayscale => "clean photo as 1-channel greyscale JPEG",
+            Defect::MotionPhoto => {
+                "clean photo as a phone's motion photo: the JPEG, then 64 KiB of video (an MP4 box) after its end marker"
+            }
+            Defect::Webp => "clean photo as lossless WebP, `.webp`",
             Defect::None => "",
         };
         kinds.push_str(&format!("| `{}` | {} | {} |\n", d.name(), d.expected().name(), what));
@@ -459,6 +471,9 @@ mod tests {
 
     fn labels_boxes_and_ground_truth_agree(lake: &Path) {
         let t = truth(lake);
+        let rows = read_csv(&lake.join("labels.csv"));
+        let distinct: BTreeSet<&Vec<String>> = rows.iter().collect();
+        assert_eq!(rows.len(), distinct.len() + 1, "labels.csv repeats exactly one row");
         let labels: BTreeMap<String, String> =
             read_csv(&lake.join("labels.csv")).into_iter().map(|r| (r[0].clone(), r[1].clone())).collect();
         let boxes = boxes(lake);

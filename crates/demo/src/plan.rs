@@ -31,6 +31,8 @@ pub(crate) enum Defect {
     Cmyk,
     ExifRotated,
     Grayscale,
+    MotionPhoto,
+    Webp,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -52,7 +54,7 @@ impl Expected {
 
 impl Defect {
     /// Every planted kind (all but `None`), in the order the README lists them.
-    pub(crate) const PLANTED: [Defect; 18] = [
+    pub(crate) const PLANTED: [Defect; 20] = [
         Defect::Tiny,
         Defect::Blurred,
         Defect::Overexposed,
@@ -71,6 +73,8 @@ impl Defect {
         Defect::Cmyk,
         Defect::ExifRotated,
         Defect::Grayscale,
+        Defect::MotionPhoto,
+        Defect::Webp,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -94,12 +98,21 @@ impl Defect {
             Defect::Cmyk => "cmyk",
             Defect::ExifRotated => "exif_rotated",
             Defect::Grayscale => "grayscale",
+            Defect::MotionPhoto => "motion_photo",
+            Defect::Webp => "webp",
         }
     }
 
     pub(crate) fn expected(self) -> Expected {
         match self {
-            Defect::None | Defect::Png | Defect::Png16 | Defect::Cmyk | Defect::ExifRotated | Defect::Grayscale => {
+            Defect::None
+            | Defect::Png
+            | Defect::Png16
+            | Defect::Cmyk
+            | Defect::ExifRotated
+            | Defect::Grayscale
+            | Defect::MotionPhoto
+            | Defect::Webp => {
                 Expected::Keep
             }
             Defect::Corrupt | Defect::Truncated | Defect::Empty | Defect::NotAnImage => Expected::Reject,
@@ -110,6 +123,7 @@ impl Defect {
     fn extension(self) -> &'static str {
         match self {
             Defect::Png | Defect::Png16 => "png",
+            Defect::Webp => "webp",
             _ => "jpg",
         }
     }
@@ -193,7 +207,7 @@ pub(crate) fn build(opts: &DemoOptions) -> Result<Plan> {
     // Defect counts scale with the lake: 2 of each at the default 24 × 8, 1 for tiny test lakes.
     let k = (clean / 80).max(1);
     let exif = if k >= 2 { 2 } else { 1 };
-    let needed = 4 + exif + 2 * k;
+    let needed = 6 + exif + 2 * k;
     ensure!(
         clean >= needed,
         "individuals × photos_per = {clean} is too small to host the format variants and duplicates ({needed} clean photos needed)"
@@ -220,7 +234,7 @@ pub(crate) fn build(opts: &DemoOptions) -> Result<Plan> {
     order.shuffle(&mut rng);
     let mut pick = order.into_iter();
     let mut roles: Vec<(Defect, Option<Dup>)> =
-        vec![(Defect::Png, None), (Defect::Png16, None), (Defect::Cmyk, None), (Defect::Grayscale, None)];
+        vec![(Defect::Png, None), (Defect::Png16, None), (Defect::Cmyk, None), (Defect::Grayscale, None), (Defect::MotionPhoto, None), (Defect::Webp, None)];
     roles.extend(std::iter::repeat_n((Defect::ExifRotated, None), exif));
     roles.extend(std::iter::repeat_n((Defect::None, Some(Dup::Copy)), k));
     roles.extend((0..k).map(|j| (Defect::None, Some(if j % 2 == 0 { Dup::Requality } else { Dup::Resize }))));

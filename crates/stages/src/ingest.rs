@@ -125,13 +125,17 @@ impl IngestConfig {
         (ok && !cfg.source.is_empty()).then_some(cfg)
     }
 
-    fn options(&self) -> HashMap<String, String> {
-        self.storage_options.clone().into_iter().collect()
+    /// The pipeline's storage options (`[pipeline] storage_options` and `[pipeline.storage]`:
+    /// retries, timeouts, endpoints) overridden by this stage's own `storage_options`.
+    fn options(&self, ctx: &StageCtx) -> HashMap<String, String> {
+        let mut o = ctx.lake.options().clone();
+        o.extend(self.storage_options.clone());
+        o
     }
 
     /// Lists the source and fingerprints the listing and the labels file.
     pub async fn prepare(&self, ctx: &StageCtx) -> Result<Prepared> {
-        let (store, prefix) = store::open(&self.source, &self.options())?;
+        let (store, prefix) = store::open(&self.source, &self.options(ctx))?;
         let include = globs(&self.include).map_err(Error::Other)?;
         let all: Vec<ObjectMeta> =
             store.list(Some(&prefix)).map_err(|e| Error::ObjectStore { uri: self.source.clone(), source: e }).try_collect().await?;
@@ -165,7 +169,7 @@ impl IngestConfig {
         }
         // The labels file by its content.
         if let Some(l) = &self.labels {
-            let (lstore, lpath) = store::open(l, &self.options())?;
+            let (lstore, lpath) = store::open(l, &self.options(ctx))?;
             let err = |e: object_store::Error| Error::Labels { uri: l.clone(), detail: e.to_string() };
             let bytes = lstore.get(&lpath).await.map_err(err)?.bytes().await.map_err(err)?;
             h.update(b"labels");
@@ -184,7 +188,7 @@ impl IngestConfig {
             prepared.take::<Listing>().ok_or_else(|| Error::Other("ingest ran without its listing".into()))?;
         let (labels, labels_note) = match &self.labels {
             Some(l) => {
-                let rows = load_labels(l, &self.options(), &self.labels_photo_column, &self.labels_id_column).await?;
+                let rows = load_labels(l, &self.options(ctx), &self.labels_photo_column, &self.labels_id_column).await?;
                 let rels: Vec<String> = objects.iter().map(|m| relative(&prefix, &m.location)).collect();
                 let (labels, note) = rows.resolve(l, rels.iter().map(String::as_str))?;
                 (Some(labels), note)
