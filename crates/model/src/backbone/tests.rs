@@ -116,6 +116,16 @@ fn efficientnet_lite0_matches_reference_package() {
     check_against_python(Arch::EfficientnetLite0);
 }
 
+#[test]
+fn efficientnet_lite1_matches_reference_package() {
+    check_against_python(Arch::EfficientnetLite1);
+}
+
+#[test]
+fn efficientnet_lite2_matches_reference_package() {
+    check_against_python(Arch::EfficientnetLite2);
+}
+
 /// bf16 is meant for speed on hardware that has it. It must run end to end (no f32 named
 /// anywhere), give what PyTorch gives in bf16, and stay near f32. On these random weights bf16
 /// itself is far from f32 (PyTorch: relative L2 0.23 for mobilenet_v2, 0.19 for
@@ -218,6 +228,9 @@ fn variable_names_are_the_originals() {
             "_blocks.15._project_conv.weight",
             245,
         ),
+        // 21 blocks: the inner stages' repeats scaled by 1.1 (Lite1) and 1.2 (Lite2) round up alike.
+        (Arch::EfficientnetLite1, "_blocks.20._project_conv.weight", 320),
+        (Arch::EfficientnetLite2, "_blocks.20._project_conv.weight", 320),
     ];
     for (arch, name, count) in cases {
         let vs = nn::VarStore::new(Device::Cpu);
