@@ -141,21 +141,23 @@ async fn the_api_under_abuse_sheds_uploads_keeps_answering_lookups_and_holds_its
             (r.status().as_u16(), t.elapsed())
         }));
     }
-    let (mut ok, mut shed) = (0, 0);
-    for (i, u) in uploads.into_iter().enumerate() {
+    let (mut ok, mut shed, mut said_503) = (0, 0, 0);
+    for u in uploads {
         let (status, retry, text) = u.await.unwrap();
         match status {
             200 | 400 | 413 => ok += 1,
-            // Only a large body can still be in flight when the server answers.
-            0 if i % 4 == 3 => shed += 1,
+            // Refused while its body was still being sent (the connection closed under it).
+            0 => shed += 1,
             503 => {
                 assert_eq!(retry.as_deref(), Some("1"), "{text}");
                 shed += 1;
+                said_503 += 1;
             }
             other => panic!("upload answered {other}: {text}"),
         }
     }
-    assert!(ok >= 1 && shed >= 1, "{ok} answered, {shed} shed");
+    // The bombs' bodies are a few dozen bytes: those shed are always answered with the 503.
+    assert!(ok >= 1 && said_503 >= 1, "{ok} answered, {shed} shed, {said_503} of them with 503");
     let mut times = Vec::new();
     for l in lookups {
         let (status, took) = l.await.unwrap();
