@@ -19,7 +19,7 @@ use pipeline::dag::{self, RunOptions, ledger::Status};
 use pipeline::lake::{Catalog, Lake};
 
 use crate::common;
-use crate::s3::{create_bucket, moto, upload_demo};
+use crate::s3::{create_bucket, moto, set_env, test_keys, upload_demo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Fault {
@@ -146,18 +146,9 @@ async fn a_misbehaving_store_loses_no_photo_and_what_stays_broken_is_retried_nex
     let app = axum::Router::new().fallback(forward).with_state(proxy.clone());
     let served = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let endpoint = format!("http://{addr}");
-    for (k, v) in [
-        ("AWS_ENDPOINT", endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ] {
-        // SAFETY: set before any other thread of this process reads the environment.
-        unsafe { std::env::set_var(k, v) };
-    }
+    // Every request of the run goes through the proxy.
+    set_env(&test_keys(&format!("http://{addr}")));
+    set_env(&[("AWS_EC2_METADATA_DISABLED", "true")]);
     // Photos and labels behind the proxy; the lake on local disk. A request that takes over a
     // second is given up and tried again (the slow responses take 2.5 s).
     let text = std::fs::read_to_string(&f.pipeline)

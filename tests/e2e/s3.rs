@@ -45,6 +45,27 @@ pub(crate) fn moto() -> (Server, u16) {
     (server, port)
 }
 
+/// Sets `vars` in this test's environment. SAFETY of each `set_var`: called before any other
+/// thread of the test process reads the environment (nextest runs each test in its own process).
+pub(crate) fn set_env(vars: &[(&str, &str)]) {
+    for (k, v) in vars {
+        // SAFETY: see above.
+        unsafe { std::env::set_var(k, v) };
+    }
+}
+
+/// The S3 server at `endpoint` and the test keys, given as a user gives them: the AWS_*
+/// environment, which both the ingest's object store and Lance read.
+pub(crate) fn test_keys(endpoint: &str) -> [(&'static str, &str); 5] {
+    [
+        ("AWS_ENDPOINT", endpoint),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ALLOW_HTTP", "true"),
+    ]
+}
+
 /// Creates a bucket with an unsigned PUT (object_store has no bucket API; moto needs no signature).
 pub(crate) async fn create_bucket(port: u16, bucket: &str) {
     let r = reqwest::Client::new().put(format!("http://127.0.0.1:{port}/{bucket}")).send().await.unwrap();
@@ -74,7 +95,7 @@ async fn an_aws_profile_is_enough_for_the_photos_and_the_lake() {
     std::fs::write(aws.join("credentials"), "[survey]\naws_access_key_id = profilekey\naws_secret_access_key = profilesecret\n").unwrap();
     std::fs::write(aws.join("config"), "[profile survey]\nregion = us-east-1\n").unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
-    for (k, v) in [
+    set_env(&[
         ("AWS_ENDPOINT", endpoint.as_str()),
         ("AWS_ALLOW_HTTP", "true"),
         ("AWS_REGION", "us-east-1"),
@@ -83,12 +104,9 @@ async fn an_aws_profile_is_enough_for_the_photos_and_the_lake() {
         ("AWS_CONFIG_FILE", aws.join("config").to_str().unwrap()),
         // Nothing may reach for an instance role outside loopback.
         ("AWS_EC2_METADATA_DISABLED", "true"),
-    ] {
-        // SAFETY: set before any other thread of this process reads the environment.
-        unsafe { std::env::set_var(k, v) };
-    }
+    ]);
     for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"] {
-        // SAFETY: as above.
+        // SAFETY: as in set_env.
         unsafe { std::env::remove_var(k) };
     }
     let s3 = AmazonS3Builder::from_env().with_bucket_name("profiled").with_access_key_id("x").with_secret_access_key("y").build().unwrap();
@@ -113,19 +131,7 @@ async fn an_aws_profile_is_enough_for_the_photos_and_the_lake() {
 async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
     let (_server, port) = moto();
     create_bucket(port, "survey").await;
-    // Credentials and endpoint the way a user would give them: the AWS_* environment, which
-    // both the ingest's object store and Lance read. This test binary holds only this test.
-    let endpoint = format!("http://127.0.0.1:{port}");
-    for (k, v) in [
-        ("AWS_ENDPOINT", endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ALLOW_HTTP", "true"),
-    ] {
-        // SAFETY: set before any other thread of this process reads the environment.
-        unsafe { std::env::set_var(k, v) };
-    }
+    set_env(&test_keys(&format!("http://127.0.0.1:{port}")));
     let f = common::demo(3, 3, 21);
     let s3 = AmazonS3Builder::from_env().with_bucket_name("survey").build().unwrap();
     upload_demo(&s3, &f).await;
