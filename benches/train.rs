@@ -40,7 +40,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn rust_round(a: &Args) -> (f64, f64) {
+/// (training img/s, embedding img/s unfolded, embedding img/s with the BatchNorms folded as
+/// the embed stage runs it).
+fn rust_round(a: &Args) -> (f64, f64, f64) {
     let device = if a.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
     tch::manual_seed(0);
     let spec = NetSpec {
@@ -88,17 +90,23 @@ fn rust_round(a: &Args) -> (f64, f64) {
     }
     let train = a.batch as f64 / median(times);
     let xe = Tensor::rand([64, 3, a.size, a.size], (Kind::Float, device));
-    let embed = |_: ()| if a.bf16 && device.is_cuda() { tch::autocast(true, || net.embed(&xe, false)) } else { net.embed(&xe, false) };
-    let _ = embed(());
-    sync();
-    let mut et = Vec::new();
-    for _ in 0..(a.steps / 2).max(2) {
-        let t = Instant::now();
-        let _ = embed(());
+    let embed = |net: &Net| if a.bf16 && device.is_cuda() { tch::autocast(true, || net.embed(&xe, false)) } else { net.embed(&xe, false) };
+    let time = |net: &Net| {
+        let _ = embed(net);
         sync();
-        et.push(t.elapsed().as_secs_f64());
-    }
-    (train, 64.0 / median(et))
+        let mut et = Vec::new();
+        for _ in 0..(a.steps / 2).max(2) {
+            let t = Instant::now();
+            let _ = embed(net);
+            sync();
+            et.push(t.elapsed().as_secs_f64());
+        }
+        64.0 / median(et)
+    };
+    let plain = time(&net);
+    assert!(net.fold_batchnorm(), "mobilenet_v2 folds");
+    let folded = time(&net);
+    (train, plain, folded)
 }
 
 fn python() -> String {
@@ -150,17 +158,23 @@ fn main() {
         if a.channels_last { " channels-last" } else { " NCHW" },
         a.steps
     );
-    let (mut rt, mut re, mut pt, mut pe) = (vec![], vec![], vec![], vec![]);
+    let (mut rt, mut re, mut ru, mut pt, mut pe) = (vec![], vec![], vec![], vec![], vec![]);
     for r in 0..rounds {
-        let (t, e) = rust_round(&a);
-        println!("round {r}: rust    train {t:7.2} img/s  embed {e:7.2} img/s");
+        let (t, u, e) = rust_round(&a);
+        println!("round {r}: rust    train {t:7.2} img/s  embed {e:7.2} img/s (BatchNorm folded; {u:.2} unfolded)");
         rt.push(t);
         re.push(e);
+        ru.push(u);
         let (t, e) = peer_round(&a);
         println!("round {r}: pytorch train {t:7.2} img/s  embed {e:7.2} img/s");
         pt.push(t);
         pe.push(e);
     }
-    let (rt, re, pt, pe) = (median(rt), median(re), median(pt), median(pe));
-    println!("median: train rust {rt:.2} vs pytorch {pt:.2} img/s = {:.2}x; embed rust {re:.2} vs pytorch {pe:.2} img/s = {:.2}x", rt / pt, re / pe);
+    let (rt, re, ru, pt, pe) = (median(rt), median(re), median(ru), median(pt), median(pe));
+    println!(
+        "median: train rust {rt:.2} vs pytorch {pt:.2} img/s = {:.2}x; embed rust {re:.2} (folded) vs pytorch {pe:.2} img/s = {:.2}x; unfolded {ru:.2} = {:.2}x",
+        rt / pt,
+        re / pe,
+        ru / pe
+    );
 }

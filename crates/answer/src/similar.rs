@@ -69,6 +69,7 @@ impl Embedder {
         })?;
         let mut net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
         net.use_channels_last();
+        net.fold_batchnorm();
         let (detector, det_dir) = match &spec.crop {
             Some(c) => {
                 let ddir = model_dir(lake, &c.detector).await?;

@@ -142,6 +142,13 @@ impl Net {
         self.channels_last = true;
     }
 
+    /// Folds the backbone's BatchNorms into its convolutions for evaluation-mode passes
+    /// ([`Backbone::fold_batchnorm`]): for a net loaded to embed, never to train again. After
+    /// [`Net::use_channels_last`], so the folded weights keep that order.
+    pub fn fold_batchnorm(&self) -> bool {
+        self.backbone.fold_batchnorm()
+    }
+
     pub fn is_channels_last(&self) -> bool {
         self.channels_last
     }

@@ -122,6 +122,7 @@ impl EmbedStage {
         if self.channels_last {
             net.use_channels_last();
         }
+        net.fold_batchnorm();
         let loader = Arc::new(Loader::new(spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
         if !ctx.is_streamed(&self.table) {
             if let Some(ds) = ctx.lake.open(&self.table).await? {

@@ -142,6 +142,18 @@ impl EfficientNet {
         EfficientNet { stem, blocks, head }
     }
 
+    pub(super) fn fold(&self) {
+        self.stem.fold();
+        for b in &self.blocks {
+            if let Some(e) = &b.expand {
+                e.fold();
+            }
+            b.depthwise.fold();
+            b.project.fold();
+        }
+        self.head.fold();
+    }
+
     pub(super) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut x = silu_(self.stem.forward(x, train));
         for block in &self.blocks {

@@ -18,7 +18,7 @@
 
 use tch::{Tensor, nn};
 
-use super::{KAIMING_FAN_OUT, batch_norm, conv, drop_path, relu6_};
+use super::{Folded, KAIMING_FAN_OUT, batch_norm, conv, drop_path, relu6_};
 
 const EPS: f64 = 1e-3;
 const MOMENTUM: f64 = 0.01;
@@ -43,6 +43,7 @@ struct SameConvBn {
     k: i64,
     stride: i64,
     groups: i64,
+    folded: Folded,
 }
 
 impl SameConvBn {
@@ -63,7 +64,12 @@ impl SameConvBn {
             k,
             stride,
             groups,
+            folded: Folded::default(),
         }
+    }
+
+    fn fold(&self) {
+        self.folded.fold(&self.conv, &self.bn, EPS);
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
@@ -71,28 +77,18 @@ impl SameConvBn {
         let (s, k) = (self.stride, self.k);
         let total_pad = |i: i64| ((i + s - 1) / s - 1) * s + k - i;
         let (ph, pw) = (total_pad(size[2]).max(0), total_pad(size[3]).max(0));
+        // Folded for inference: the BatchNorm is the conv's weight and bias.
+        let (w, b) = match self.folded.get().filter(|_| !train) {
+            Some((w, b)) => (w, Some(b)),
+            None => (&self.conv.ws, None),
+        };
         let y = if ph % 2 == 0 && pw % 2 == 0 {
             // Symmetric: the conv pads by itself, without a padded copy of the input.
-            x.conv2d(
-                &self.conv.ws,
-                None::<Tensor>,
-                [s, s],
-                [ph / 2, pw / 2],
-                [1, 1],
-                self.groups,
-            )
+            x.conv2d(w, b, [s, s], [ph / 2, pw / 2], [1, 1], self.groups)
         } else {
-            x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2])
-                .conv2d(
-                    &self.conv.ws,
-                    None::<Tensor>,
-                    [s, s],
-                    [0, 0],
-                    [1, 1],
-                    self.groups,
-                )
+            x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2]).conv2d(w, b, [s, s], [0, 0], [1, 1], self.groups)
         };
-        y.apply_t(&self.bn, train)
+        if b.is_some() { y } else { y.apply_t(&self.bn, train) }
     }
 }
 
@@ -212,6 +208,18 @@ impl EfficientNetLite {
         }
         let head = SameConvBn::new(p, "_conv_head", "_bn1", stages[last].5, 1280, 1, 1, 1);
         EfficientNetLite { stem, blocks, head }
+    }
+
+    pub(super) fn fold(&self) {
+        self.stem.fold();
+        for b in &self.blocks {
+            if let Some(e) = &b.expand {
+                e.fold();
+            }
+            b.depthwise.fold();
+            b.project.fold();
+        }
+        self.head.fold();
     }
 
     pub(super) fn forward(&self, x: &Tensor, train: bool) -> Tensor {

@@ -25,8 +25,7 @@ const SETTINGS: [(i64, i64, i64, i64); 7] = [
 struct InvertedResidual {
     expand: Option<ConvBn>,
     depthwise: ConvBn,
-    project: nn::Conv2D,
-    project_bn: nn::BatchNorm,
+    project: ConvBn,
     residual: bool,
 }
 
@@ -41,8 +40,14 @@ impl InvertedResidual {
         InvertedResidual {
             expand,
             depthwise: ConvBn::new(&(&p / i), hidden, hidden, 3, stride, hidden, EPS, MOMENTUM),
-            project: conv(&p / (i + 1), hidden, cout, 1, 1, 1, KAIMING_FAN_OUT),
-            project_bn: batch_norm(&p / (i + 2), cout, EPS, MOMENTUM),
+            project: ConvBn::from_parts(
+                conv(&p / (i + 1), hidden, cout, 1, 1, 1, KAIMING_FAN_OUT),
+                batch_norm(&p / (i + 2), cout, EPS, MOMENTUM),
+                1,
+                1,
+                1,
+                EPS,
+            ),
             residual: stride == 1 && cin == cout,
         }
     }
@@ -52,9 +57,7 @@ impl InvertedResidual {
             Some(e) => relu6_(e.forward(x, train)),
             None => x.shallow_clone(),
         };
-        let mut y = relu6_(self.depthwise.forward(&y, train))
-            .apply(&self.project)
-            .apply_t(&self.project_bn, train);
+        let mut y = self.project.forward(&relu6_(self.depthwise.forward(&y, train)), train);
         if self.residual {
             y += x;
         }
@@ -98,6 +101,18 @@ impl MobileNetV2 {
             MOMENTUM,
         );
         MobileNetV2 { stem, blocks, head }
+    }
+
+    pub(super) fn fold(&self) {
+        self.stem.fold();
+        for b in &self.blocks {
+            if let Some(e) = &b.expand {
+                e.fold();
+            }
+            b.depthwise.fold();
+            b.project.fold();
+        }
+        self.head.fold();
     }
 
     pub(super) fn forward(&self, x: &Tensor, train: bool) -> Tensor {

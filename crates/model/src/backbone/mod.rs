@@ -187,6 +187,20 @@ impl Backbone {
         self.arch
     }
 
+    /// Folds each BatchNorm into the conv before it for evaluation-mode passes (see
+    /// [`Folded`]); call once the weights are final (loaded, not to be trained). Returns whether
+    /// this family folds (MobileNetV2, EfficientNet-B0 and the Lite family do; ResNet and
+    /// DenseNet run unfolded).
+    pub fn fold_batchnorm(&self) -> bool {
+        match &self.net {
+            Net::Mobilenet(m) => m.fold(),
+            Net::Efficientnet(m) => m.fold(),
+            Net::EfficientnetLite(m) => m.fold(),
+            Net::Resnet(_) | Net::Densenet(_) => return false,
+        }
+        true
+    }
+
     /// `[N,3,H,W]` → `[N,C,h,w]`, the feature map before global pooling, with
     /// `C = arch.out_channels()` and `h, w` about `H/32, W/32`. In train mode BatchNorm uses
     /// batch statistics (and updates its running ones) and stochastic depth is active.
@@ -380,19 +394,73 @@ fn conv(
 struct ConvBn {
     conv: nn::Conv2D,
     bn: nn::BatchNorm,
+    stride: i64,
+    padding: i64,
+    groups: i64,
+    eps: f64,
+    folded: Folded,
 }
 
 impl ConvBn {
     #[allow(clippy::too_many_arguments)] // the conv's shape plus the family's BN constants
     fn new(p: &nn::Path, cin: i64, cout: i64, k: i64, stride: i64, groups: i64, eps: f64, momentum: f64) -> ConvBn {
-        ConvBn {
-            conv: conv(p / "0", cin, cout, k, stride, groups, KAIMING_FAN_OUT),
-            bn: batch_norm(p / "1", cout, eps, momentum),
-        }
+        ConvBn::from_parts(
+            conv(p / "0", cin, cout, k, stride, groups, KAIMING_FAN_OUT),
+            batch_norm(p / "1", cout, eps, momentum),
+            k,
+            stride,
+            groups,
+            eps,
+        )
+    }
+
+    /// A conv made by [`conv`] (padded by `(k-1)/2`) and the BatchNorm after it, named as the
+    /// caller's family names them.
+    fn from_parts(conv: nn::Conv2D, bn: nn::BatchNorm, k: i64, stride: i64, groups: i64, eps: f64) -> ConvBn {
+        ConvBn { conv, bn, stride, padding: (k - 1) / 2, groups, eps, folded: Folded::default() }
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        x.apply(&self.conv).apply_t(&self.bn, train)
+        match self.folded.get().filter(|_| !train) {
+            Some((w, b)) => x.conv2d(w, Some(b), [self.stride; 2], [self.padding; 2], [1, 1], self.groups),
+            None => x.apply(&self.conv).apply_t(&self.bn, train),
+        }
+    }
+
+    fn fold(&self) {
+        self.folded.fold(&self.conv, &self.bn, self.eps);
+    }
+}
+
+/// A conv and the BatchNorm after it folded into one conv with a bias, for inference: `W·γ/σ`
+/// and `β − μ·γ/σ` with `σ = √(running var + eps)`. PyTorch eager runs the two ops (two passes
+/// over the activation); folded, the BatchNorm costs nothing. Set by
+/// [`Backbone::fold_batchnorm`] once the weights are final; used by evaluation-mode forward
+/// passes only, so a backbone that trains is never folded.
+#[derive(Default)]
+struct Folded(std::cell::OnceCell<(Tensor, Tensor)>);
+
+impl Folded {
+    fn get(&self) -> Option<&(Tensor, Tensor)> {
+        self.0.get()
+    }
+
+    fn fold(&self, conv: &nn::Conv2D, bn: &nn::BatchNorm, eps: f64) {
+        let _g = tch::no_grad_guard();
+        let scale = match &bn.ws {
+            Some(g) => g / (&bn.running_var + eps).sqrt(),
+            None => (&bn.running_var + eps).sqrt().reciprocal(),
+        };
+        // The product keeps the conv weight's memory format (channels-last when converted).
+        let w = &conv.ws * scale.view([-1, 1, 1, 1]);
+        let mut b = -(&bn.running_mean * &scale);
+        if let Some(beta) = &bn.bs {
+            b += beta;
+        }
+        if let Some(cb) = &conv.bs {
+            b += cb * &scale;
+        }
+        let _ = self.0.set((w.detach(), b.detach()));
     }
 }
 

@@ -59,7 +59,12 @@ fn check_against_python(arch: Arch) -> f64 {
     let (_vs, model) = fixture_model(arch);
     let io = read(&fixture_dir().join(format!("{arch}.io.safetensors")));
     let mut worst: f64 = 0.0;
-    for (input, expected) in [("input", "features"), ("input2", "features2")] {
+    // Plain, then with the BatchNorms folded into the convolutions (the families that fold).
+    let folds = [false, true];
+    for (fold, (input, expected)) in folds.iter().flat_map(|&f| [(f, ("input", "features")), (f, ("input2", "features2"))]) {
+        if fold && !model.fold_batchnorm() {
+            break;
+        }
         let y = tch::no_grad(|| model.forward_features(&io[input], false));
         let want = &io[expected];
         assert_eq!(y.size(), want.size(), "{arch} {input}: shape");
@@ -67,13 +72,20 @@ fn check_against_python(arch: Arch) -> f64 {
         let scale = max_abs(want).max(1.0);
         let diff = max_abs(&(&y - want));
         eprintln!(
-            "{arch} {input} {:?}: max |rust - python| = {diff:.3e}, max |python| = {scale:.3e}, relative {:.3e}",
+            "{arch} {input}{} {:?}: max |rust - python| = {diff:.3e}, max |python| = {scale:.3e}, relative {:.3e}",
+            if fold { " (BatchNorm folded)" } else { "" },
             want.size(),
             diff / scale
         );
+        // Folded, the BatchNorm's scale multiplies the weights instead of the conv's output:
+        // the same maths in another float order. With these random weights activations reach
+        // 10³ and EfficientNet-B0's 16 blocks carry that difference to ~3e-4 of the largest
+        // feature (1e-4 or less for the others); 1e-3 still catches a wrong fold (a missed
+        // mean or eps is off by far more).
+        let tolerance = if fold { 1e-3 } else { 1e-4 };
         assert!(
-            diff <= 1e-4 * scale,
-            "{arch} {input}: max diff {diff:e} exceeds 1e-4 × {scale}"
+            diff <= tolerance * scale,
+            "{arch} {input} (folded: {fold}): max diff {diff:e} exceeds {tolerance} × {scale}"
         );
         worst = worst.max(diff / scale);
     }
