@@ -100,7 +100,10 @@ impl Detector {
         let file = arch.imagenet_weights_file().map(|f| dir.join(f)).filter(|p| p.is_file()).ok_or_else(|| {
             NetError::NoImagenet { backbone: arch.name().into(), dir: dir.into(), have: String::new() }
         })?;
-        Ok(load_weights(&self.backbone_vs, "backbone", &file)?)
+        let n = load_weights(&self.backbone_vs, "backbone", &file)?;
+        // Frozen: never trained, so its BatchNorms fold into the convolutions.
+        self.backbone.fold_batchnorm();
+        Ok(n)
     }
 
     /// Frozen feature map of `x01` (`[N,3,S,S]` in 0..1).
@@ -129,6 +132,7 @@ impl Detector {
             .collect();
         load_weights_from(&det.backbone_vs, "backbone", "backbone.", &tensors, file)?;
         load_weights_from(&det.head_vs, "head", "head.", &tensors, file)?;
+        det.backbone.fold_batchnorm();
         Ok(det)
     }
 }
@@ -205,6 +209,140 @@ pub fn decode(out: &Tensor) -> Vec<Detection> {
             Detection { score: best, bbox: vision::clamp_box(bbox) }
         })
         .collect()
+}
+
+/// Boxes nobody drew: where a collection of photos of one kind of subject has it, found by
+/// Deep Descriptor Transforming (Wei et al., "Deep Descriptor Transforming for Image
+/// Co-Localization", IJCAI 2017). The cells of the frozen ImageNet backbone's feature maps of
+/// every photo are centred on their common mean; the first principal direction of those
+/// descriptors separates what the photos share (the subject: flukes in every photo) from what
+/// varies (sea, sky, shore). A cell's projection on it is positive where the subject is; the
+/// photo's box is the extent of its positive region of largest mass, on the map upsampled 4×
+/// (bilinear) for sub-cell edges.
+///
+/// The direction's sign is chosen so that the positive side carries the higher backbone
+/// activation (the subject is what an ImageNet network responds to, not the water). A photo whose
+/// strongest cell projects below `min_peak` of the median photo's strongest has no box (`None`):
+/// nothing of the shared subject is in it.
+#[derive(Debug, Clone)]
+pub struct PseudoBoxes {
+    /// One per photo of the input, in order.
+    pub boxes: Vec<Option<[f32; 4]>>,
+    /// Each photo's strongest projection over the median photo's (≈ 1 for a photo with a subject).
+    pub peaks: Vec<f32>,
+    /// Share of the descriptors' variance along the direction used.
+    pub explained: f64,
+}
+
+/// See [`PseudoBoxes`]. `feats`: `[N,C,G,G]` frozen feature maps of N photos of the collection.
+/// `level`: the region traced is where the projection exceeds this share of the photo's own
+/// peak (0: DDT's positive region, which the backbone's receptive field widens beyond the
+/// subject by about a cell on every side).
+pub fn pseudo_boxes(feats: &Tensor, min_peak: f32, level: f32) -> PseudoBoxes {
+    let _g = tch::no_grad_guard();
+    let f = feats.to_device(Device::Cpu).to_kind(Kind::Double);
+    let size = f.size();
+    let (n, c, gh, gw) = (size[0], size[1], size[2], size[3]);
+    if n == 0 {
+        return PseudoBoxes { boxes: Vec::new(), peaks: Vec::new(), explained: 0.0 };
+    }
+    let x = f.permute([0, 2, 3, 1]).reshape([-1, c]);
+    let m = x.size()[0];
+    let centred = &x - x.mean_dim([0i64].as_slice(), true, None::<Kind>);
+    let cov = centred.tr().matmul(&centred) / m as f64;
+    // First principal direction by power iteration, from a fixed start (deterministic): the
+    // gap to the second eigenvalue of such covariances is wide, 200 steps are plenty.
+    let mut v = Tensor::ones([c, 1], (Kind::Double, Device::Cpu)) / (c as f64).sqrt();
+    for _ in 0..200 {
+        let w = cov.matmul(&v);
+        let norm = w.norm().double_value(&[]);
+        if norm.is_nan() || norm <= 0.0 {
+            break;
+        }
+        v = w / norm;
+    }
+    let lambda = v.tr().matmul(&cov).matmul(&v).double_value(&[0, 0]);
+    let trace = cov.trace().double_value(&[]);
+    let explained = if trace > 0.0 { lambda / trace } else { 0.0 };
+    let mut proj = centred.matmul(&v).view([m]);
+    // Positive where the backbone responds more strongly.
+    let energy = x.sum_dim_intlist([1i64].as_slice(), false, None::<Kind>);
+    let corr = ((&proj - proj.mean(Kind::Double)) * (&energy - energy.mean(Kind::Double))).sum(Kind::Double).double_value(&[]);
+    if corr < 0.0 {
+        proj = -proj;
+    }
+    let p = Vec::<f64>::try_from(proj.contiguous()).unwrap_or_default();
+    let (gh, gw) = (gh as usize, gw as usize);
+    let cells = gh * gw;
+    let raw_peaks: Vec<f64> = (0..n as usize).map(|k| p[k * cells..(k + 1) * cells].iter().copied().fold(f64::MIN, f64::max)).collect();
+    let mut sorted: Vec<f64> = raw_peaks.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2].max(1e-12);
+    let mut boxes = Vec::with_capacity(n as usize);
+    let mut peaks = Vec::with_capacity(n as usize);
+    for k in 0..n as usize {
+        let peak = (raw_peaks[k] / median) as f32;
+        peaks.push(peak);
+        let cut = raw_peaks[k] * f64::from(level.clamp(0.0, 0.99));
+        let shifted: Vec<f64> = p[k * cells..(k + 1) * cells].iter().map(|v| v - cut).collect();
+        boxes.push(if peak < min_peak { None } else { positive_region_box(&shifted, gh, gw, UPSAMPLE) });
+    }
+    PseudoBoxes { boxes, peaks, explained }
+}
+
+/// Upsampling of the projection map before its positive region is traced.
+const UPSAMPLE: usize = 4;
+
+/// The box (fractions of the frame) of the 8-connected region of positive values of largest
+/// mass in `map` (`gh`×`gw`, row-major), traced on the map upsampled `up`× bilinearly (cell
+/// centres at (i + 0.5) / g, as `align_corners = false`). `None` when nothing is positive.
+pub fn positive_region_box(map: &[f64], gh: usize, gw: usize, up: usize) -> Option<[f32; 4]> {
+    let (h, w) = (gh * up, gw * up);
+    let sample = |y: f64, x: f64| {
+        // (y, x) in cell units, centres at i + 0.5; clamped at the borders.
+        let fy = (y - 0.5).clamp(0.0, (gh - 1) as f64);
+        let fx = (x - 0.5).clamp(0.0, (gw - 1) as f64);
+        let (y0, x0) = (fy.floor() as usize, fx.floor() as usize);
+        let (y1, x1) = ((y0 + 1).min(gh - 1), (x0 + 1).min(gw - 1));
+        let (ty, tx) = (fy - y0 as f64, fx - x0 as f64);
+        let at = |i: usize, j: usize| map[i * gw + j];
+        (1.0 - ty) * ((1.0 - tx) * at(y0, x0) + tx * at(y0, x1)) + ty * ((1.0 - tx) * at(y1, x0) + tx * at(y1, x1))
+    };
+    let fine: Vec<f64> =
+        (0..h * w).map(|k| sample(((k / w) as f64 + 0.5) / up as f64, ((k % w) as f64 + 0.5) / up as f64)).collect();
+    let mut label = vec![usize::MAX; h * w];
+    let mut best: Option<(f64, [usize; 4])> = None;
+    let mut stack = Vec::new();
+    for start in 0..h * w {
+        if fine[start] <= 0.0 || label[start] != usize::MAX {
+            continue;
+        }
+        label[start] = start;
+        stack.push(start);
+        let (mut mass, mut ext) = (0.0, [usize::MAX, usize::MAX, 0, 0]);
+        while let Some(k) = stack.pop() {
+            let (i, j) = (k / w, k % w);
+            mass += fine[k];
+            ext = [ext[0].min(j), ext[1].min(i), ext[2].max(j), ext[3].max(i)];
+            for di in -1i64..=1 {
+                for dj in -1i64..=1 {
+                    let (ni, nj) = (i as i64 + di, j as i64 + dj);
+                    if ni < 0 || nj < 0 || ni >= h as i64 || nj >= w as i64 {
+                        continue;
+                    }
+                    let nk = ni as usize * w + nj as usize;
+                    if fine[nk] > 0.0 && label[nk] == usize::MAX {
+                        label[nk] = start;
+                        stack.push(nk);
+                    }
+                }
+            }
+        }
+        if best.is_none_or(|(m, _)| mass > m) {
+            best = Some((mass, ext));
+        }
+    }
+    best.map(|(_, e)| vision::clamp_box([e[0] as f32 / w as f32, e[1] as f32 / h as f32, (e[2] + 1) as f32 / w as f32, (e[3] + 1) as f32 / h as f32]))
 }
 
 /// Intersection over union of two boxes.
@@ -325,6 +463,68 @@ mod tests {
         assert_eq!(hflip_box(&[0.1, 0.2, 0.4, 0.9]), [0.6, 0.2, 0.9, 0.9]);
     }
 
+    #[test]
+    fn positive_region_box_takes_the_heaviest_region() {
+        // 4x4 map: a heavy 2x2 region at the top left, a light single cell at the bottom right.
+        #[rustfmt::skip]
+        let map = [
+            2.0, 2.0, -1.0, -1.0,
+            2.0, 2.0, -1.0, -1.0,
+            -1.0, -1.0, -1.0, -1.0,
+            -1.0, -1.0, -1.0, 0.5,
+        ];
+        let b = positive_region_box(&map, 4, 4, 1).unwrap();
+        assert_eq!(b, [0.0, 0.0, 0.5, 0.5]);
+        // Upsampled, the edge falls between the cells' centres, where the values cross zero.
+        // Between a cell of 2 and one of -1 the value crosses zero 2/3 of the way: 1.1667 cells
+        // from the block's last centre; the block spans 0..2.1667 cells of 4 (0.54 of the frame).
+        let b = positive_region_box(&map, 4, 4, 4).unwrap();
+        assert!(iou(&b, &[0.0, 0.0, 0.54, 0.54]) > 0.9, "{b:?}");
+        assert_eq!(positive_region_box(&[-1.0; 9], 3, 3, 4), None);
+    }
+
+    /// Photos of one kind of subject on backgrounds that vary from photo to photo: the subject's
+    /// cells share a pattern across the photos, the backgrounds do not. The boxes come back
+    /// without being told where anything is; a photo with background only gets none.
+    #[test]
+    fn pseudo_boxes_find_the_shared_subject() {
+        use rand::Rng;
+        let (n, c, g) = (40usize, 32usize, 12usize);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let subject: Vec<f32> = (0..c).map(|_| rng.random_range(0.5..2.0f32)).collect();
+        let mut data = vec![0f32; n * c * g * g];
+        let mut truth = Vec::new();
+        for k in 0..n {
+            let (w, h) = (rng.random_range(0.3..0.7f32), rng.random_range(0.3..0.7f32));
+            let (x0, y0) = (rng.random_range(0.0..1.0 - w), rng.random_range(0.0..1.0 - h));
+            let b = [x0, y0, x0 + w, y0 + h];
+            // Each photo's own background: a few random channels, weaker than the subject.
+            let background: Vec<f32> = (0..c).map(|_| if rng.random_bool(0.3) { rng.random_range(0.0..0.8f32) } else { 0.0 }).collect();
+            let empty = k == n - 1;
+            for i in 0..g {
+                for j in 0..g {
+                    let (cx, cy) = ((j as f32 + 0.5) / g as f32, (i as f32 + 0.5) / g as f32);
+                    let inside = !empty && cx >= b[0] && cx <= b[2] && cy >= b[1] && cy <= b[3];
+                    for ch in 0..c {
+                        let v = if inside { subject[ch] } else { background[ch] };
+                        data[((k * c + ch) * g + i) * g + j] = (v + rng.random_range(-0.1..0.1f32)).max(0.0);
+                    }
+                }
+            }
+            truth.push(b);
+        }
+        let feats = Tensor::from_slice(&data).view([n as i64, c as i64, g as i64, g as i64]);
+        let found = pseudo_boxes(&feats, 0.3, 0.0);
+        assert_eq!(found.boxes.len(), n);
+        let ious: Vec<f32> = (0..n - 1).map(|k| found.boxes[k].map_or(0.0, |b| iou(&b, &truth[k]))).collect();
+        let mean = ious.iter().sum::<f32>() / ious.len() as f32;
+        assert!(mean > 0.75 && ious.iter().all(|&x| x > 0.5), "IoU with the true boxes: mean {mean}, {ious:?}");
+        assert_eq!(found.boxes[n - 1], None, "the photo without a subject (peak {})", found.peaks[n - 1]);
+        assert!(found.explained > 0.1, "{}", found.explained);
+        // Deterministic.
+        assert_eq!(pseudo_boxes(&feats, 0.3, 0.0).boxes, found.boxes);
+    }
+
     /// Synthetic feature maps: cells inside the box carry one pattern, the rest another, both
     /// noisy. The head must learn to find the box in photos it did not train on.
     #[test]
@@ -399,4 +599,23 @@ pub struct DetectorInfo {
     pub val_min_score: Option<f64>,
     pub loss_per_epoch: Vec<f64>,
     pub seconds: f64,
+    /// How the boxes were made when nobody drew them (`None`: trained on drawn boxes; then the
+    /// `val_*` figures compare with drawn boxes, else with the held-out photos' pseudo-boxes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pseudo: Option<PseudoInfo>,
+}
+
+/// What `detector.json` says of a detector trained on pseudo-boxes ([`pseudo_boxes`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PseudoInfo {
+    /// Photos the principal direction was found on (a seeded sample of the table).
+    pub photos: usize,
+    /// Of those, photos that got a box (the others: no shared subject found in them).
+    pub boxed: usize,
+    pub min_peak: f32,
+    /// Share of its peak above which a photo's region is traced.
+    #[serde(default)]
+    pub level: f32,
+    /// Share of the descriptors' variance along the direction.
+    pub explained: f64,
 }

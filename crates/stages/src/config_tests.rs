@@ -373,7 +373,7 @@ fn a_loss_is_a_name_a_table_or_a_list_of_tables() {
 }
 
 #[test]
-fn detect_trains_on_boxes_or_uses_a_trained_detector_not_both() {
+fn detect_trains_on_boxes_or_pseudo_boxes_or_uses_a_trained_detector_not_both() {
     let base = "[pipeline]\nname = \"t\"\nlake = \"lake\"\n\n[stages.ingest]\nkind = \"ingest\"\nsource = \"../photos\"\n\n[stages.detect]\nkind = \"detect\"\ninputs = [\"ingest\"]\n";
     // The nightly pipeline's form: the current model's detector, no boxes; it makes no model.
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/nightly-reingest.toml");
@@ -383,8 +383,11 @@ fn detect_trains_on_boxes_or_uses_a_trained_detector_not_both() {
     assert_eq!(options::<crate::detect::DetectStage>(&plan, "detect").detector.as_deref(), Some("current:train"));
     let both = diags(&format!("{base}boxes = \"../boxes.csv\"\ndetector = \"current:train\"\n"), &[]);
     assert!(both.iter().any(|d| d.message.contains("`boxes` (train a detector on them) or `detector`")), "{both:?}");
+    // Neither: the detector trains on pseudo-boxes of a sample of the photos.
     let neither = diags(base, &[]);
-    assert!(neither.iter().any(|d| d.message.contains("boxes") && d.message.contains("`detector`")), "{neither:?}");
+    assert!(neither.is_empty(), "{neither:?}");
+    let pseudo = diags(&format!("{base}pseudo_photos = 4\n"), &[]);
+    assert!(pseudo.iter().any(|d| d.message.contains("pseudo_photos")), "at least 8: {pseudo:?}");
 }
 
 #[test]

@@ -47,7 +47,7 @@ use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
     "table", "boxes", "boxes_photo_column", "output", "model", "backbone", "input_size", "hidden", "epochs", "batch_size",
-    "lr", "weight_decay", "val_fraction", "seed", "device", "loader_threads", "prefetch", "detector",
+    "lr", "weight_decay", "val_fraction", "seed", "device", "loader_threads", "prefetch", "detector", "pseudo_photos", "pseudo_min_peak", "pseudo_level",
 ];
 
 /// Files of a detector's folder.
@@ -56,8 +56,16 @@ const KEYS: &[&str] = &[
 pub struct DetectStage {
     pub table: String,
     /// Resolved location of the boxes file (CSV: photo, x0, y0, x1, y1 in displayed pixels);
-    /// empty with [`Self::detector`].
+    /// empty with [`Self::detector`], and when no boxes are given: then the detector trains on
+    /// pseudo-boxes ([`detect::pseudo_boxes`]) of a sample of the table's photos.
     pub boxes: String,
+    /// Pseudo-boxes: how many photos (a seeded sample of the table) to find them on and train on.
+    pub pseudo_photos: usize,
+    /// Pseudo-boxes: a photo whose strongest cell projects under this share of the median
+    /// photo's gets no box (no shared subject in it).
+    pub pseudo_min_peak: f32,
+    /// Pseudo-boxes: the share of a photo's peak projection its box is traced at.
+    pub pseudo_level: f32,
     /// A detector trained before, instead of boxes to train one: `current:NAME` (the detector
     /// the model promoted last under NAME was trained on) or a detector id. The nightly pipeline
     /// uses it so that new boxes (a new detector in the training pipeline) cannot leave the
@@ -93,11 +101,10 @@ impl DetectStage {
                     String::new()
                 }
             },
+            // No boxes: the detector trains on pseudo-boxes (a present but malformed `boxes` was
+            // reported by `str`).
             None => {
-                if !k.has("boxes") {
-                    k.missing("boxes", "a CSV of training boxes: photo,x0,y0,x1,y1 in displayed pixels (or `detector`: one trained before)");
-                }
-                ok = false;
+                ok &= !k.has("boxes");
                 String::new()
             }
         };
@@ -131,6 +138,9 @@ impl DetectStage {
                 seed: k.int("seed", 0, i64::MAX).unwrap_or(42) as u64,
             },
             val_fraction: k.float("val_fraction", 0.0, 0.9).unwrap_or(0.2),
+            pseudo_photos: k.int("pseudo_photos", 8, 1_000_000).unwrap_or(300) as usize,
+            pseudo_min_peak: k.float("pseudo_min_peak", 0.0, 1.0).unwrap_or(0.5) as f32,
+            pseudo_level: k.float("pseudo_level", 0.0, 0.95).unwrap_or(PSEUDO_LEVEL) as f32,
             device,
             loader_threads,
             prefetch,
@@ -159,6 +169,10 @@ impl DetectStage {
         if let Some(d) = &self.detector {
             let id = resolve_detector(&ctx.lake, d).await?;
             return Ok(Prepared { fingerprint: Some(id.clone()), state: Some(Box::new(Pinned(id))) });
+        }
+        if self.boxes.is_empty() {
+            // Pseudo-boxes: nothing read from outside the lake.
+            return Ok(Prepared { fingerprint: None, state: None });
         }
         let bytes = fetch(&self.boxes).await?;
         Ok(Prepared { fingerprint: Some(blake3::hash(&bytes).to_hex().to_string()), state: Some(Box::new(bytes)) })
@@ -189,6 +203,22 @@ impl DetectStage {
                 let info: DetectorInfo = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", info_file.display())))?;
                 let det = Detector::load(&info.spec, &weights, device).map_err(|e| Error::Other(format!("detector `{detector_id}`: {e}")))?;
                 (det, info, false, detector_id, 0, false)
+            }
+            // No boxes: every photo is gathered (ids and sizes), then a seeded sample of them
+            // gives the pseudo-boxes the detector trains on.
+            None if self.boxes.is_empty() => {
+                while let Some(b) = rows.try_next().await? {
+                    photos.extend(frames(&self.table, &b)?);
+                    hashes(&self.table, &b, keyed, &mut hash_of)?;
+                }
+                if photos.is_empty() {
+                    return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
+                }
+                photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
+                let sample = pseudo_sample(&photos, self.pseudo_photos, self.train.seed);
+                let source = Source::Pseudo { photos: sample, min_peak: self.pseudo_min_peak, level: self.pseudo_level };
+                let (det, info, trained, detector_id) = self.detector_for(ctx, source, device, &loader, &handle, batch, depth).await?;
+                (det, info, trained, detector_id, 0, true)
             }
             None => {
                 let bytes = match prepared.take::<bytes::Bytes>() {
@@ -223,45 +253,8 @@ impl DetectStage {
                         self.boxes, self.table
                     )));
                 }
-                let mut h = blake3::Hasher::new();
-                h.update(serde_json::to_string(&(&self.spec, &self.train, self.val_fraction)).unwrap_or_default().as_bytes());
-                for (p, b) in &boxed {
-                    h.update(p.uri.as_bytes());
-                    for v in b {
-                        h.update(&v.to_le_bytes());
-                    }
-                }
-                let name = self.model.clone().unwrap_or_else(|| ctx.name.clone());
-                let detector_id = format!("{name}-{}", &h.finalize().to_hex()[..12]);
-                let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
-
-                // The detector: reused when this configuration already trained on these boxes.
-                let (weights, info_file) = (dir.local.join(WEIGHTS), dir.local.join(INFO));
-                let existing = std::fs::read_to_string(&info_file).ok().and_then(|t| serde_json::from_str::<DetectorInfo>(&t).ok());
-                let (det, info, trained) = match existing {
-                    Some(info) if weights.is_file() => {
-                        let det = Detector::load(&self.spec, &weights, device).map_err(|e| Error::Other(e.to_string()))?;
-                        (det, info, false)
-                    }
-                    _ => {
-                        ctx.progress.set_message(format!("{detector_id}: training on {} boxes", boxed.len()));
-                        let (spec, cfg, val_fraction) = (self.spec.clone(), self.train.clone(), self.val_fraction);
-                        let (loader, handle, cancel, id) = (loader.clone(), handle.clone(), ctx.cancel.clone(), detector_id.clone());
-                        let (det, info) = tokio::task::spawn_blocking(move || {
-                            train_detector(&spec, &cfg, val_fraction, boxed, device, &loader, &handle, batch, depth, &id, &|| cancel.is_cancelled())
-                        })
-                        .await
-                        .map_err(|e| Error::Other(format!("detector training panicked: {e}")))??;
-                        // Made aside and published whole: a reader sees no detector or a
-                        // complete one, whenever this process is killed.
-                        let staging = dir.staging()?;
-                        det.save(&staging.join(WEIGHTS)).map_err(|e| Error::Other(e.to_string()))?;
-                        let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Other(e.to_string()))?;
-                        std::fs::write(staging.join(INFO), text).map_err(|e| Error::io(&staging, e))?;
-                        dir.publish(&staging).await?;
-                        (det, info, true)
-                    }
-                };
+                let (det, info, trained, detector_id) =
+                    self.detector_for(ctx, Source::Drawn(boxed), device, &loader, &handle, batch, depth).await?;
                 (det, info, trained, detector_id, unmatched, ended)
             }
         };
@@ -324,24 +317,123 @@ impl DetectStage {
             return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
         }
         let version = sink.finish().await?.version;
+        let against = if info.pseudo.is_some() { "pseudo-boxes" } else { "boxes" };
         let quality = match (info.val_mean_iou, info.val_hit_rate) {
-            (Some(m), Some(r)) => format!(", held-out boxes: mean IoU {m:.3}, {:.0} % found at IoU >= 0.5", r * 100.0),
+            (Some(m), Some(r)) => format!(", held-out {against}: mean IoU {m:.3}, {:.0} % found at IoU >= 0.5", r * 100.0),
             _ => String::new(),
+        };
+        let trained_on = match &info.pseudo {
+            Some(p) => format!("{} pseudo-boxes (found in {} of {} sampled photos)", info.train_photos + info.val_photos, p.boxed, p.photos),
+            None => format!("{} boxes", info.train_photos + info.val_photos),
         };
         Ok(Outcome {
             rows_in: total as u64,
             rows_out: total as u64,
             written: BTreeMap::from([(self.output.clone(), version)]),
             summary: format!(
-                "{total} photos{}, {found} with a subject (score >= 0.5); detector {detector_id} {} on {} boxes{quality}{}",
+                "{total} photos{}, {found} with a subject (score >= 0.5); detector {detector_id} {} on {trained_on}{quality}{}",
                 if reused > 0 { format!(" ({} detected now, {reused} on an earlier run)", total - reused) } else { String::new() },
                 if trained { "trained" } else if self.detector.is_some() { "(the current model's), trained" } else { "reused, trained" },
-                info.train_photos + info.val_photos,
                 if unmatched > 0 { format!("; {unmatched} box rows name no photo of `{}`", self.table) } else { String::new() },
             ),
             changes: engine::stage::Changes { new: Some((total - reused) as u64), ..Default::default() },
         })
     }
+}
+
+impl DetectStage {
+    /// The detector trained by this configuration on `source`'s boxes: the one published before
+    /// when there is one (its id hashes the configuration and the boxes, or the pseudo-boxes'
+    /// sample), else trained now and published whole.
+    #[allow(clippy::too_many_arguments)]
+    async fn detector_for(
+        &self,
+        ctx: &StageCtx,
+        source: Source,
+        device: Device,
+        loader: &Arc<Loader>,
+        handle: &tokio::runtime::Handle,
+        batch: usize,
+        depth: usize,
+    ) -> Result<(Detector, DetectorInfo, bool, String)> {
+        let mut h = blake3::Hasher::new();
+        h.update(serde_json::to_string(&(&self.spec, &self.train, self.val_fraction)).unwrap_or_default().as_bytes());
+        match &source {
+            Source::Drawn(boxed) => {
+                for (p, b) in boxed {
+                    h.update(p.uri.as_bytes());
+                    for v in b {
+                        h.update(&v.to_le_bytes());
+                    }
+                }
+            }
+            Source::Pseudo { photos, min_peak, level } => {
+                h.update(format!("pseudo-boxes v1, min peak {min_peak}, level {level}").as_bytes());
+                for p in photos {
+                    h.update(p.uri.as_bytes());
+                }
+            }
+        }
+        let name = self.model.clone().unwrap_or_else(|| ctx.name.clone());
+        let detector_id = format!("{name}-{}", &h.finalize().to_hex()[..12]);
+        let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
+
+        // The detector: reused when this configuration already trained on these boxes.
+        let (weights, info_file) = (dir.local.join(WEIGHTS), dir.local.join(INFO));
+        let existing = std::fs::read_to_string(&info_file).ok().and_then(|t| serde_json::from_str::<DetectorInfo>(&t).ok());
+        if let Some(info) = existing.filter(|_| weights.is_file()) {
+            let det = Detector::load(&self.spec, &weights, device).map_err(|e| Error::Other(e.to_string()))?;
+            return Ok((det, info, false, detector_id));
+        }
+        ctx.progress.set_message(match &source {
+            Source::Drawn(boxed) => format!("{detector_id}: training on {} boxes", boxed.len()),
+            Source::Pseudo { photos, .. } => format!("{detector_id}: pseudo-boxes of {} photos, then training on them", photos.len()),
+        });
+        let (spec, cfg, val_fraction) = (self.spec.clone(), self.train.clone(), self.val_fraction);
+        let (loader, handle, cancel, id) = (loader.clone(), handle.clone(), ctx.cancel.clone(), detector_id.clone());
+        let (det, info) = tokio::task::spawn_blocking(move || {
+            train_detector(&spec, &cfg, val_fraction, source, device, &loader, &handle, batch, depth, &id, &|| cancel.is_cancelled())
+        })
+        .await
+        .map_err(|e| Error::Other(format!("detector training panicked: {e}")))??;
+        // Made aside and published whole: a reader sees no detector or a complete one, whenever
+        // this process is killed.
+        let staging = dir.staging()?;
+        det.save(&staging.join(WEIGHTS)).map_err(|e| Error::Other(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&info).map_err(|e| Error::Other(e.to_string()))?;
+        std::fs::write(staging.join(INFO), text).map_err(|e| Error::io(&staging, e))?;
+        dir.publish(&staging).await?;
+        Ok((det, info, true, detector_id))
+    }
+}
+
+/// Default share of a photo's peak projection its pseudo-box is traced at (see the README's
+/// figures: on the demo lake it brings the boxes' area to that of the drawn ones).
+pub const PSEUDO_LEVEL: f64 = 0.5;
+
+/// What a detector trains on.
+pub enum Source {
+    /// Boxes drawn by people (the boxes file), as fractions of the frame.
+    Drawn(Vec<(Photo, [f32; 4])>),
+    /// Photos to find pseudo-boxes on ([`detect::pseudo_boxes`]).
+    Pseudo { photos: Vec<Photo>, min_peak: f32, level: f32 },
+}
+
+/// Up to `n` photos of `photos`, chosen by a seeded hash of their URIs: the same photos on every
+/// run of the same table, in URI order, and a photo added later enters the sample only where its
+/// hash places it.
+pub fn pseudo_sample(photos: &[(Photo, u32, u32)], n: usize, seed: u64) -> Vec<Photo> {
+    let key = |p: &Photo| {
+        let mut h = blake3::Hasher::new();
+        h.update(&seed.to_le_bytes());
+        h.update(p.uri.as_bytes());
+        *h.finalize().as_bytes()
+    };
+    let mut keyed: Vec<([u8; 32], &Photo)> = photos.iter().map(|(p, _, _)| (key(p), p)).collect();
+    keyed.sort_by_key(|k| k.0);
+    let mut out: Vec<Photo> = keyed.into_iter().take(n).map(|(_, p)| p.clone()).collect();
+    out.sort_by(|a, b| a.uri.cmp(&b.uri));
+    out
 }
 
 /// The detector a `detector` option names, resolved when the stage is prepared.
@@ -484,7 +576,7 @@ fn train_detector(
     spec: &DetectorSpec,
     cfg: &HeadTrainConfig,
     val_fraction: f64,
-    mut boxed: Vec<(Photo, [f32; 4])>,
+    source: Source,
     device: Device,
     loader: &Arc<Loader>,
     handle: &tokio::runtime::Handle,
@@ -500,35 +592,78 @@ fn train_detector(
         std::env::var_os("PIPELINE_WEIGHTS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/pipeline/weights"));
     det.load_imagenet(&weights_dir).map_err(|e| Error::Other(format!("detector: {e}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    boxed.shuffle(&mut rng);
-    let n_val = if boxed.len() >= 5 { ((boxed.len() as f64 * val_fraction).round() as usize).min(boxed.len() - 2) } else { 0 };
-    let (val, tr) = boxed.split_at(n_val);
-    let tr_photos: Arc<Vec<Photo>> = Arc::new(tr.iter().map(|(p, _)| p.clone()).collect());
-    let mut tr_boxes: Vec<[f32; 4]> = tr.iter().map(|(_, b)| *b).collect();
-    tr_boxes.extend(tr.iter().map(|(_, b)| detect::hflip_box(b)));
-    let feats = features(&det, loader, &tr_photos, batch, true, handle, depth, cancelled)?;
-    let history = detect::train_head(&det.head_vs, &det.head, &feats, &tr_boxes, cfg, cancelled).map_err(Error::Other)?;
-    drop(feats);
+    let held_out = |n: usize| if n >= 5 { ((n as f64 * val_fraction).round() as usize).min(n - 2) } else { 0 };
+    let (history, train_photos, val, pseudo) = match source {
+        Source::Drawn(mut boxed) => {
+            boxed.shuffle(&mut rng);
+            let (val, tr) = boxed.split_at(held_out(boxed.len()));
+            let tr_photos: Arc<Vec<Photo>> = Arc::new(tr.iter().map(|(p, _)| p.clone()).collect());
+            let mut tr_boxes: Vec<[f32; 4]> = tr.iter().map(|(_, b)| *b).collect();
+            tr_boxes.extend(tr.iter().map(|(_, b)| detect::hflip_box(b)));
+            let feats = features(&det, loader, &tr_photos, batch, true, handle, depth, cancelled)?;
+            let history = detect::train_head(&det.head_vs, &det.head, &feats, &tr_boxes, cfg, cancelled).map_err(Error::Other)?;
+            drop(feats);
+            // Held out: detected from their photos, compared with the boxes drawn.
+            let val_photos: Arc<Vec<Photo>> = Arc::new(val.iter().map(|(p, _)| p.clone()).collect());
+            let found = if val.is_empty() { Vec::new() } else { detect_photos(&det, loader, &val_photos, batch, handle, depth, cancelled)? };
+            let val: Vec<(Detection, [f32; 4])> = found.into_iter().zip(val.iter().map(|(_, b)| *b)).collect();
+            (history, tr.len(), val, None)
+        }
+        Source::Pseudo { photos, min_peak, level } => {
+            let n = photos.len();
+            let photos = Arc::new(photos);
+            // Every sampled photo and its mirror image through the frozen backbone once: the
+            // plain maps give the pseudo-boxes, both train the head.
+            let feats = features(&det, loader, &photos, batch, true, handle, depth, cancelled)?;
+            let found = detect::pseudo_boxes(&feats.narrow(0, 0, n as i64), min_peak, level);
+            let mut boxed: Vec<usize> = (0..n).filter(|&k| found.boxes[k].is_some()).collect();
+            if boxed.len() < 2 {
+                return Err(Error::Other(format!(
+                    "pseudo-boxes: only {} of {n} sampled photos show a subject the others share; give the stage `boxes` drawn by hand",
+                    boxed.len()
+                )));
+            }
+            boxed.shuffle(&mut rng);
+            let (val, tr) = boxed.split_at(held_out(boxed.len()));
+            let rows: Vec<i64> = tr.iter().map(|&k| k as i64).chain(tr.iter().map(|&k| (k + n) as i64)).collect();
+            let mut tr_boxes: Vec<[f32; 4]> = tr.iter().map(|&k| found.boxes[k].unwrap_or_default()).collect();
+            tr_boxes.extend(tr.iter().map(|&k| detect::hflip_box(&found.boxes[k].unwrap_or_default())));
+            let tr_feats = feats.index_select(0, &Tensor::from_slice(&rows).to_device(feats.device()));
+            let history = detect::train_head(&det.head_vs, &det.head, &tr_feats, &tr_boxes, cfg, cancelled).map_err(Error::Other)?;
+            drop(tr_feats);
+            // Held out: the trained head on their maps, compared with their pseudo-boxes.
+            let val_rows: Vec<i64> = val.iter().map(|&k| k as i64).collect();
+            let dets = if val.is_empty() {
+                Vec::new()
+            } else {
+                let _g = tch::no_grad_guard();
+                let f = feats.index_select(0, &Tensor::from_slice(&val_rows).to_device(feats.device()));
+                detect::decode(&det.head.forward(&f, false))
+            };
+            let val: Vec<(Detection, [f32; 4])> = dets.into_iter().zip(val.iter().map(|&k| found.boxes[k].unwrap_or_default())).collect();
+            let info = detect::PseudoInfo { photos: n, boxed: boxed.len(), min_peak, level, explained: found.explained };
+            (history, tr.len(), val, Some(info))
+        }
+    };
     let (mut mean_iou, mut hit_rate, mut min_score) = (None, None, None);
     if !val.is_empty() {
-        let val_photos: Arc<Vec<Photo>> = Arc::new(val.iter().map(|(p, _)| p.clone()).collect());
-        let found = detect_photos(&det, loader, &val_photos, batch, handle, depth, cancelled)?;
-        let ious: Vec<f64> = found.iter().zip(val).map(|(d, (_, b))| f64::from(detect::iou(&d.bbox, b))).collect();
+        let ious: Vec<f64> = val.iter().map(|(d, b)| f64::from(detect::iou(&d.bbox, b))).collect();
         mean_iou = Some(ious.iter().sum::<f64>() / ious.len() as f64);
         hit_rate = Some(ious.iter().filter(|&&x| x >= 0.5).count() as f64 / ious.len() as f64);
-        min_score = found.iter().map(|d| f64::from(d.score)).reduce(f64::min);
+        min_score = val.iter().map(|(d, _)| f64::from(d.score)).reduce(f64::min);
     }
     let info = DetectorInfo {
         detector_id: id.to_string(),
         spec: spec.clone(),
         train: cfg.clone(),
-        train_photos: tr.len(),
+        train_photos,
         val_photos: val.len(),
         val_mean_iou: mean_iou,
         val_hit_rate: hit_rate,
         val_min_score: min_score,
         loss_per_epoch: history,
         seconds: started.elapsed().as_secs_f64(),
+        pseudo,
     };
     Ok((det, info))
 }
@@ -653,7 +788,11 @@ fn detections_batch(photos: &[Photo], dets: &[Detection], detector_id: &str, run
 
 impl Stage for DetectStage {
     fn describe(&self) -> String {
-        format!("detect {} on {}, boxes {}", self.spec.backbone, self.table, self.boxes)
+        match (&self.detector, self.boxes.as_str()) {
+            (Some(d), _) => format!("detect {} on {}, detector {d}", self.spec.backbone, self.table),
+            (None, "") => format!("detect {} on {}, pseudo-boxes of {} photos", self.spec.backbone, self.table, self.pseudo_photos),
+            (None, b) => format!("detect {} on {}, boxes {b}", self.spec.backbone, self.table),
+        }
     }
 
     fn check<'a>(&'a self, i: Inputs<'a>, _ctx: &'a Context, rep: &'a mut Reporter) -> BoxFuture<'a, Checked> {
