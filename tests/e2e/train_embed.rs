@@ -76,6 +76,22 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
         }
     }
 
+    // Geometric re-ranking asked for: only `evaluate` runs again; each row comes a third time,
+    // from the photos' crops (every photo described, none unreadable).
+    let geo_plan = pipeline::load(&f.pipeline, &["evaluate.geometric=10".to_string()]).await.unwrap();
+    let r = dag::run(&geo_plan, &opts).await.unwrap();
+    let ev_stage = r.stage("evaluate").unwrap();
+    assert_eq!(ev_stage.status, Status::Succeeded, "{r:#?}");
+    assert!(r.stages.iter().filter(|s| s.stage != "evaluate").all(|s| s.status == Status::UpToDate || s.stage == "report"), "{r:#?}");
+    assert!(ev_stage.summary.contains(&format!("local features of {images} photos")) && !ev_stage.summary.contains("unreadable"), "{}", ev_stage.summary);
+    let geo = query(&lake, "SELECT rerank, count(*), min(precision_at_1), max(map_at_20) FROM evaluate WHERE rerank LIKE 'geometric%' GROUP BY rerank").await;
+    assert_eq!(geo[0].num_rows(), 1);
+    assert_eq!(geo[0].column(0).as_string::<i32>().value(0), "geometric k=10 w=0.3 min=8 side=384");
+    assert_eq!(geo[0].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(0), got.len() as i64 / 2);
+    // Asked no more: `evaluate` runs again without it (and `report`, which reads it).
+    let back = dag::run(&plan, &opts).await.unwrap();
+    assert!(back.stages.iter().all(|s| s.status == Status::UpToDate || ["evaluate", "report"].contains(&s.stage.as_str())), "{back:#?}");
+
     // The registry row points at the model's files; its history has both epochs.
     let m = query(&lake, &format!("SELECT checkpoint_uri, history FROM models WHERE model_id = '{model_id}'")).await;
     assert_eq!(m[0].num_rows(), 1);

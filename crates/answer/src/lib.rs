@@ -2,6 +2,7 @@
 //! API's model worker) and the HTML report ([`report_data`] reads the lake, [`report`] renders
 //! one self-contained page). Uses `lake`, `model` and `vision`; no stage and no engine.
 
+pub mod local;
 pub mod report;
 pub mod report_data;
 pub mod similar;

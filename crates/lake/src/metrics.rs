@@ -84,6 +84,32 @@ pub fn retrieval_metrics(
     dim: usize,
     recall_ks: &[usize],
 ) -> RetrievalMetrics {
+    retrieval_metrics_reranked(queries, query_labels, query_ids, gallery, gallery_labels, gallery_ids, dim, recall_ks, None)
+}
+
+/// Re-scores the first `k` candidates of a query: given the query's row and its candidates as
+/// `(gallery row, cosine similarity)` in rank order, one new score per candidate (higher ranks
+/// first). Called from the metrics' worker threads.
+pub type Rescore<'a> = dyn Fn(usize, &[(usize, f32)]) -> Vec<f32> + Sync + 'a;
+
+/// A [`Rescore`] bound to one query.
+type RescoreOne<'a> = dyn Fn(&[(usize, f32)]) -> Vec<f32> + 'a;
+
+/// [`retrieval_metrics`] with each query's first `k` candidates re-ordered by a re-ranker
+/// (geometric verification, say): the top `k` are sorted by the new scores (ties keep the
+/// similarity order), and the ranks below `k` stay as the similarities put them.
+#[allow(clippy::too_many_arguments)]
+pub fn retrieval_metrics_reranked(
+    queries: &[f32],
+    query_labels: &[String],
+    query_ids: &[String],
+    gallery: &[f32],
+    gallery_labels: &[String],
+    gallery_ids: &[String],
+    dim: usize,
+    recall_ks: &[usize],
+    rerank: Option<(usize, &Rescore)>,
+) -> RetrievalMetrics {
     let nq = query_labels.len();
     let ng = gallery_labels.len();
     assert_eq!(
@@ -158,6 +184,7 @@ pub fn retrieval_metrics(
         ng,
         gallery_code: &gallery_code,
         max_k,
+        rerank,
     };
 
     let per_thread = active.len().div_ceil(THREADS).max(1);
@@ -211,6 +238,7 @@ struct Ctx<'a> {
     ng: usize,
     gallery_code: &'a [u32],
     max_k: usize,
+    rerank: Option<(usize, &'a Rescore<'a>)>,
 }
 
 fn score_queries(ctx: &Ctx, part: &[Active]) -> Vec<QueryScore> {
@@ -249,12 +277,14 @@ fn score_queries(ctx: &Ctx, part: &[Active]) -> Vec<QueryScore> {
             for &g in a.own {
                 is_own[g as usize] = false;
             }
+            let rerank = ctx.rerank.map(|(k, f)| (k, move |c: &[(usize, f32)]| f(a.q, c)));
             out.push(score_one(
                 &mut keys[..n],
                 ctx.gallery_code,
                 a.code,
                 a.r,
                 ctx.max_k,
+                rerank.as_ref().map(|(k, f)| (*k, f as &RescoreOne)),
             ));
         }
     }
@@ -279,6 +309,13 @@ fn rank_key(sim: f32, g: usize) -> u64 {
         bits | 0x8000_0000
     };
     (u64::from(!ordered) << 32) | g as u64
+}
+
+/// The similarity a [`rank_key`] was made from (NaN comes back as -inf).
+fn key_sim(key: u64) -> f32 {
+    let ordered = !((key >> 32) as u32);
+    let bits = if ordered >> 31 == 1 { ordered & 0x7fff_ffff } else { !ordered };
+    f32::from_bits(bits)
 }
 
 /// Moves the `m` smallest keys to the front of `v` (in any order). Quickselect with a
@@ -333,12 +370,24 @@ fn score_one(
     code: u32,
     r: usize,
     max_k: usize,
+    rerank: Option<(usize, &RescoreOne)>,
 ) -> QueryScore {
-    // Every metric only looks at the first max(20, R_q, max k) ranks.
-    let depth = MAP_CUTOFF.max(r).max(max_k).min(keys.len());
+    // Every metric only looks at the first max(20, R_q, max k) ranks (and the re-ranked ones).
+    let depth = MAP_CUTOFF.max(r).max(max_k).max(rerank.map_or(0, |(k, _)| k)).min(keys.len());
     select_smallest(keys, depth);
     let top = &mut keys[..depth];
     top.sort_unstable();
+    if let Some((k, f)) = rerank {
+        let k = k.min(depth);
+        let cands: Vec<(usize, f32)> = top[..k].iter().map(|&key| ((key & 0xffff_ffff) as usize, key_sim(key))).collect();
+        let scores = f(&cands);
+        assert_eq!(scores.len(), k, "a re-ranker returns one score per candidate");
+        let mut order: Vec<usize> = (0..k).collect();
+        // Stable: equal scores keep the similarity order.
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        let reordered: Vec<u64> = order.iter().map(|&i| top[i]).collect();
+        top[..k].copy_from_slice(&reordered);
+    }
     let (mut hits, mut sum20, mut sum_r, mut first_hit) = (0usize, 0f64, 0f64, None);
     for (i, &key) in top.iter().enumerate() {
         if gallery_code[(key & 0xffff_ffff) as usize] != code {
@@ -742,6 +791,53 @@ mod tests {
         assert!(close(m.map_at_20, 0.5));
         assert!(close(m.map_at_r, 0.25));
         assert_eq!(m.recall_at, vec![(1, 0.0), (2, 1.0), (5, 1.0)]);
+    }
+
+    /// The same single query, re-ranked: a re-ranker that puts gallery row 4 (90°, A) first
+    /// sees the candidates in similarity order with their similarities, and moves it to rank 1;
+    /// ranks below k stay. Ranking [4 A, 1 B, 2 A, 3 B, 5 C]: P@1 = 1, AP@20 = (1 + 2/3) / 2.
+    #[test]
+    fn a_re_ranker_reorders_the_first_k() {
+        let deg = |d: f64| [d.to_radians().cos() as f32, d.to_radians().sin() as f32];
+        let gallery: Vec<f32> = [0.0, 10.0, 20.0, 20.0, 90.0, 180.0].iter().flat_map(|&d| deg(d)).collect();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let boost = |q: usize, c: &[(usize, f32)]| {
+            seen.lock().unwrap().push((q, c.to_vec()));
+            c.iter().map(|&(g, sim)| if g == 4 { 10.0 } else { sim }).collect()
+        };
+        let run = |k: usize| {
+            retrieval_metrics_reranked(
+                &deg(0.0),
+                &s(&["A"]),
+                &s(&["q"]),
+                &gallery,
+                &s(&["A", "B", "A", "B", "A", "C"]),
+                &s(&["q", "g1", "g2", "g3", "g4", "g5"]),
+                2,
+                &[1, 2, 5],
+                Some((k, &boost)),
+            )
+        };
+        let m = run(4);
+        assert!(close(m.precision_at_1, 1.0));
+        assert!(close(m.map_at_20, (1.0 + 2.0 / 3.0) / 2.0), "{}", m.map_at_20);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1);
+        let (q, c) = &seen[0];
+        assert_eq!(*q, 0);
+        assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert!((c[0].1 - 10f32.to_radians().cos()).abs() < 1e-6 && (c[3].1 - 90f32.to_radians().cos()).abs() < 1e-6, "{c:?}");
+        // Row 4 is rank 4 by similarity: a re-ranker of the first 3 cannot reach it.
+        let m = run(3);
+        assert!(close(m.precision_at_1, 0.0) && close(m.map_at_20, 0.5));
+    }
+
+    #[test]
+    fn rank_keys_give_their_similarity_back() {
+        for v in [0.0f32, -0.0, 1.0, -1.0, 0.25, -0.7, f32::MIN_POSITIVE, 1e-30, -3.5] {
+            assert_eq!(key_sim(rank_key(v, 7)), v + 0.0, "{v}");
+        }
+        assert_eq!(key_sim(rank_key(f32::NAN, 0)), f32::NEG_INFINITY);
     }
 
     /// Tie order decides: the same vectors with the labels of the tied pair swapped.

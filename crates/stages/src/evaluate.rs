@@ -18,6 +18,9 @@
 //! splits = "train"      # the train stage's table; without it only all/all is computed
 //! query_expansion = 5   # also report each row re-ranked with α-query expansion (k = 5)
 //! qe_alpha = 3.0
+//! geometric = 20       # also report each row with its first 20 re-ranked by local features
+//!                      # verified geometrically ([`answer::local`]); geometric_weight = 0.3,
+//!                      # geometric_min_inliers = 8, geometric_side = 384
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,10 +35,12 @@ use engine::config::{Context, Keys, Loc, Reporter};
 use engine::StageCtx;
 use lake::tables::{EmbeddingSet, read_embeddings, read_splits};
 use lake::{Catalog, WriteKind};
-use lake::metrics::{RetrievalMetrics, alpha_query_expansion, retrieval_metrics};
+use lake::metrics::{RetrievalMetrics, alpha_query_expansion, retrieval_metrics, retrieval_metrics_reranked};
+use answer::local::{GeoOptions, LocalFeatures};
 use crate::{Error, Result};
 
-const KEYS: &[&str] = &["embeddings", "splits", "output", "query_expansion", "qe_alpha"];
+const KEYS: &[&str] =
+    &["embeddings", "splits", "output", "query_expansion", "qe_alpha", "geometric", "geometric_weight", "geometric_side", "geometric_min_inliers"];
 
 #[derive(Debug, Clone)]
 pub struct EvaluateStage {
@@ -45,6 +50,8 @@ pub struct EvaluateStage {
     /// α-query expansion: neighbours added to each query (0: off) and their weight exponent.
     pub qe_k: usize,
     pub qe_alpha: f32,
+    /// Geometric re-ranking of the first `geo.k` (0: off).
+    pub geo: GeoOptions,
 }
 
 
@@ -52,14 +59,18 @@ pub struct EvaluateStage {
 
 
 
+/// Embeddings, labels, URIs and rows of `set` of a query or gallery set.
+type Subset = (Vec<f32>, Vec<String>, Vec<String>, Vec<usize>);
+
 /// One evaluation: `(queries, gallery, metrics, gallery size, re-ranking)`.
 pub type Evaluation = (String, String, RetrievalMetrics, usize, String);
 
 /// The evaluations of the embeddings table on `set`, given the split of each photo (by URI).
 /// With `qe = Some((k, alpha))` every evaluation is made a second time with α-query-expanded
-/// queries (re-ranking `aqe k=.. alpha=..`).
-pub fn evaluate(set: &EmbeddingSet, splits: &HashMap<String, String>, qe: Option<(usize, f32)>) -> Vec<Evaluation> {
-    let subset = |rows: &[usize]| -> (Vec<f32>, Vec<String>, Vec<String>) {
+/// queries (re-ranking `aqe k=.. alpha=..`); with `geo` (local features of every row of `set`)
+/// once more with the first candidates re-ranked geometrically (re-ranking `geometric ...`).
+pub fn evaluate(set: &EmbeddingSet, splits: &HashMap<String, String>, qe: Option<(usize, f32)>, geo: Option<&LocalFeatures>) -> Vec<Evaluation> {
+    let subset = |rows: &[usize]| -> Subset {
         let mut v = Vec::with_capacity(rows.len() * set.dim);
         for &i in rows {
             v.extend_from_slice(set.row(i));
@@ -68,6 +79,7 @@ pub fn evaluate(set: &EmbeddingSet, splits: &HashMap<String, String>, qe: Option
             v,
             rows.iter().map(|&i| set.labels[i].clone().unwrap_or_else(|| format!("\u{0}unlabelled:{}", set.uris[i]))).collect(),
             rows.iter().map(|&i| set.uris[i].clone()).collect(),
+            rows.to_vec(),
         )
     };
     let all: Vec<usize> = (0..set.len()).collect();
@@ -78,13 +90,22 @@ pub fn evaluate(set: &EmbeddingSet, splits: &HashMap<String, String>, qe: Option
     let ks = [5, 10, 20];
     let dim = set.dim;
     let mut out = Vec::new();
-    let mut push = |qn: &str, gn: &str, q: &(Vec<f32>, Vec<String>, Vec<String>), g: &(Vec<f32>, Vec<String>, Vec<String>)| {
+    let mut push = |qn: &str, gn: &str, q: &Subset, g: &Subset| {
         let m = retrieval_metrics(&q.0, &q.1, &q.2, &g.0, &g.1, &g.2, dim, &ks);
         out.push((qn.to_string(), gn.to_string(), m, g.1.len(), "none".to_string()));
         if let Some((k, alpha)) = qe {
             let e = alpha_query_expansion(&q.0, &q.2, &g.0, &g.2, dim, k, alpha);
             let m = retrieval_metrics(&e, &q.1, &q.2, &g.0, &g.1, &g.2, dim, &ks);
             out.push((qn.to_string(), gn.to_string(), m, g.1.len(), format!("aqe k={k} alpha={alpha}")));
+        }
+        if let Some(geo) = geo.filter(|g| g.options.k > 0) {
+            // Candidates come as rows of the gallery subset; the features are by row of `set`.
+            let rescore = |qi: usize, c: &[(usize, f32)]| {
+                let mapped: Vec<(usize, f32)> = c.iter().map(|&(gi, sim)| (g.3[gi], sim)).collect();
+                geo.rescore(q.3[qi], &mapped)
+            };
+            let m = retrieval_metrics_reranked(&q.0, &q.1, &q.2, &g.0, &g.1, &g.2, dim, &ks, Some((geo.options.k, &rescore)));
+            out.push((qn.to_string(), gn.to_string(), m, g.1.len(), geo.options.label()));
         }
     };
     let gallery = subset(&all);
@@ -112,6 +133,12 @@ impl EvaluateStage {
             output: k.str("output"),
             qe_k: k.int("query_expansion", 0, 1000).unwrap_or(0) as usize,
             qe_alpha: k.float("qe_alpha", 0.0, 100.0).unwrap_or(3.0) as f32,
+            geo: GeoOptions {
+                k: k.int("geometric", 0, 1000).unwrap_or(0) as usize,
+                weight: k.float("geometric_weight", 0.0, 100.0).unwrap_or(0.3) as f32,
+                side: k.int("geometric_side", 32, 2048).unwrap_or(384) as u32,
+                min_inliers: k.int("geometric_min_inliers", 3, 10_000).unwrap_or(answer::local::MIN_INLIERS as i64) as usize,
+            },
         };
         engine::stage::finish_keys(k, KEYS);
         Some(s)
@@ -137,11 +164,35 @@ impl EvaluateStage {
             Some(t) => read_splits(&ctx.lake, t).await?,
             None => HashMap::new(),
         };
+        let geo = if self.geo.k > 0 {
+            ctx.progress.set_message(format!("local features of {} photos", set.len()));
+            let crops = answer::local::model_crops(&ctx.lake, &set.model_id).await?;
+            let f = answer::local::local_features(&ctx.lake, &set.uris, &crops, self.geo).await?;
+            if f.unreadable == set.len() && !set.is_empty() {
+                return Err(Error::Other(format!(
+                    "geometric re-ranking: none of the {} photos of `{}` could be read ({})",
+                    set.len(),
+                    self.embeddings,
+                    f.first_error.unwrap_or_default()
+                )));
+            }
+            Some(f)
+        } else {
+            None
+        };
+        let geo_note = geo.as_ref().map(|f| {
+            format!(
+                "; local features of {} photos in {:.1} s{}",
+                f.rows.len() - f.unreadable,
+                f.seconds,
+                if f.unreadable > 0 { format!(", {} unreadable (first: {})", f.unreadable, f.first_error.clone().unwrap_or_default()) } else { String::new() }
+            )
+        });
         let evals = tokio::task::spawn_blocking({
             let set = Arc::new(set);
             let s2 = set.clone();
             let qe = (self.qe_k > 0).then_some((self.qe_k, self.qe_alpha));
-            move || (evaluate(&s2, &splits, qe), s2)
+            move || (evaluate(&s2, &splits, qe, geo.as_ref()), s2)
         })
         .await
         .map_err(|e| Error::Other(format!("evaluation panicked: {e}")))?;
@@ -186,7 +237,7 @@ impl EvaluateStage {
             rows_in: set.len() as u64,
             rows_out: n as u64,
             written: BTreeMap::from([(out, committed.version)]),
-            summary: format!("{}: {}", set.model_id, lines.join("; ")),
+            summary: format!("{}: {}{}", set.model_id, lines.join("; "), geo_note.unwrap_or_default()),
             ..Default::default()
         })
     }
