@@ -16,6 +16,21 @@ async fn strings(lake: &Lake, sql: &str) -> Vec<String> {
     }).collect()
 }
 
+/// IoU of each detected box with the box drawn in the fixture's boxes.csv, for the photos it has.
+async fn ious_against_drawn_boxes(f: &common::Fixture, lake: &Lake) -> Vec<f64> {
+    let boxes = common::read_boxes(&f.dir.path().join("demo-lake/boxes.csv"));
+    let found = strings(lake, "SELECT d.photo_id || ',' || CAST(d.x0 * i.width AS VARCHAR) || ',' || CAST(d.y0 * i.height AS VARCHAR) || ',' || CAST(d.x1 * i.width AS VARCHAR) || ',' || CAST(d.y1 * i.height AS VARCHAR) FROM detections d JOIN images i ON d.photo_id = i.photo_id").await;
+    let mut ious = Vec::new();
+    for row in found {
+        let v: Vec<&str> = row.split(',').collect();
+        if let Some(b) = boxes.get(v[0]) {
+            let d: Vec<f64> = v[1..].iter().map(|x| x.parse().unwrap()).collect();
+            ious.push(common::iou(&[d[0], d[1], d[2], d[3]], b));
+        }
+    }
+    ious
+}
+
 fn expected(f: &common::Fixture, what: &str) -> BTreeSet<String> {
     f.truth.iter().filter(|(_, (_, e))| e == what).map(|(p, _)| p.clone()).collect()
 }
@@ -47,16 +62,7 @@ async fn cleaning_drops_exactly_the_planted_defects_and_reruns_are_up_to_date() 
     // The detector answered for every image; its boxes agree with the hand-drawn ones.
     let detected: BTreeSet<String> = strings(&lake, "SELECT photo_id FROM detections").await.into_iter().collect();
     assert_eq!(detected, images);
-    let boxes = common::read_boxes(&f.dir.path().join("demo-lake/boxes.csv"));
-    let found = strings(&lake, "SELECT d.photo_id || ',' || CAST(d.x0 * i.width AS VARCHAR) || ',' || CAST(d.y0 * i.height AS VARCHAR) || ',' || CAST(d.x1 * i.width AS VARCHAR) || ',' || CAST(d.y1 * i.height AS VARCHAR) FROM detections d JOIN images i ON d.photo_id = i.photo_id").await;
-    let mut ious = Vec::new();
-    for row in found {
-        let v: Vec<&str> = row.split(',').collect();
-        if let Some(b) = boxes.get(v[0]) {
-            let d: Vec<f64> = v[1..].iter().map(|x| x.parse().unwrap()).collect();
-            ious.push(common::iou(&[d[0], d[1], d[2], d[3]], b));
-        }
-    }
+    let ious = ious_against_drawn_boxes(&f, &lake).await;
     let mean_iou = ious.iter().sum::<f64>() / ious.len() as f64;
     assert!(ious.len() > 10 && mean_iou > 0.6, "detected boxes against boxes.csv: mean IoU {mean_iou} over {}", ious.len());
 
@@ -224,16 +230,7 @@ async fn without_boxes_the_detector_trains_on_pseudo_boxes_and_finds_the_flukes(
     assert!(detect.summary.contains("pseudo-boxes (found in"), "{}", detect.summary);
 
     // Against the boxes a person drew (which this run never read).
-    let boxes = common::read_boxes(&f.dir.path().join("demo-lake/boxes.csv"));
-    let found = strings(&lake, "SELECT d.photo_id || ',' || CAST(d.x0 * i.width AS VARCHAR) || ',' || CAST(d.y0 * i.height AS VARCHAR) || ',' || CAST(d.x1 * i.width AS VARCHAR) || ',' || CAST(d.y1 * i.height AS VARCHAR) FROM detections d JOIN images i ON d.photo_id = i.photo_id").await;
-    let mut ious = Vec::new();
-    for row in found {
-        let v: Vec<&str> = row.split(',').collect();
-        if let Some(b) = boxes.get(v[0]) {
-            let d: Vec<f64> = v[1..].iter().map(|x| x.parse().unwrap()).collect();
-            ious.push(common::iou(&[d[0], d[1], d[2], d[3]], b));
-        }
-    }
+    let ious = ious_against_drawn_boxes(&f, &lake).await;
     let mean_iou = ious.iter().sum::<f64>() / ious.len() as f64;
     let hits = ious.iter().filter(|&&x| x >= 0.5).count() as f64 / ious.len() as f64;
     eprintln!("pseudo-box detector against boxes.csv: mean IoU {mean_iou:.3}, {:.0} % at IoU >= 0.5, {} photos", hits * 100.0, ious.len());
