@@ -43,7 +43,7 @@ fn vectors(n: usize, dim: usize, seed: u64, centres: &[f32]) -> Vec<f32> {
 
 fn batch(start: usize, dim: usize, values: &[f32]) -> RecordBatch {
     let photos: Vec<Photo> =
-        (start..start + values.len() / dim).map(|i| Photo { photo_id: format!("p{i:08}"), uri: format!("p{i:08}"), label: None, crop: None }).collect();
+        (start..start + values.len() / dim).map(|i| Photo { photo_id: format!("p{i:08}"), uri: format!("p{i:08}"), label: None, crop: None, content_hash: None }).collect();
     embedding_batch(&photos, values, dim, "bench", "none", "bench", &Default::default()).expect("batch")
 }
 

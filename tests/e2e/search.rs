@@ -27,7 +27,7 @@ fn vectors(n: usize, seed: u64) -> Vec<f32> {
 
 fn batch(start: usize, values: &[f32]) -> RecordBatch {
     let photos: Vec<Photo> = (start..start + values.len() / DIM)
-        .map(|i| Photo { photo_id: format!("p{i:06}"), uri: format!("file:///x/p{i:06}.jpg"), label: Some(format!("W{}", i % 50)), crop: None })
+        .map(|i| Photo { photo_id: format!("p{i:06}"), uri: format!("file:///x/p{i:06}.jpg"), label: Some(format!("W{}", i % 50)), crop: None, content_hash: None })
         .collect();
     embedding_batch(&photos, values, DIM, "m", "none", "r", &Default::default()).unwrap()
 }

@@ -55,12 +55,16 @@ impl Lake {
         Ok(ctx)
     }
 
-    /// Housekeeping of every table: drops `run-*` tags older than `keep` (but each table's newest),
-    /// compacts small fragments, and removes versions older than `keep` that no tag holds.
+    /// Housekeeping of every table: drops the crop cache's rows of photos no table has any more
+    /// ([`crate::crops::prune_orphans`]), drops `run-*` tags older than `keep` (but each table's
+    /// newest), compacts small fragments, and removes versions older than `keep` that no tag
+    /// holds.
     pub async fn vacuum(&self, keep: chrono::Duration) -> Result<Vec<Vacuumed>> {
         let cutoff = chrono::Utc::now() - keep;
         let mut out = Vec::new();
+        let orphans = crate::crops::prune_orphans(self).await?;
         for t in self.tables().await? {
+            let rows_removed = if t == crate::crops::TABLE { orphans } else { 0 };
             let Some(mut ds) = self.open(&t).await? else { continue };
             let lerr = |e| Error::lance(&t, e);
             let tags = ds.tags().list().await.map_err(lerr)?;
@@ -84,6 +88,7 @@ impl Lake {
                 versions_removed: removed.old_versions,
                 bytes_removed: removed.bytes_removed,
                 tags_dropped,
+                rows_removed,
             });
         }
         Ok(out)
@@ -101,6 +106,8 @@ pub struct Vacuumed {
     pub versions_removed: u64,
     pub bytes_removed: u64,
     pub tags_dropped: usize,
+    /// Rows deleted (the crop cache's rows of photos gone from the lake).
+    pub rows_removed: u64,
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("pseudo_labels", include_str!("../../../schemas/pseudo_labels.toml")),
     ("submissions", include_str!("../../../schemas/submissions.toml")),
     ("detections", include_str!("../../../schemas/detections.toml")),
+    ("crops", include_str!("../../../schemas/crops.toml")),
 ];
 
 #[derive(Debug, Deserialize)]

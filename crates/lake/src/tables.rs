@@ -88,7 +88,7 @@ impl<'a> Columns<'a> {
 }
 
 /// Scans `columns` of `table` (an open dataset) and calls `each` with every batch.
-async fn scan_each(ds: &lance::Dataset, table: &str, columns: &[&str], mut each: impl FnMut(&Columns) -> Result<()>) -> Result<()> {
+pub(crate) async fn scan_each(ds: &lance::Dataset, table: &str, columns: &[&str], mut each: impl FnMut(&Columns) -> Result<()>) -> Result<()> {
     let mut scan = ds.scan();
     scan.project(columns).map_err(|e| Error::lance(table, e))?;
     let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;

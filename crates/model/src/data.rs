@@ -4,6 +4,7 @@
 //! thread a few batches ahead so the model never waits for I/O.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
@@ -14,6 +15,7 @@ use tch::Tensor;
 use tokio::sync::{Semaphore, mpsc};
 use url::Url;
 
+use lake::crops::{self, CropCache, CropStats};
 use lake::store;
 use vision::{self, DecodeLimits};
 use crate::{Error, Result};
@@ -27,6 +29,9 @@ pub struct Photo {
     pub label: Option<String>,
     /// `[x0, y0, x1, y1]` as fractions of the displayed frame, margin included; None: all of it.
     pub crop: Option<[f32; 4]>,
+    /// BLAKE3 of the photo's bytes as ingest recorded them: the key of its crops in the lake's
+    /// crop cache ([`lake::crops`]); None: the cache is not used for it.
+    pub content_hash: Option<String>,
 }
 
 /// Object stores by root (`s3://bucket`, `file://`), opened once.
@@ -70,6 +75,10 @@ pub struct Loader {
     cache: Mutex<Cache>,
     /// The lake whose tables the URIs come from: a lake-relative record is located against it.
     root: Option<String>,
+    /// The lake's crop cache, when this loader reads and fills it.
+    crops: Option<CropCache>,
+    /// Source photos fetched and decoded (not served from memory or the crop cache).
+    decoded: AtomicU64,
 }
 
 impl Loader {
@@ -83,6 +92,49 @@ impl Loader {
             decode_slots: Arc::new(Semaphore::new(threads.max(1))),
             cache: Mutex::new(Cache { map: HashMap::new(), bytes: 0, budget: cache_bytes }),
             root: None,
+            crops: None,
+            decoded: AtomicU64::new(0),
+        }
+    }
+
+    /// Reads crops from the lake's crop cache and adds those it decodes ([`lake::crops`]), for
+    /// photos whose content hash is known. Call [`Loader::flush`] when done.
+    pub fn with_crop_cache(mut self, lake: lake::Lake) -> Loader {
+        self.crops = Some(CropCache::new(lake));
+        self
+    }
+
+    /// Source photos fetched and decoded so far.
+    pub fn decoded(&self) -> u64 {
+        self.decoded.load(Ordering::Relaxed)
+    }
+
+    /// What the crop cache did so far (None: not used).
+    pub fn crop_stats(&self) -> Option<CropStats> {
+        self.crops.as_ref().map(CropCache::stats)
+    }
+
+    /// Writes the crops decoded since the last flush to the lake's cache.
+    pub async fn flush(&self) -> Result<u64> {
+        match &self.crops {
+            Some(c) => c.flush().await,
+            None => Ok(0),
+        }
+    }
+
+    /// [`Loader::flush`] for a stage: the cache only saves work, so a failed write loses
+    /// nothing; it is logged, and the next run decodes those photos again.
+    pub async fn flush_or_warn(&self, stage: &str) {
+        if let Err(e) = self.flush().await {
+            tracing::warn!("stage `{stage}`: crops not added to the lake's crop cache (the next run decodes them again): {e}");
+        }
+    }
+
+    /// One line for a stage summary: where the pixels came from.
+    pub fn summary(&self) -> String {
+        match self.crop_stats() {
+            Some(s) => format!("{} photos decoded, {} crops from the lake's crop cache, {} added to it", self.decoded(), s.hits, s.written),
+            None => format!("{} photos decoded", self.decoded()),
         }
     }
 
@@ -97,7 +149,9 @@ impl Loader {
     }
 
     /// Pixels of one photo (of its `crop` when given), `side*side*3` bytes, HWC.
-    pub async fn pixels(&self, uri: &str, crop: Option<[f32; 4]>) -> Result<Arc<Vec<u8>>> {
+    /// With a crop cache and a `content_hash`, the lake's copy is used when it has one, and a
+    /// decoded crop is added to it.
+    pub async fn pixels(&self, uri: &str, crop: Option<[f32; 4]>, content_hash: Option<&str>) -> Result<Arc<Vec<u8>>> {
         let key = match crop {
             Some(c) => format!("{uri}#{:?}", c),
             None => uri.to_string(),
@@ -105,6 +159,36 @@ impl Loader {
         if let Some(p) = self.cache.lock().expect("cache poisoned").map.get(&key) {
             return Ok(p.clone());
         }
+        let lake_key = match (&self.crops, content_hash) {
+            (Some(c), Some(h)) => Some((c, h, crops::key(h, crop, self.side))),
+            _ => None,
+        };
+        if let Some((c, _, k)) = &lake_key {
+            let len = (self.side as usize).pow(2) * 3;
+            if let Some(px) = c.get(k, len).await? {
+                let px = Arc::new(px);
+                self.keep(key, &px);
+                return Ok(px);
+            }
+        }
+        let px = self.decode(uri, crop).await?;
+        self.keep(key, &px);
+        if let Some((c, h, k)) = lake_key {
+            c.put(k, h, crop, self.side, px.clone()).await?;
+        }
+        Ok(px)
+    }
+
+    fn keep(&self, key: String, px: &Arc<Vec<u8>>) {
+        let mut cache = self.cache.lock().expect("cache poisoned");
+        if cache.bytes + px.len() <= cache.budget {
+            cache.bytes += px.len();
+            cache.map.insert(key, px.clone());
+        }
+    }
+
+    /// Fetches the photo and decodes it (its crop) to `side`×`side`.
+    async fn decode(&self, uri: &str, crop: Option<[f32; 4]>) -> Result<Arc<Vec<u8>>> {
         let located = match &self.root {
             Some(root) => store::locate(root, uri),
             None => uri.to_string(),
@@ -123,23 +207,18 @@ impl Loader {
             .await
             .map_err(|e| Error::Other(format!("decoder panicked on {uri}: {e}")))?
             .map_err(|e| Error::Location { uri: uri.into(), reason: format!("cannot decode: {e}") })?;
-        let px = Arc::new(img.into_raw());
-        let mut cache = self.cache.lock().expect("cache poisoned");
-        if cache.bytes + px.len() <= cache.budget {
-            cache.bytes += px.len();
-            cache.map.insert(key, px.clone());
-        }
-        Ok(px)
+        self.decoded.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(img.into_raw()))
     }
 
-    /// A batch as `[N, side, side, 3]` u8, in the order of `items` (URI, crop). Each photo loads in its own
+    /// A batch as `[N, side, side, 3]` u8, in the order of `items`. Each photo loads in its own
     /// task (decoding is bounded by the loader's thread count).
-    pub async fn batch(self: &Arc<Self>, items: Vec<(String, Option<[f32; 4]>)>) -> Result<Tensor> {
+    pub async fn batch(self: &Arc<Self>, items: Vec<Photo>) -> Result<Tensor> {
         let n = items.len();
         let mut set = tokio::task::JoinSet::new();
-        for (i, (u, crop)) in items.into_iter().enumerate() {
+        for (i, p) in items.into_iter().enumerate() {
             let me = self.clone();
-            set.spawn(async move { me.pixels(&u, crop).await.map(|p| (i, p)) });
+            set.spawn(async move { me.pixels(&p.uri, p.crop, p.content_hash.as_deref()).await.map(|px| (i, px)) });
         }
         let mut parts: Vec<(usize, Arc<Vec<u8>>)> = Vec::with_capacity(n);
         while let Some(r) = set.join_next().await {
@@ -170,7 +249,7 @@ pub fn prefetch(
         // Two batches in flight at once keep the decoders busy across batch boundaries.
         let mut stream = futures::stream::iter(batches)
             .map(move |b| {
-                let items: Vec<(String, Option<[f32; 4]>)> = b.iter().map(|&i| (photos[i].uri.clone(), photos[i].crop)).collect();
+                let items: Vec<Photo> = b.iter().map(|&i| photos[i].clone()).collect();
                 let loader = loader.clone();
                 async move { loader.batch(items).await.map(|t| (b, t)) }
             })
@@ -218,4 +297,90 @@ pub fn embedding_batch(
             Arc::new(StringArray::from_iter(photos.iter().map(|p| hash_of.get(&p.uri).map(String::as_str)))),
         ],
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four photos (PNG files) with distinct content, two of them cropped; content hashes as
+    /// ingest records them (BLAKE3 of the bytes).
+    fn write_photos(dir: &std::path::Path, variant: u8) -> Vec<Photo> {
+        (0..4u8)
+            .map(|i| {
+                let img = image::RgbImage::from_fn(120, 90, |x, y| {
+                    image::Rgb([(x as u8).wrapping_mul(i + 1), (y as u8).wrapping_add(40 * i), variant.wrapping_add((x ^ y) as u8)])
+                });
+                let p = dir.join(format!("p{i}.png"));
+                img.save(&p).unwrap();
+                let bytes = std::fs::read(&p).unwrap();
+                Photo {
+                    photo_id: format!("p{i}"),
+                    uri: format!("file://{}", p.display()),
+                    label: None,
+                    crop: (i % 2 == 0).then_some([0.1, 0.2, 0.8, 0.9]),
+                    content_hash: Some(blake3::hash(&bytes).to_hex().to_string()),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_later_run_decodes_no_source_photo_and_a_new_box_or_new_bytes_are_decoded_afresh() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let (src, lake_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let lake = lake::Lake::new(format!("file://{}", lake_dir.path().display()), HashMap::new(), lake::Catalog::default());
+            let photos = write_photos(src.path(), 0);
+            let side = 24;
+
+            // First run, two epochs: every photo decoded once (the memory cache serves epoch 2).
+            let first = Arc::new(Loader::new(side, 2, 1 << 20, HashMap::new()).with_crop_cache(lake.clone()));
+            let epoch1 = first.batch(photos.clone()).await.unwrap();
+            let epoch2 = first.batch(photos.clone()).await.unwrap();
+            assert!(epoch1.equal(&epoch2));
+            assert_eq!(first.decoded(), 4);
+            assert_eq!(first.flush().await.unwrap(), 4);
+
+            // Next run, no memory cache, sources deleted: both epochs come from the lake, equal
+            // to what the decoder produced (stored losslessly).
+            for p in &photos {
+                std::fs::remove_file(p.uri.trim_start_matches("file://")).unwrap();
+            }
+            let second = Arc::new(Loader::new(side, 2, 0, HashMap::new()).with_crop_cache(lake.clone()));
+            for _ in 0..2 {
+                assert!(second.batch(photos.clone()).await.unwrap().equal(&epoch1));
+            }
+            assert_eq!(second.decoded(), 0, "no source photo decoded");
+            assert_eq!(second.crop_stats().unwrap().hits, 8);
+            assert_eq!(second.flush().await.unwrap(), 0, "nothing new to add");
+
+            // Without the cache the same loader must read the sources, which are gone.
+            let plain = Arc::new(Loader::new(side, 2, 0, HashMap::new()));
+            assert!(plain.batch(photos.clone()).await.is_err());
+
+            // Invalidation: photo 0 with another margin (another box), photo 1 with new bytes
+            // at the same URI; photos 2 and 3 unchanged.
+            let mut changed = write_photos(src.path(), 99);
+            changed[0].crop = Some([0.05, 0.15, 0.85, 0.95]);
+            changed[0].content_hash = photos[0].content_hash.clone();
+            changed[2].content_hash = photos[2].content_hash.clone();
+            changed[3].content_hash = photos[3].content_hash.clone();
+            assert_ne!(changed[1].content_hash, photos[1].content_hash);
+            let third = Arc::new(Loader::new(side, 2, 0, HashMap::new()).with_crop_cache(lake.clone()));
+            let t = third.batch(changed.clone()).await.unwrap();
+            assert_eq!(third.decoded(), 2, "the new box and the new bytes, nothing else");
+            assert_eq!(third.crop_stats().unwrap().hits, 2);
+            assert!(!t.get(0).equal(&epoch1.get(0)) && !t.get(1).equal(&epoch1.get(1)));
+            assert!(t.get(2).equal(&epoch1.get(2)) && t.get(3).equal(&epoch1.get(3)));
+            assert_eq!(third.flush().await.unwrap(), 2);
+
+            // A photo without a content hash never touches the cache.
+            let mut unkeyed = changed[3].clone();
+            unkeyed.content_hash = None;
+            let fourth = Arc::new(Loader::new(side, 2, 0, HashMap::new()).with_crop_cache(lake.clone()));
+            let _ = fourth.batch(vec![unkeyed]).await.unwrap();
+            assert_eq!((fourth.decoded(), fourth.crop_stats().unwrap()), (1, lake::crops::CropStats::default()));
+        });
+    }
 }

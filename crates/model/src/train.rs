@@ -544,6 +544,7 @@ mod tests {
                     uri: format!("file://{}", p.display()),
                     label: Some(format!("W{ind}")),
                     crop: None,
+                    content_hash: None,
                 });
             }
         }

@@ -16,6 +16,8 @@
 //!                          # or "current:NAME": the model of that name promoted last
 //! table = "images"         # photos to embed: every photo of the collection
 //! flip_tta = true
+//! crop_cache = true        # read crops from the lake's crop cache and add those decoded
+//!                          # (lake::crops): a re-embed decodes no source photo
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,7 +40,7 @@ use model::data::embedding_batch;
 use model::train::{self, embed_photos, model_files};
 use crate::{Error, Result};
 
-const KEYS: &[&str] = &["model", "table", "output", "crops", "flip_tta", "batch_size", "chunk", "device", "loader_threads", "prefetch", "channels_last"];
+const KEYS: &[&str] = &["model", "table", "output", "crops", "flip_tta", "batch_size", "chunk", "device", "loader_threads", "prefetch", "channels_last", "crop_cache"];
 
 #[derive(Debug, Clone)]
 pub struct EmbedStage {
@@ -57,6 +59,8 @@ pub struct EmbedStage {
     pub prefetch: usize,
     /// Convolutions in channels-last memory order (faster; same embeddings to float rounding).
     pub channels_last: bool,
+    /// Read and fill the lake's crop cache (photos with a content hash only).
+    pub crop_cache: bool,
 }
 
 impl EmbedStage {
@@ -81,6 +85,7 @@ impl EmbedStage {
             loader_threads,
             prefetch,
             channels_last: k.bool("channels_last").unwrap_or(true),
+            crop_cache: k.bool("crop_cache").unwrap_or(true),
         };
         engine::stage::finish_keys(k, KEYS);
         ok.then_some(s)
@@ -123,7 +128,8 @@ impl EmbedStage {
             net.use_channels_last();
         }
         net.fold_batchnorm();
-        let loader = Arc::new(Loader::new(spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
+        let loader = Loader::new(spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root());
+        let loader = Arc::new(if self.crop_cache { loader.with_crop_cache(ctx.lake.clone()) } else { loader });
         if !ctx.is_streamed(&self.table) {
             if let Some(ds) = ctx.lake.open(&self.table).await? {
                 ctx.progress.set_length(ds.count_rows(None).await.map_err(|e| Error::lance(&self.table, e))? as u64);
@@ -195,7 +201,7 @@ impl EmbedStage {
                             }
                             if let Some(old) = hash.and_then(|h| by_hash.get(h)) {
                                 let label = lab.is_valid(i).then(|| lab.value(i).to_string());
-                                let photo = Photo { photo_id: pid.value(i).to_string(), uri: uri.value(i).to_string(), label, crop: None };
+                                let photo = Photo { photo_id: pid.value(i).to_string(), uri: uri.value(i).to_string(), label, ..Photo::default() };
                                 reuse.push((photo, old.to_string()));
                                 ctx.progress.inc(1);
                                 continue;
@@ -206,6 +212,7 @@ impl EmbedStage {
                             uri: uri.value(i).to_string(),
                             label: lab.is_valid(i).then(|| lab.value(i).to_string()),
                             crop: crops.get(pid.value(i)).copied(),
+                            content_hash: hash.map(str::to_string),
                         };
                         if photo.crop.is_none() && !boxes_done {
                             waiting.insert(photo.photo_id.clone(), photo);
@@ -277,6 +284,7 @@ impl EmbedStage {
             sink.send(reused_rows(&ctx.lake, &self.output, &reuse, &ctx.run_id, &hash_of).await?).await?;
         }
         let mut version = sink.finish().await?.version;
+        loader.flush_or_warn(&ctx.name).await;
         // Photos that left the input leave the table.
         let gone: Vec<&String> = if incremental { have.keys().filter(|u| !seen_uris.contains(*u)).collect() } else { Vec::new() };
         if !gone.is_empty() {
@@ -330,9 +338,10 @@ impl EmbedStage {
             rows_out: rows,
             written: BTreeMap::from([(self.output.clone(), version)]),
             summary: format!(
-                "{how} with {model_id} ({}{})",
+                "{how} with {model_id} ({}{}){}",
                 if dim > 0 { format!("{dim}-d") } else { "model unchanged".into() },
-                if self.flip_tta { ", flip TTA" } else { "" }
+                if self.flip_tta { ", flip TTA" } else { "" },
+                if rows > 0 { format!("; {}", loader.summary()) } else { String::new() },
             ),
             changes: engine::stage::Changes {
                 new: Some(rows + (reuse.len() - moved) as u64),

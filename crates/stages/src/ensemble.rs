@@ -125,7 +125,7 @@ impl EnsembleStage {
                 }
                 let n = values[start..].iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
                 values[start..].iter_mut().for_each(|x| *x /= n);
-                photos.push(Photo { photo_id: first.photo_ids[i].clone(), uri: first.uris[i].clone(), label: first.labels[i].clone(), crop: None });
+                photos.push(Photo { photo_id: first.photo_ids[i].clone(), uri: first.uris[i].clone(), label: first.labels[i].clone(), crop: None, content_hash: None });
             }
             sink.send(embedding_batch(&photos, &values, dim, &model_id, "none", &ctx.run_id, &HashMap::new())?).await?;
         }

@@ -54,7 +54,7 @@ const KEYS: &[&str] = &[
     "margin_lambda", "margin_b", "triplet_margin", "sampler", "pk_p", "pk_k", "batch_size", "epochs", "optimizer",
     "lr", "head_lr", "weight_decay", "clip_grad_norm", "schedule", "warmup_epochs", "warmup_start", "lr_floor",
     "step_epochs", "milestones", "gamma", "augment", "seed", "val_individuals", "val_photos", "min_photos",
-    "early_stop", "device", "amp", "channels_last", "threads", "loader_threads", "cache_mb", "prefetch", "eval_batch", "promote",
+    "early_stop", "device", "amp", "channels_last", "threads", "loader_threads", "cache_mb", "crop_cache", "prefetch", "eval_batch", "promote",
 ];
 
 lake::choice! { "promotion policy",
@@ -105,6 +105,8 @@ pub struct TrainStage {
     pub threads: usize,
     pub loader_threads: usize,
     pub cache_mb: usize,
+    /// Read and fill the lake's crop cache ([`lake::crops`]).
+    pub crop_cache: bool,
     pub prefetch: usize,
     pub eval_batch: usize,
     pub promote: Promote,
@@ -486,6 +488,7 @@ impl TrainStage {
             threads: k.int("threads", 0, 1024).unwrap_or(0) as usize,
             loader_threads,
             cache_mb: k.int("cache_mb", 0, 1 << 20).unwrap_or(4096) as usize,
+            crop_cache: k.bool("crop_cache").unwrap_or(true),
             prefetch,
             eval_batch: k.int("eval_batch", 1, 4096).unwrap_or(64) as usize,
             promote: match k.choice("promote", Promote::Best) {
@@ -631,12 +634,9 @@ impl TrainStage {
             tch::set_num_threads(self.threads as i32);
         }
         let dir = lake::models::model_dir_to_train(&ctx.lake, &model_id).await?;
-        let loader = Arc::new(Loader::new(
-            cfg.net.input_size,
-            self.loader_threads,
-            self.cache_mb << 20,
-            ctx.lake.options().clone(),
-        ).in_lake(ctx.lake.root()));
+        let loader = Loader::new(cfg.net.input_size, self.loader_threads, self.cache_mb << 20, ctx.lake.options().clone()).in_lake(ctx.lake.root());
+        let loader = Arc::new(if self.crop_cache { loader.with_crop_cache(ctx.lake.clone()) } else { loader });
+        let loaded = loader.clone();
         let weights_dir = std::env::var_os("PIPELINE_WEIGHTS")
             .map(PathBuf::from)
             .unwrap_or_else(|| dirs_cache().join("weights"));
@@ -678,6 +678,7 @@ impl TrainStage {
         })
         .await
         .map_err(|e| Error::Other(format!("training panicked: {e}")))??;
+        loaded.flush_or_warn(&ctx.name).await;
         dir.upload().await?;
 
         // The split table (owned) and the registry row.
@@ -736,7 +737,7 @@ impl TrainStage {
             rows_out: n as u64,
             written: BTreeMap::from([(out, committed.version)]),
             summary: format!(
-                "model {model_id}{resumed}: {} epochs on {} photos of {} individuals, {} val_unseen, {} val_seen{metrics}{}; {promoted}",
+                "model {model_id}{resumed}: {} epochs on {} photos of {} individuals, {} val_unseen, {} val_seen{metrics}{}; {promoted}; {}",
                 st.epochs_done,
                 counts("train"),
                 outcome.classes,
@@ -747,6 +748,7 @@ impl TrainStage {
                     Some(c) => format!("; crops of {}", c.detector),
                     None => String::new(),
                 },
+                loaded.summary(),
             ),
             ..Default::default()
         })
@@ -765,17 +767,22 @@ fn dirs_cache() -> PathBuf {
 pub async fn read_photos(lake: &Lake, table: &str) -> Result<Vec<Photo>> {
     let ds = lake.open(table).await?.ok_or_else(|| Error::Other(format!("table `{table}` does not exist in the lake")))?;
     let mut scan = ds.scan();
-    scan.project(&["photo_id", "uri", "individual_id"]).map_err(|e| Error::lance(table, e))?;
+    // The content hash (when the table has one) keys the photo's crops in the crop cache.
+    let keyed = ds.schema().field("content_hash").is_some();
+    let columns: &[&str] = if keyed { &["photo_id", "uri", "individual_id", "content_hash"] } else { &["photo_id", "uri", "individual_id"] };
+    scan.project(columns).map_err(|e| Error::lance(table, e))?;
     let mut stream = scan.try_into_stream().await.map_err(|e| Error::lance(table, e))?;
     let mut out = Vec::new();
     while let Some(b) = stream.try_next().await.map_err(|e| Error::lance(table, e))? {
         let (pid, uri, lab) = (b.column(0).as_string::<i32>(), b.column(1).as_string::<i32>(), b.column(2).as_string::<i32>());
+        let hash = keyed.then(|| b.column(3).as_string::<i32>());
         for i in 0..b.num_rows() {
             out.push(Photo {
                 photo_id: pid.value(i).to_string(),
                 uri: uri.value(i).to_string(),
                 label: (lab.is_valid(i) && !lab.value(i).is_empty()).then(|| lab.value(i).to_string()),
                 crop: None,
+                content_hash: hash.filter(|h| h.is_valid(i)).map(|h| h.value(i).to_string()),
             });
         }
     }
@@ -848,7 +855,7 @@ mod tests {
         let mut out = Vec::new();
         for (l, n) in spec {
             for i in 0..*n {
-                out.push(Photo { photo_id: format!("{l}_{i}.jpg"), uri: format!("file:///p/{l}_{i}.jpg"), label: Some(l.to_string()), crop: None });
+                out.push(Photo { photo_id: format!("{l}_{i}.jpg"), uri: format!("file:///p/{l}_{i}.jpg"), label: Some(l.to_string()), crop: None, content_hash: None });
             }
         }
         out
