@@ -58,7 +58,7 @@ async fn main() {
 async fn geometric(lake: &Lake, set: &pipeline::tables::EmbeddingSet, splits: &std::collections::HashMap<String, String>, k: usize, side: u32) {
     let crops = model_crops(lake, &set.model_id).await.expect("crops");
     let base = GeoOptions { k, side, ..Default::default() };
-    let f = local_features(lake, &set.uris, &crops, base).await.expect("local features");
+    let f = local_features(lake, &set.photo_ids, &set.uris, &crops, base).await.expect("local features");
     let kp: Vec<usize> = f.rows.iter().flatten().map(|r| r.keypoints.len()).collect();
     println!(
         "local features of {} photos ({} cropped) at {side}²: {:.1} s, keypoints median {}, {} unreadable",

@@ -194,6 +194,13 @@ enum Cmd {
         /// Weight exponent of α-query expansion.
         #[arg(long, default_value_t = 3.0)]
         alpha: f32,
+        /// Geometric re-ranking: the first N neighbours re-scored by local features verified
+        /// with RANSAC, each photo read as the model reads it (0: off).
+        #[arg(long, default_value_t = 0)]
+        geometric: usize,
+        /// Weight of the verified matches against the similarity (with --geometric).
+        #[arg(long, default_value_t = 0.3)]
+        geometric_weight: f32,
         #[command(flatten)]
         search: SearchFlags,
         #[command(flatten)]
@@ -530,7 +537,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Similar { photo, k, format, table, exact, expand, alpha, search, at } => {
+        Cmd::Similar { photo, k, format, table, exact, expand, alpha, geometric, geometric_weight, search, at } => {
             let lake = at.open().await?;
             let ds = lake.open(&table).await?.ok_or_else(|| anyhow::anyhow!("table `{table}` does not exist in {}", lake.root()))?;
             // One question: Lance's own scan where there is no index (reading the table into
@@ -540,10 +547,17 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--alpha {alpha}: must be 0..100");
             }
             let x = pipeline::vector::Expansion { k: expand, alpha };
+            if !(0.0..=100.0).contains(&geometric_weight) {
+                anyhow::bail!("--geometric-weight {geometric_weight}: must be 0..100");
+            }
+            let geo = answer::local::GeoOptions { k: geometric, weight: geometric_weight, ..Default::default() };
             let ds = std::sync::Arc::new(ds);
             let src = pipeline::vector::Source::Table(ds.clone(), params);
             let found = match answer::similar_to_id(&ds, &src, &photo, k, x).await? {
-                Some(f) => f,
+                Some(mut f) => {
+                    answer::rerank_geometric(&lake, &mut f, None, geo).await?;
+                    f
+                }
                 None => {
                     let looks_like_file = photo.contains("://") || std::path::Path::new(&photo).exists();
                     if !looks_like_file {
@@ -552,8 +566,13 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     let bytes = answer::read_photo(&photo, lake.options()).await?;
                     let device = pipeline::model::train::pick_device("auto").map_err(anyhow::Error::msg)?;
                     let embedder = answer::Embedder::for_table(&lake, &table, device).await?;
-                    let v = embedder.embed_bytes(bytes, Default::default()).await?;
-                    answer::similar_to_vector(&ds, &src, &photo, &v, k, x).await?
+                    let view = (geo.k > 0).then_some(geo.side);
+                    let (v, seen) = embedder.embed_bytes_viewing(bytes, Default::default(), view).await?;
+                    let mut f = answer::similar_to_vector(&ds, &src, &photo, &v, k, x).await?;
+                    if let Some(px) = seen {
+                        answer::rerank_geometric(&lake, &mut f, Some(px), geo).await?;
+                    }
+                    f
                 }
             };
             print_similar(&found, format)?;
@@ -640,16 +659,25 @@ fn print_similar(f: &answer::Similar, format: SimilarFormat) -> anyhow::Result<(
         SimilarFormat::Json => println!("{}", serde_json::to_string_pretty(f)?),
         SimilarFormat::Csv => {
             let mut w = csv::Writer::from_writer(std::io::stdout());
-            w.write_record(["rank", "photo_id", "individual_id", "similarity", "distance", "uri"])?;
+            let geo = f.geometric.is_some();
+            let mut head = vec!["rank", "photo_id", "individual_id", "similarity", "distance", "uri"];
+            if geo {
+                head.push("inliers");
+            }
+            w.write_record(head)?;
             for n in &f.neighbours {
-                w.write_record([
+                let mut row = vec![
                     n.rank.to_string(),
                     n.photo_id.clone(),
                     n.individual_id.clone().unwrap_or_default(),
                     format!("{:.4}", n.similarity),
                     format!("{:.4}", n.distance),
                     n.uri.clone(),
-                ])?;
+                ];
+                if geo {
+                    row.push(n.inliers.map(|i| i.to_string()).unwrap_or_default());
+                }
+                w.write_record(row)?;
             }
             w.flush()?;
         }
@@ -661,14 +689,18 @@ fn print_similar(f: &answer::Similar, format: SimilarFormat) -> anyhow::Result<(
                 if f.in_collection { "" } else { " (new photo, embedded now)" },
                 f.model_id
             );
-            println!("{:>4}  {:<28} {:<14} {:>10}  uri", "rank", "photo_id", "individual", "similarity");
+            if let Some(g) = &f.geometric {
+                println!("re-ranked: {g}");
+            }
+            println!("{:>4}  {:<28} {:<14} {:>10} {:>7}  uri", "rank", "photo_id", "individual", "similarity", "inliers");
             for n in &f.neighbours {
                 println!(
-                    "{:>4}  {:<28} {:<14} {:>10.4}  {}",
+                    "{:>4}  {:<28} {:<14} {:>10.4} {:>7}  {}",
                     n.rank,
                     n.photo_id,
                     n.individual_id.as_deref().unwrap_or("-"),
                     n.similarity,
+                    n.inliers.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
                     n.uri
                 );
             }

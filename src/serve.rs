@@ -8,6 +8,10 @@
 //! | `POST /similar?k=20` (image body) | neighbours of a new photo; 400 when it is not an image, 413 over the size limit |
 //! | `GET /photos/{photo_id}/thumbnail` | a JPEG, longest side 256 |
 //!
+//! Both `/similar` routes take `expand` and `alpha` (α-query expansion) and `geometric=N`: the
+//! first N neighbours re-scored by local features verified with RANSAC ([`answer::local`]);
+//! each then carries its `inliers`, and the answer says how it was re-ranked (`geometric`).
+//!
 //! Loopback only unless told otherwise. The model is loaded once and lives on one worker
 //! thread; concurrent uploads queue there and are embedded together in one forward pass.
 //!
@@ -47,12 +51,15 @@ use answer::{self, Service};
 use lake::vector::Expansion;
 use lake::{Error, Result};
 
-/// `?k=20&expand=5&alpha=3`: neighbours wanted, and α-query expansion (off unless `expand`).
+/// `?k=20&expand=5&alpha=3&geometric=10`: neighbours wanted, α-query expansion (off unless
+/// `expand`), geometric re-ranking of the first `geometric` (off unless given).
 #[derive(Deserialize)]
 struct KParam {
     k: Option<usize>,
     expand: Option<usize>,
     alpha: Option<f32>,
+    /// Geometric re-ranking of the first N neighbours (answer::local).
+    geometric: Option<usize>,
 }
 
 /// What the API takes on at once, and who may use it.
@@ -184,6 +191,14 @@ fn k_of(p: &KParam) -> std::result::Result<(usize, Expansion), Response> {
     Ok((k, Expansion { k: expand, alpha }))
 }
 
+fn geo_of(p: &KParam) -> std::result::Result<answer::local::GeoOptions, Response> {
+    match p.geometric {
+        None => Ok(answer::local::GeoOptions::first(0)),
+        Some(g) if g <= 100 => Ok(answer::local::GeoOptions::first(g)),
+        Some(g) => Err(err(StatusCode::BAD_REQUEST, format!("geometric = {g}: must be 0..100"))),
+    }
+}
+
 async fn healthz(State(api): State<Shared>) -> Response {
     let s = &api.service;
     let now = s.now();
@@ -222,9 +237,16 @@ async fn similar_id(State(api): State<Shared>, Path(id): Path<String>, Query(p):
         Ok(kx) => kx,
         Err(r) => return r,
     };
+    let geo = match geo_of(&p) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
     let now = s.now();
     match answer::similar_to_id(&now.ds, &now.source, &id, k, x).await {
-        Ok(Some(a)) => Json(a).into_response(),
+        Ok(Some(mut a)) => match answer::rerank_geometric(&s.lake, &mut a, None, geo).await {
+            Ok(()) => Json(a).into_response(),
+            Err(e) => internal("the geometric re-ranking", e),
+        },
         Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => internal("the search", e),
     }
@@ -236,6 +258,10 @@ async fn similar_upload(State(api): State<Shared>, Query(p): Query<KParam>, body
         Ok(kx) => kx,
         Err(r) => return r,
     };
+    let geo = match geo_of(&p) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
     if body.is_empty() {
         return err(StatusCode::BAD_REQUEST, "empty body: POST the image bytes (JPEG, PNG, TIFF, WebP, GIF or BMP)");
     }
@@ -245,7 +271,8 @@ async fn similar_upload(State(api): State<Shared>, Query(p): Query<KParam>, body
         return err(StatusCode::SERVICE_UNAVAILABLE, format!("no model can embed new photos for this table: {why}"));
     };
     let limits = DecodeLimits { max_pixels: api.limits.max_upload_pixels };
-    let v = match embedder.embed_bytes(body.to_vec(), limits).await {
+    let view = (geo.k > 0).then_some(geo.side);
+    let (v, seen) = match embedder.embed_bytes_viewing(body.to_vec(), limits, view).await {
         Ok(v) => v,
         Err(Error::BadImage(m)) if m.contains("over the decode limit") => {
             let m = m.replace("the decode limit", "this server's upload limit");
@@ -256,7 +283,13 @@ async fn similar_upload(State(api): State<Shared>, Query(p): Query<KParam>, body
         Err(e) => return internal("embedding the upload", e),
     };
     match answer::similar_to_vector(&now.ds, &now.source, "upload", &v, k, x).await {
-        Ok(a) => Json(a).into_response(),
+        Ok(mut a) => match seen {
+            Some(px) => match answer::rerank_geometric(&s.lake, &mut a, Some(px), geo).await {
+                Ok(()) => Json(a).into_response(),
+                Err(e) => internal("the geometric re-ranking", e),
+            },
+            None => Json(a).into_response(),
+        },
         Err(e) => internal("the search", e),
     }
 }

@@ -76,21 +76,35 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
         }
     }
 
-    // Geometric re-ranking asked for: only `evaluate` runs again; each row comes a third time,
-    // from the photos' crops (every photo described, none unreadable).
-    let geo_plan = pipeline::load(&f.pipeline, &["evaluate.geometric=10".to_string()]).await.unwrap();
+    // Geometric re-ranking asked for: only `evaluate` and `submit` run again; each evaluation
+    // row comes a third time, from the photos' crops as the model reads them (every photo
+    // described, none unreadable, each with a detection read by its box).
+    let boxed = query(&lake, "SELECT count(DISTINCT photo_id) FROM detections").await[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0);
+    assert!(boxed > 0);
+    let geo_plan = pipeline::load(&f.pipeline, &["evaluate.geometric=10".to_string(), "submit.geometric=10".to_string()]).await.unwrap();
     let r = dag::run(&geo_plan, &opts).await.unwrap();
     let ev_stage = r.stage("evaluate").unwrap();
     assert_eq!(ev_stage.status, Status::Succeeded, "{r:#?}");
-    assert!(r.stages.iter().filter(|s| s.stage != "evaluate").all(|s| s.status == Status::UpToDate || s.stage == "report"), "{r:#?}");
-    assert!(ev_stage.summary.contains(&format!("local features of {images} photos")) && !ev_stage.summary.contains("unreadable"), "{}", ev_stage.summary);
+    assert!(r.stages.iter().all(|s| s.status == Status::UpToDate || ["evaluate", "submit", "report"].contains(&s.stage.as_str())), "{r:#?}");
+    let described = format!("local features of {images} photos ({boxed} cropped)");
+    assert!(ev_stage.summary.contains(&described) && !ev_stage.summary.contains("unreadable"), "{}", ev_stage.summary);
+    let submit = r.stage("submit").unwrap();
+    assert!(submit.summary.contains("first 10 re-ranked geometrically") && submit.summary.contains(&format!("{images} photos, {boxed} cropped")), "{}", submit.summary);
+    // The re-ranked submission is still 20 distinct photos per query, never the query.
+    let geo_csv = std::fs::read_to_string(f.dir.path().join("submission.csv")).unwrap();
+    assert_eq!(geo_csv.lines().count() as i64, images + 1);
+    for line in geo_csv.lines().skip(1) {
+        let (photo, neighbours) = line.split_once(',').unwrap();
+        let n: std::collections::BTreeSet<&str> = neighbours.split(' ').collect();
+        assert!(n.len() == 20 && !n.contains(photo), "{line}");
+    }
     let geo = query(&lake, "SELECT rerank, count(*), min(precision_at_1), max(map_at_20) FROM evaluate WHERE rerank LIKE 'geometric%' GROUP BY rerank").await;
     assert_eq!(geo[0].num_rows(), 1);
     assert_eq!(geo[0].column(0).as_string::<i32>().value(0), "geometric k=10 w=0.3 min=8 side=384");
     assert_eq!(geo[0].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(0), got.len() as i64 / 2);
     // Asked no more: `evaluate` runs again without it (and `report`, which reads it).
     let back = dag::run(&plan, &opts).await.unwrap();
-    assert!(back.stages.iter().all(|s| s.status == Status::UpToDate || ["evaluate", "report"].contains(&s.stage.as_str())), "{back:#?}");
+    assert!(back.stages.iter().all(|s| s.status == Status::UpToDate || ["evaluate", "submit", "report"].contains(&s.stage.as_str())), "{back:#?}");
 
     // The registry row points at the model's files; its history has both epochs.
     let m = query(&lake, &format!("SELECT checkpoint_uri, history FROM models WHERE model_id = '{model_id}'")).await;
@@ -217,6 +231,25 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     assert_eq!(http(addr, "GET", "/similar/no-such-photo.jpg", &[]).await.0, 404);
     assert_eq!(http(addr, "GET", &format!("/similar/{some_photo}?k=0"), &[]).await.0, 400);
     assert_eq!(http(addr, "GET", &format!("/similar/{some_photo}?expand=101"), &[]).await.0, 400);
+    assert_eq!(http(addr, "GET", &format!("/similar/{some_photo}?geometric=101"), &[]).await.0, 400);
+    // Geometric re-ranking of the first 5: the same 5 photos, each with its inliers, in the
+    // order of the fused score; the 6th and 7th untouched.
+    let plain: Vec<String> = v["neighbours"].as_array().unwrap().iter().map(|n| n["photo_id"].as_str().unwrap().to_string()).collect();
+    let (code, body) = http(addr, "GET", &format!("/similar/{some_photo}?k=7&geometric=5"), &[]).await;
+    assert_eq!(code, 200, "{body}");
+    let g: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(g["geometric"].as_str().unwrap().starts_with("geometric k=5 "), "{body}");
+    let gn = g["neighbours"].as_array().unwrap();
+    let ids = |r: std::ops::Range<usize>| -> std::collections::BTreeSet<String> { r.map(|i| gn[i]["photo_id"].as_str().unwrap().to_string()).collect() };
+    assert_eq!(ids(0..5), plain[..5].iter().cloned().collect(), "{body}");
+    assert_eq!(gn[5]["photo_id"], plain[5].as_str());
+    assert_eq!(gn[6]["photo_id"], plain[6].as_str());
+    assert!(gn[..5].iter().all(|n| n["inliers"].is_u64()) && gn[5..].iter().all(|n| n.get("inliers").is_none()), "{body}");
+    let fused = |n: &serde_json::Value| {
+        let (s, i) = (n["similarity"].as_f64().unwrap(), n["inliers"].as_u64().unwrap() as f64);
+        s + if i >= 8.0 { 0.3 * i.min(40.0) / 40.0 } else { 0.0 }
+    };
+    assert!(gn[..5].windows(2).all(|w| fused(&w[0]) >= fused(&w[1]) - 1e-5), "{body}");
     // With the submission's expansion, the API answers what the submission says.
     let (code, body) = http(addr, "GET", &format!("/similar/{some_photo}?k=20&expand=5&alpha=3"), &[]).await;
     assert_eq!(code, 200, "{body}");
@@ -236,6 +269,13 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     // The same bytes embed to the stored vector (an exact duplicate of it may tie for first).
     let me = v["neighbours"].as_array().unwrap().iter().find(|n| n["photo_id"] == some_photo.as_str());
     assert!(me.is_some_and(|n| n["similarity"].as_f64().unwrap() > 0.999), "a photo finds itself: {body}");
+    // Re-ranked geometrically, the upload (read as the model reads it, its crop) and its own
+    // stored photo share many verified matches.
+    let (code, body) = http(addr, "POST", "/similar?k=3&geometric=3", &photo).await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let me = v["neighbours"].as_array().unwrap().iter().find(|n| n["photo_id"] == some_photo.as_str()).expect("itself among 3");
+    assert!(me["inliers"].as_u64().unwrap() >= 8, "{body}");
     let (code, body) = http(addr, "POST", "/similar", b"this is not an image").await;
     assert_eq!(code, 400, "{body}");
     // One byte over the limit: the server has read the whole body when it answers 413.
@@ -271,9 +311,18 @@ async fn every_photo_gets_a_unit_embedding_and_the_model_is_evaluated_and_regist
     let again = dag::run(&mplan, &opts).await.unwrap();
     let train = again.stages.iter().find(|s| s.stage == "train").unwrap();
     assert_eq!(train.status, Status::Succeeded, "{again:#?}");
+    // Its photos' crops come from the lake's crop cache: no source photo decoded, in any epoch.
+    assert!(train.summary.contains(" 0 photos decoded, ") && !train.summary.contains(" 0 crops from the lake's crop cache"), "{}", train.summary);
     assert!(to.join("lake/models").join(&model_id).join("best.safetensors").is_file());
     let again = dag::run(&mplan, &opts).await.unwrap();
     assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
+    // A re-embed (without flip TTA now) reads every crop from the cache, decoding nothing.
+    let reembed = pipeline::load(&to.join("pipeline.toml"), &["embed.flip_tta=false".to_string()]).await.unwrap();
+    let again = dag::run(&reembed, &opts).await.unwrap();
+    let embed = again.stage("embed").unwrap();
+    assert_eq!(embed.status, Status::Succeeded, "{again:#?}");
+    assert!(embed.summary.contains(&format!("{images} new photos embedded")) || embed.summary.contains(&format!("{images} photos embedded")), "{}", embed.summary);
+    assert!(embed.summary.contains(&format!("0 photos decoded, {images} crops from the lake's crop cache, 0 added")), "{}", embed.summary);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

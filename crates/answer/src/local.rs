@@ -50,6 +50,11 @@ impl Default for GeoOptions {
 }
 
 impl GeoOptions {
+    /// The first `k` candidates re-ranked with the default weight, side and inliers.
+    pub fn first(k: usize) -> GeoOptions {
+        GeoOptions { k, ..GeoOptions::default() }
+    }
+
     /// The `rerank` label of an evaluation re-ranked this way.
     pub fn label(&self) -> String {
         format!("geometric k={} w={} min={} side={}", self.k, self.weight, self.min_inliers, self.side)
@@ -64,6 +69,8 @@ pub struct LocalFeatures {
     /// Photos that could not be read (their rows are `None`), with the first reason.
     pub unreadable: usize,
     pub first_error: Option<String>,
+    /// Photos read by their model's crop (the others whole).
+    pub cropped: usize,
     pub seconds: f64,
     cache: std::sync::Mutex<HashMap<(u32, u32), u32>>,
 }
@@ -104,7 +111,33 @@ pub fn fuse(sim: f32, inliers: usize, o: &GeoOptions) -> f32 {
     }
 }
 
-/// The crop of each photo (by URI) as the model `model_id` reads it: its detector's box grown
+/// `hits` (nearest first) with the first `o.k` reordered by their fused score ([`fuse`]) of
+/// similarity (`sim(hit)`) and verified inliers (`inliers(hit)`, asked only of those k); a tie
+/// keeps the embedding's order and the hits after k follow unchanged. Each hit itself is left
+/// as it was (its embedding distance); the inliers of the re-scored ones come back beside them
+/// (None past k).
+pub fn rerank<T>(hits: Vec<T>, o: &GeoOptions, sim: impl Fn(&T) -> f32, inliers: impl Fn(&T) -> usize) -> Vec<(T, Option<usize>)> {
+    let k = o.k.min(hits.len());
+    let mut it = hits.into_iter();
+    let mut head: Vec<(f32, T, usize)> = it
+        .by_ref()
+        .take(k)
+        .map(|h| {
+            let n = inliers(&h);
+            (fuse(sim(&h), n, o), h, n)
+        })
+        .collect();
+    head.sort_by(|a, b| b.0.total_cmp(&a.0));
+    head.into_iter().map(|(_, h, n)| (h, Some(n))).chain(it.map(|h| (h, None))).collect()
+}
+
+/// The local features of one image already read as the model reads it (`side`² RGB8).
+pub fn describe(rgb: &[u8], side: u32) -> Features {
+    let g = grey(rgb, side as usize);
+    geometric::extract(&geometric::Gray { width: side as usize, height: side as usize, pixels: &g }, &Params::default())
+}
+
+/// The crop of each photo (by photo id) as the model `model_id` reads it: its detector's box grown
 /// by its margin; empty when the model reads whole photos or is not a trained model (an
 /// ensemble's id).
 pub async fn model_crops(lake: &Lake, model_id: &str) -> Result<HashMap<String, [f32; 4]>> {
@@ -120,23 +153,28 @@ pub fn grey(rgb: &[u8], side: usize) -> Vec<f32> {
     geometric::luma_from_rgb8(side, side, rgb, side).2
 }
 
-/// Reads and describes every photo of `uris` (two at a time), each cropped by `crops` when it
-/// has a box there.
-pub async fn local_features(lake: &Lake, uris: &[String], crops: &HashMap<String, [f32; 4]>, options: GeoOptions) -> Result<LocalFeatures> {
+/// Reads and describes every photo of `uris` (two at a time), each cropped by `crops` (by photo
+/// id, [`model_crops`]) when its id in `photo_ids` has a box there.
+pub async fn local_features(
+    lake: &Lake,
+    photo_ids: &[String],
+    uris: &[String],
+    crops: &HashMap<String, [f32; 4]>,
+    options: GeoOptions,
+) -> Result<LocalFeatures> {
     let started = std::time::Instant::now();
     let side = options.side.max(32);
     let loader = Arc::new(Loader::new(side, 2, 0, lake.options().clone()).in_lake(lake.root()));
     let params = Params::default();
     // Owned items: a stream borrowing `uris` would make the caller's future lifetime-generic.
-    let items: Vec<(usize, String, Option<[f32; 4]>)> = uris.iter().enumerate().map(|(i, u)| (i, u.clone(), crops.get(u).copied())).collect();
+    let items: Vec<(usize, String, Option<[f32; 4]>)> =
+        uris.iter().zip(photo_ids).enumerate().map(|(i, (u, id))| (i, u.clone(), crops.get(id).copied())).collect();
+    let cropped = items.iter().filter(|(_, _, c)| c.is_some()).count();
     let jobs = items.into_iter().map(move |(i, uri, crop)| {
         let loader = loader.clone();
         async move {
-            let r = match loader.pixels(&uri, crop).await {
-                Ok(px) => tokio::task::spawn_blocking(move || {
-                    let g = grey(&px, side as usize);
-                    geometric::extract(&geometric::Gray { width: side as usize, height: side as usize, pixels: &g }, &Params::default())
-                })
+            let r = match loader.pixels(&uri, crop, None).await {
+                Ok(px) => tokio::task::spawn_blocking(move || describe(&px, side))
                 .await
                 .map_err(|e| Error::Other(format!("local features of {uri}: {e}"))),
                 Err(e) => Err(e),
@@ -156,5 +194,34 @@ pub async fn local_features(lake: &Lake, uris: &[String], crops: &HashMap<String
             }
         }
     }
-    Ok(LocalFeatures { rows, params, options, unreadable, first_error, seconds: started.elapsed().as_secs_f64(), cache: Default::default() })
+    Ok(LocalFeatures { rows, params, options, unreadable, first_error, cropped, seconds: started.elapsed().as_secs_f64(), cache: Default::default() })
+}
+
+#[cfg(test)]
+mod rerank_tests {
+    use super::*;
+    use lake::vector::Hit;
+
+    fn hit(id: &str, sim: f32) -> Hit {
+        Hit { photo_id: id.into(), uri: format!("file:///p/{id}"), individual_id: None, distance: 1.0 - sim }
+    }
+
+    #[test]
+    fn a_verified_candidate_moves_up_within_k_and_the_rest_keep_their_order() {
+        let hits = vec![hit("a", 0.9), hit("b", 0.85), hit("c", 0.8), hit("d", 0.95)];
+        let o = GeoOptions { k: 3, weight: 0.3, side: 384, min_inliers: 8 };
+        let inl = |h: &Hit| match h.photo_id.as_str() {
+            "c" => 40,
+            "b" => 7, // under min_inliers: no bonus
+            "d" => panic!("past k: never verified"),
+            _ => 0,
+        };
+        let out = rerank(hits, &o, Hit::similarity, inl);
+        let order: Vec<(&str, Option<usize>)> = out.iter().map(|(h, n)| (h.photo_id.as_str(), *n)).collect();
+        assert_eq!(order, vec![("c", Some(40)), ("a", Some(0)), ("b", Some(7)), ("d", None)]);
+        assert!((out[0].0.similarity() - 0.8).abs() < 1e-6, "the distance stays the embedding's");
+        // k = 0: nothing verified, nothing moves.
+        let off = rerank(vec![hit("a", 0.9), hit("b", 0.8)], &GeoOptions { k: 0, ..o }, Hit::similarity, |_| panic!("off"));
+        assert_eq!(off.iter().map(|(h, _)| h.photo_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    }
 }

@@ -148,6 +148,13 @@ impl Embedder {
     /// ([`vision::Decoded`]). A bad image is [`Error::BadImage`] saying why; a full queue to the
     /// model thread is [`Error::Overloaded`].
     pub async fn embed_bytes(&self, bytes: Vec<u8>, limits: DecodeLimits) -> Result<Vec<f32>> {
+        Ok(self.embed_bytes_viewing(bytes, limits, None).await?.0)
+    }
+
+    /// [`Embedder::embed_bytes`], and with `view = Some(side)` also the photo as the model reads
+    /// it (its crop or all of it) at `side`² RGB8, from the same decode: what geometric
+    /// re-ranking describes ([`rerank_geometric`]).
+    pub async fn embed_bytes_viewing(&self, bytes: Vec<u8>, limits: DecodeLimits, view: Option<u32>) -> Result<(Vec<f32>, Option<Vec<u8>>)> {
         let mut photo = vision::Decoded::new(bytes, limits);
         let crop = match self.crop {
             Some((det_side, margin)) => {
@@ -163,15 +170,31 @@ impl Embedder {
             None => None,
         };
         let side = self.input_size;
-        let ((), px) = blocking(move || {
+        let (photo, px) = blocking(move || {
             let px = match crop {
                 Some(c) => photo.crop_square(side, c),
                 None => photo.square(side),
             };
-            ((), px)
+            (photo, px)
         })
         .await?;
-        self.ask(|tx| Job::Embed(px.into_raw(), tx)).await
+        let seen = match view {
+            Some(v) => Some(
+                blocking(move || {
+                    let mut photo = photo;
+                    let px = match crop {
+                        Some(c) => photo.crop_square(v, c),
+                        None => photo.square(v),
+                    };
+                    ((), px)
+                })
+                .await?
+                .1
+                .into_raw(),
+            ),
+            None => None,
+        };
+        Ok((self.ask(|tx| Job::Embed(px.into_raw(), tx)).await?, seen))
     }
 
     /// Queues a job for the model thread and waits for its answer; a full queue is refused at once.
@@ -214,7 +237,13 @@ pub struct Similar {
     /// Whether the query is a photo of the table (searched with its stored embedding).
     pub in_collection: bool,
     pub model_id: String,
+    /// How the first neighbours were re-ranked by local features (None: by similarity alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub geometric: Option<String>,
     pub neighbours: Vec<Neighbour>,
+    /// The query photo's URI (located) when it is a photo of the table.
+    #[serde(skip)]
+    pub query_uri: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -225,6 +254,9 @@ pub struct Neighbour {
     pub similarity: f32,
     pub distance: f32,
     pub uri: String,
+    /// Verified local-feature matches with the query, for neighbours re-ranked geometrically.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inliers: Option<usize>,
 }
 
 /// The hits of a search of `ds`, their URIs located (a lake records local photos relative to
@@ -240,6 +272,7 @@ fn neighbours(ds: &lance::Dataset, hits: Vec<Hit>) -> Vec<Neighbour> {
             photo_id: h.photo_id,
             individual_id: h.individual_id,
             uri: lake::store::locate(&root, &h.uri),
+            inliers: None,
         })
         .collect()
 }
@@ -251,13 +284,68 @@ pub async fn similar_to_id(ds: &lance::Dataset, src: &Source, id: &str, k: usize
     let Some((v, me)) = vector::embedding_of(ds, id).await? else { return Ok(None) };
     let hits = vector::similar(src, &v, k, x, Some(&me.uri)).await?;
     let model_id = model_of(ds).await?;
-    Ok(Some(Similar { query: me.photo_id.clone(), in_collection: true, model_id, neighbours: neighbours(ds, hits) }))
+    let root = ds.uri().trim_end_matches('/').rsplit_once('/').map(|(r, _)| r.to_string()).unwrap_or_default();
+    Ok(Some(Similar {
+        query: me.photo_id.clone(),
+        in_collection: true,
+        model_id,
+        geometric: None,
+        neighbours: neighbours(ds, hits),
+        query_uri: Some(lake::store::locate(&root, &me.uri)),
+    }))
 }
 
 /// The `k` nearest photos to an embedding, with query expansion `x`.
 pub async fn similar_to_vector(ds: &lance::Dataset, src: &Source, label: &str, v: &[f32], k: usize, x: Expansion) -> Result<Similar> {
     let hits = vector::similar(src, v, k, x, None).await?;
-    Ok(Similar { query: label.to_string(), in_collection: false, model_id: model_of(ds).await?, neighbours: neighbours(ds, hits) })
+    Ok(Similar { query: label.to_string(), in_collection: false, model_id: model_of(ds).await?, geometric: None, neighbours: neighbours(ds, hits), query_uri: None })
+}
+
+/// Re-ranks the first `o.k` neighbours of `found` by local features verified geometrically
+/// ([`crate::local`]): `query` is the query as the model reads it at `o.side`² RGB8 (an
+/// upload, [`Embedder::embed_bytes_viewing`]); None reads the query photo of the table (its
+/// crop when the model crops). Each re-scored neighbour gets its inliers; ranks follow the new
+/// order; similarities stay the embedding's. A neighbour whose photo cannot be read keeps its
+/// similarity (no bonus); a query that cannot be read is an error naming it.
+pub async fn rerank_geometric(lake: &Lake, found: &mut Similar, query: Option<Vec<u8>>, o: crate::local::GeoOptions) -> Result<()> {
+    if o.k == 0 || found.neighbours.is_empty() {
+        return Ok(());
+    }
+    let side = o.side.max(32);
+    let o = crate::local::GeoOptions { side, ..o };
+    let crops = crate::local::model_crops(lake, &found.model_id).await?;
+    let query = match query {
+        Some(px) => px,
+        None => {
+            let uri = found.query_uri.clone().ok_or_else(|| Error::Other(format!("query `{}`: no photo to describe", found.query)))?;
+            let loader = model::data::Loader::new(side, 1, 0, lake.options().clone()).in_lake(lake.root());
+            loader.pixels(&uri, crops.get(&found.query).copied(), None).await?.to_vec()
+        }
+    };
+    let k = o.k.min(found.neighbours.len());
+    let ids: Vec<String> = found.neighbours[..k].iter().map(|n| n.photo_id.clone()).collect();
+    let uris: Vec<String> = found.neighbours[..k].iter().map(|n| n.uri.clone()).collect();
+    let feats = crate::local::local_features(lake, &ids, &uris, &crops, o).await?;
+    let neighbours = std::mem::take(&mut found.neighbours);
+    let reranked = tokio::task::spawn_blocking(move || {
+        let q = crate::local::describe(&query, side);
+        let by_id: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+        crate::local::rerank(neighbours, &o, |n: &Neighbour| n.similarity, |n: &Neighbour| {
+            match by_id.get(n.photo_id.as_str()).and_then(|&i| feats.rows[i].as_ref()) {
+                Some(f) => geometric::verify(&q, f, &feats.params).inliers,
+                None => 0,
+            }
+        })
+    })
+    .await
+    .map_err(|e| Error::Other(format!("geometric re-ranking panicked: {e}")))?;
+    found.neighbours = reranked
+        .into_iter()
+        .enumerate()
+        .map(|(i, (n, inliers))| Neighbour { rank: i + 1, inliers, ..n })
+        .collect();
+    found.geometric = Some(o.label());
+    Ok(())
 }
 
 pub(crate) async fn model_of(ds: &lance::Dataset) -> Result<String> {

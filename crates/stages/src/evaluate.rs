@@ -133,12 +133,7 @@ impl EvaluateStage {
             output: k.str("output"),
             qe_k: k.int("query_expansion", 0, 1000).unwrap_or(0) as usize,
             qe_alpha: k.float("qe_alpha", 0.0, 100.0).unwrap_or(3.0) as f32,
-            geo: GeoOptions {
-                k: k.int("geometric", 0, 1000).unwrap_or(0) as usize,
-                weight: k.float("geometric_weight", 0.0, 100.0).unwrap_or(0.3) as f32,
-                side: k.int("geometric_side", 32, 2048).unwrap_or(384) as u32,
-                min_inliers: k.int("geometric_min_inliers", 3, 10_000).unwrap_or(answer::local::MIN_INLIERS as i64) as usize,
-            },
+            geo: crate::shared::geo_options(k),
         };
         engine::stage::finish_keys(k, KEYS);
         Some(s)
@@ -167,7 +162,7 @@ impl EvaluateStage {
         let geo = if self.geo.k > 0 {
             ctx.progress.set_message(format!("local features of {} photos", set.len()));
             let crops = answer::local::model_crops(&ctx.lake, &set.model_id).await?;
-            let f = answer::local::local_features(&ctx.lake, &set.uris, &crops, self.geo).await?;
+            let f = answer::local::local_features(&ctx.lake, &set.photo_ids, &set.uris, &crops, self.geo).await?;
             if f.unreadable == set.len() && !set.is_empty() {
                 return Err(Error::Other(format!(
                     "geometric re-ranking: none of the {} photos of `{}` could be read ({})",
@@ -182,8 +177,9 @@ impl EvaluateStage {
         };
         let geo_note = geo.as_ref().map(|f| {
             format!(
-                "; local features of {} photos in {:.1} s{}",
+                "; local features of {} photos ({} cropped) in {:.1} s{}",
                 f.rows.len() - f.unreadable,
+                f.cropped,
                 f.seconds,
                 if f.unreadable > 0 { format!(", {} unreadable (first: {})", f.unreadable, f.first_error.clone().unwrap_or_default()) } else { String::new() }
             )

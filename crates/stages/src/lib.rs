@@ -16,6 +16,7 @@ pub mod sql;
 pub mod submit;
 pub mod train;
 pub mod vacuum;
+mod shared;
 
 #[cfg(test)]
 mod config_tests;

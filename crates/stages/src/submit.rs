@@ -15,6 +15,10 @@
 //! csv = "../data/submission.csv"   # relative to the pipeline file; file:// or s3:// also work
 //! individuals = 5
 //! new_individual_threshold = "auto"   # or a similarity, e.g. 0.55
+//! geometric = 20                   # re-rank each query's first 20 by local features verified
+//!                                  # with RANSAC (answer::local; off by default), with
+//!                                  # geometric_weight, geometric_side, geometric_min_inliers
+//!                                  # as in `evaluate`
 //! ```
 //!
 //! CSV: `photo,neighbours`, the 20 photo ids separated by spaces, nearest first (the format of
@@ -40,7 +44,7 @@ use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
     "embeddings", "splits", "queries", "k", "csv", "individuals", "new_individual_threshold", "nprobes", "refine", "ef",
-    "concurrency", "output", "query_expansion", "qe_alpha",
+    "concurrency", "output", "query_expansion", "qe_alpha", "geometric", "geometric_weight", "geometric_side", "geometric_min_inliers",
 ];
 
 /// The answer for one photo whose individual is not in the collection.
@@ -97,6 +101,8 @@ pub struct SubmitStage {
     /// weighted by similarity^`qe_alpha` (0: off), as `evaluate`'s `query_expansion` measures.
     pub query_expansion: usize,
     pub qe_alpha: f32,
+    /// Geometric re-ranking of each query's first candidates (k 0: off).
+    pub geo: answer::local::GeoOptions,
 }
 
 /// The similarity under which a query is answered `new_individual` first, fitted on labelled
@@ -227,6 +233,7 @@ impl SubmitStage {
             output: k.str("output").unwrap_or_else(|| "submissions".into()),
             query_expansion: k.int("query_expansion", 0, 100).unwrap_or(0) as usize,
             qe_alpha: k.float("qe_alpha", 0.0, 100.0).unwrap_or(3.0) as f32,
+            geo: crate::shared::geo_options(k),
         };
         if s.queries.needs_splits() && s.splits.is_none() {
             k.error("queries", format!("queries = \"{}\" needs `splits` (the train stage's table)", s.queries));
@@ -289,12 +296,56 @@ impl SubmitStage {
         ctx.progress.set_message("queries");
         let k = self.k;
         let expansion = vector::Expansion { k: self.query_expansion, alpha: self.qe_alpha };
+        // Geometric re-ranking: every photo described once, each query's first candidates
+        // verified against it (off the async threads: RANSAC is CPU work).
+        let geo = if self.geo.k > 0 {
+            ctx.progress.set_message(format!("local features of {} photos", set.len()));
+            let crops = answer::local::model_crops(&ctx.lake, &set.model_id).await?;
+            let f = answer::local::local_features(&ctx.lake, &set.photo_ids, &set.uris, &crops, self.geo).await?;
+            if f.unreadable == set.len() {
+                return Err(Error::Other(format!(
+                    "geometric re-ranking: none of the {} photos of `{}` could be read ({})",
+                    set.len(),
+                    self.embeddings,
+                    f.first_error.unwrap_or_default()
+                )));
+            }
+            let row_of: HashMap<String, usize> = set.uris.iter().enumerate().map(|(i, u)| (u.clone(), i)).collect();
+            Some(Arc::new((f, row_of)))
+        } else {
+            None
+        };
+        let geo_note = geo.as_ref().map(|g| {
+            let f = &g.0;
+            format!(
+                ", first {} re-ranked geometrically (local features of {} photos, {} cropped, in {:.1} s{})",
+                self.geo.k,
+                f.rows.len() - f.unreadable,
+                f.cropped,
+                f.seconds,
+                if f.unreadable > 0 { format!(", {} unreadable, first: {}", f.unreadable, f.first_error.clone().unwrap_or_default()) } else { String::new() }
+            )
+        });
+        ctx.progress.set_message("queries");
         let mut answers = futures::stream::iter(rows.iter().copied())
             .map(|q| {
                 let src = src.clone();
                 let set = set.clone();
+                let geo = geo.clone();
                 async move {
                     let hits = vector::similar(&src, set.row(q), k, expansion, Some(&set.uris[q])).await?;
+                    let hits = match geo {
+                        Some(g) => tokio::task::spawn_blocking(move || {
+                            let (f, row_of) = (&g.0, &g.1);
+                            answer::local::rerank(hits, &f.options, Hit::similarity, |h: &Hit| row_of.get(&h.uri).map_or(0, |&r| f.inliers(q, r)))
+                                .into_iter()
+                                .map(|(h, _)| h)
+                                .collect()
+                        })
+                        .await
+                        .map_err(|e| Error::Other(format!("geometric re-ranking panicked: {e}")))?,
+                        None => hits,
+                    };
                     Ok::<_, Error>((q, hits))
                 }
             })
@@ -345,11 +396,12 @@ impl SubmitStage {
             rows_out,
             written: BTreeMap::from([(self.output.clone(), committed.version)]),
             summary: format!(
-                "top-{k} of {} query photos among {} ({}{}){short}; new_individual threshold {}{wrote}",
+                "top-{k} of {} query photos among {} ({}{}{}){short}; new_individual threshold {}{wrote}",
                 rows.len(),
                 set.len(),
                 src.describe(),
                 if expansion.k > 0 { format!(", alpha-query expansion k {} alpha {}", expansion.k, expansion.alpha) } else { String::new() },
+                geo_note.unwrap_or_default(),
                 threshold.map(|t| format!("{t:.3} ({fitted})")).unwrap_or(fitted),
             ),
             ..Default::default()
