@@ -6,9 +6,10 @@
 //! the format allows.
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Cursor;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::OnceLock;
 
 use fast_image_resize::images::{Image as FirImage, ImageRef as FirImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -30,6 +31,36 @@ thread_local! {
     // `Resizer` keeps scratch buffers between calls; one per blocking-pool thread avoids both
     // reallocating them per photo and any locking.
     static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+    // A TurboJPEG decompressor handle, made on first use and kept by the thread: creating one
+    // allocates libjpeg's state, which costs more than decoding a small photo.
+    static DECOMPRESSOR: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+    // Whether this thread sends JPEGs libjpeg-turbo can take to it; starts from the process-wide
+    // choice ([`turbo_by_default`]), tests flip it per thread.
+    static USE_TURBO: Cell<bool> = Cell::new(turbo_by_default());
+}
+
+/// Which decoder produced a JPEG's pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum JpegBackend {
+    /// libjpeg-turbo (SIMD Huffman decoding, IDCT, upsampling and colour conversion).
+    Turbo,
+    /// The pure-Rust `jpeg-decoder`: what libjpeg-turbo's TurboJPEG 2 API does not decode
+    /// (12-bit, lossless, CMYK/YCCK), and every file libjpeg-turbo rejects or warns about.
+    JpegDecoder,
+}
+
+/// `PIPELINE_JPEG_DECODER=jpeg-decoder` sends every JPEG through `jpeg-decoder`, the decoder
+/// before libjpeg-turbo (to measure one against the other); unset or anything else, libjpeg-turbo
+/// takes what it can.
+fn turbo_by_default() -> bool {
+    static TURBO: OnceLock<bool> = OnceLock::new();
+    *TURBO.get_or_init(|| std::env::var("PIPELINE_JPEG_DECODER").map_or(true, |v| v != "jpeg-decoder"))
+}
+
+/// Turns libjpeg-turbo on or off for JPEGs decoded on this thread from now on.
+#[cfg(test)]
+pub(super) fn set_turbo(on: bool) {
+    USE_TURBO.set(on);
 }
 
 /// An opened image: header parsed and validated, pixels not yet decoded.
@@ -52,12 +83,17 @@ enum Codec<'a> {
 }
 
 struct JpegSource<'a> {
+    /// The file up to its end-of-image marker.
+    bytes: &'a [u8],
     decoder: jpeg_decoder::Decoder<&'a [u8]>,
     pixel_format: PixelFormat,
     precision: u8,
     lossless: bool,
     /// 4-channel JPEG without an Adobe segment, whose samples jpeg-decoder wrongly inverts.
     plain_cmyk: bool,
+    /// 8-bit, Huffman-coded (baseline, extended or progressive), one or three components:
+    /// what libjpeg-turbo decodes straight to grey or RGB.
+    turbo: bool,
 }
 
 /// Pixels in stored orientation, one (luma) or three (RGB) interleaved u8 channels.
@@ -95,7 +131,7 @@ impl Source<'_> {
     pub(super) fn decode_upright(self, target: (u32, u32)) -> Result<RgbImage, VisionError> {
         let stored_target = displayed(target, self.orientation);
         let raster = match self.codec {
-            Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, self.stored, stored_target))?,
+            Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, self.stored, stored_target))?.0,
             codec => full_size(codec, self.stored)?,
         };
         let raster = resize(raster, stored_target)?;
@@ -132,7 +168,7 @@ impl Source<'_> {
 /// The full-size pixels of a format the `image` crate decodes.
 fn full_size(codec: Codec<'_>, stored: (u32, u32)) -> Result<Raster, VisionError> {
     match codec {
-        Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, stored, stored)),
+        Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, stored, stored)).map(|(r, _)| r),
         Codec::Png(png) => guarded("PNG", || decode_with_image(*png, stored)),
         Codec::Tiff(tiff) => guarded("TIFF", || decode_with_image(*tiff, stored)),
         Codec::Webp(webp) => guarded("WebP", || decode_with_image(*webp, stored)),
@@ -201,6 +237,9 @@ struct JpegMarkers<'a> {
     adobe_transform: Option<u8>,
     /// (precision, component count) from the frame header.
     frame: Option<(u8, u8)>,
+    /// The frame header's marker: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, 0xC3
+    /// lossless, 0xC9.. arithmetic-coded.
+    sof: Option<u8>,
 }
 
 /// Walks marker segments up to the first SOS. Never fails: anything malformed just stops the
@@ -246,6 +285,7 @@ fn scan_jpeg_markers(bytes: &[u8]) -> JpegMarkers<'_> {
             // SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
             0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) && segment.len() >= 6 => {
                 found.frame = Some((segment[0], segment[5]));
+                found.sof = Some(marker);
             }
             _ => {}
         }
@@ -358,11 +398,15 @@ fn open_jpeg<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, V
         orientation: markers.exif.map_or(1, exif_orientation),
         color: color.to_owned(),
         codec: Codec::Jpeg(Box::new(JpegSource {
+            bytes,
             decoder,
             pixel_format: info.pixel_format,
             precision,
             lossless: info.coding_process == CodingProcess::Lossless,
             plain_cmyk,
+            turbo: precision == 8
+                && matches!(markers.sof, Some(0xC0..=0xC2))
+                && matches!(info.pixel_format, PixelFormat::L8 | PixelFormat::RGB24),
         })),
     })
 }
@@ -372,7 +416,58 @@ fn idct_scaled(len: u32, scale: u32) -> u32 {
     (len * scale).div_ceil(8)
 }
 
+/// Smallest IDCT scale, in eighths, that covers `target` in BOTH axes, so the final resize only
+/// ever shrinks; 8 (full size) when none smaller does.
+fn idct_scale_for(stored: (u32, u32), target: (u32, u32)) -> u32 {
+    [1, 2, 4]
+        .into_iter()
+        .find(|&s| idct_scaled(stored.0, s) >= target.0 && idct_scaled(stored.1, s) >= target.1)
+        .unwrap_or(8)
+}
+
+/// Decodes at the smallest IDCT scale covering `target`, through libjpeg-turbo where it can and
+/// this thread has it on, else (or when libjpeg-turbo fails or warns) through `jpeg-decoder`,
+/// whose errors name the fault. Says which decoder made the pixels.
 fn decode_jpeg(
+    jpeg: JpegSource<'_>,
+    stored: (u32, u32),
+    target: (u32, u32),
+) -> Result<(Raster, JpegBackend), VisionError> {
+    if jpeg.turbo && USE_TURBO.get() {
+        let eighths = idct_scale_for(stored, target);
+        let gray = jpeg.pixel_format == PixelFormat::L8;
+        if let Ok(raster) = decode_turbo(jpeg.bytes, stored, eighths, gray) {
+            return Ok((raster, JpegBackend::Turbo));
+        }
+    }
+    decode_jpeg_decoder(jpeg, stored, target).map(|r| (r, JpegBackend::JpegDecoder))
+}
+
+/// libjpeg-turbo at `eighths`/8 scale, straight into grey or RGB. Any error, and any warning
+/// (libjpeg's "corrupt JPEG data" class, which TurboJPEG reports as a failure after decoding
+/// what it could), is returned for the caller to retry with `jpeg-decoder`, so a file this path
+/// does not decode cleanly gets exactly the old treatment.
+fn decode_turbo(bytes: &[u8], stored: (u32, u32), eighths: u32, gray: bool) -> Result<Raster, turbojpeg::Error> {
+    // TurboJPEG picks the largest of its scaling factors whose output fits the size asked for;
+    // asking for exactly the size of `eighths`/8 (both round up: TJSCALED) gets that factor, or
+    // one with the same output size. Either way the buffer is filled completely.
+    let (width, height) = (idct_scaled(stored.0, eighths), idct_scaled(stored.1, eighths));
+    let format = if gray { turbojpeg::PixelFormat::GRAY } else { turbojpeg::PixelFormat::RGB };
+    let channels = format.size();
+    let (w, h) = (width as usize, height as usize);
+    let mut data = vec![0u8; w * h * channels];
+    let image = turbojpeg::Image { pixels: data.as_mut_slice(), width: w, pitch: w * channels, height: h, format };
+    DECOMPRESSOR.with_borrow_mut(|slot| {
+        let decompressor = match slot {
+            Some(d) => d,
+            None => slot.insert(turbojpeg::Decompressor::new()?),
+        };
+        decompressor.decompress(bytes, image)
+    })?;
+    Ok(Raster { data, width, height, channels: channels as u8 })
+}
+
+fn decode_jpeg_decoder(
     mut jpeg: JpegSource<'_>,
     stored: (u32, u32),
     target: (u32, u32),
@@ -383,10 +478,7 @@ fn decode_jpeg(
         // Smallest IDCT scale that still covers the target in BOTH axes, so the final resize only
         // ever shrinks. `Decoder::scale` itself settles for either axis, so ask it for the exact
         // size that scale yields.
-        let scale = [1, 2, 4]
-            .into_iter()
-            .find(|&s| idct_scaled(stored.0, s) >= target.0 && idct_scaled(stored.1, s) >= target.1)
-            .unwrap_or(8);
+        let scale = idct_scale_for(stored, target);
         if scale < 8 {
             let request = (idct_scaled(stored.0, scale), idct_scaled(stored.1, scale));
             // Both fit in u16: they are at most the stored size, which came from u16 header fields.
@@ -715,7 +807,7 @@ mod tests {
             let Codec::Jpeg(jpeg) = source.codec else {
                 panic!("not a JPEG")
             };
-            let raster = decode_jpeg(*jpeg, source.stored, target).expect("decode");
+            let (raster, _) = decode_jpeg(*jpeg, source.stored, target).expect("decode");
             (raster.width, raster.height)
         };
         assert_eq!(decoded_size((200, 150)), (200, 150)); // 1/8
