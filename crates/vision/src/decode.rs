@@ -404,11 +404,17 @@ fn open_jpeg<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, V
             precision,
             lossless: info.coding_process == CodingProcess::Lossless,
             plain_cmyk,
-            turbo: precision == 8
-                && matches!(markers.sof, Some(0xC0..=0xC2))
-                && matches!(info.pixel_format, PixelFormat::L8 | PixelFormat::RGB24),
+            turbo: turbo_decodes(markers.sof, precision, info.pixel_format),
         })),
     })
+}
+
+/// Whether libjpeg-turbo's TurboJPEG 2 API decodes a JPEG with this frame header marker,
+/// sample precision and layout straight to grey or RGB: 8-bit, Huffman-coded (baseline 0xC0,
+/// extended 0xC1, progressive 0xC2), one or three components. Not lossless (0xC3), 12-bit,
+/// arithmetic-coded (0xC9..) nor CMYK/YCCK, which stays with jpeg-decoder's inversion handling.
+fn turbo_decodes(sof: Option<u8>, precision: u8, layout: PixelFormat) -> bool {
+    precision == 8 && matches!(sof, Some(0xC0..=0xC2)) && matches!(layout, PixelFormat::L8 | PixelFormat::RGB24)
 }
 
 /// Output size of jpeg-decoder's IDCT at `scale`/8 (it rounds up).
@@ -814,5 +820,155 @@ mod tests {
         assert_eq!(decoded_size((201, 100)), (400, 300)); // width needs 1/4
         assert_eq!(decoded_size((480, 480)), (800, 600)); // height needs 1/2
         assert_eq!(decoded_size((1000, 10)), (1600, 1200)); // full
+    }
+
+    /// A textured "photo": smooth colour gradients, a few hard edges and deterministic noise, so
+    /// that decoders differing in IDCT, upsampling or colour conversion would show it.
+    fn photo(w: u32, h: u32) -> RgbImage {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        RgbImage::from_fn(w, h, |x, y| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let noise = (state % 17) as i32 - 8;
+            let (u, v) = (f64::from(x) / f64::from(w), f64::from(y) / f64::from(h));
+            let edge = if (x / 97 + y / 61) % 2 == 0 { 40 } else { -40 };
+            let c = |base: f64| (base as i32 + edge + noise).clamp(0, 255) as u8;
+            image::Rgb([c(40.0 + 170.0 * u), c(200.0 - 150.0 * v), c(90.0 + 80.0 * (u * 9.0).sin() * v)])
+        })
+    }
+
+    fn encode(data: &[u8], w: u32, h: u32, color: jpeg_encoder::ColorType, quality: u8, progressive: bool, app1: Option<Vec<u8>>) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut encoder = jpeg_encoder::Encoder::new(&mut bytes, quality);
+        encoder.set_progressive(progressive);
+        if let Some(segment) = app1 {
+            encoder.add_app_segment(1, segment).expect("APP1 fits");
+        }
+        encoder.encode(data, w as u16, h as u16, color).expect("encode");
+        bytes
+    }
+
+    /// The decoded raster at `target` and the decoder that made it, with libjpeg-turbo on or off.
+    fn raster(bytes: &[u8], target: (u32, u32), turbo: bool) -> (Raster, JpegBackend) {
+        set_turbo(turbo);
+        let source = open(bytes, &DecodeLimits::default()).expect("open");
+        let Codec::Jpeg(jpeg) = source.codec else { panic!("not a JPEG") };
+        let out = decode_jpeg(*jpeg, source.stored, target);
+        set_turbo(true);
+        out.expect("decode")
+    }
+
+    /// Mean absolute difference per channel value of two equally sized rasters.
+    fn mean_abs(a: &[u8], b: &[u8]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(&x, &y)| f64::from(x.abs_diff(y))).sum::<f64>() / a.len() as f64
+    }
+
+    #[test]
+    fn turbo_and_jpeg_decoder_agree_at_every_scale() {
+        let img = photo(1000, 700);
+        let grey: Vec<u8> = img.pixels().map(|p| p[1]).collect();
+        let cases = [
+            ("rgb 4:2:0", encode(img.as_raw(), 1000, 700, jpeg_encoder::ColorType::Rgb, 85, false, None), 3),
+            ("rgb 4:4:4", encode(img.as_raw(), 1000, 700, jpeg_encoder::ColorType::Rgb, 95, false, None), 3),
+            ("rgb progressive", encode(img.as_raw(), 1000, 700, jpeg_encoder::ColorType::Rgb, 85, true, None), 3),
+            ("grey", encode(&grey, 1000, 700, jpeg_encoder::ColorType::Luma, 85, false, None), 1),
+        ];
+        // 1/8, 1/4, 1/2 and full size, each asked for by a target just inside it.
+        for (target, size) in [((120, 80), (125, 88)), ((200, 100), (250, 175)), ((480, 300), (500, 350)), ((900, 10), (1000, 700))] {
+            for (what, bytes, channels) in &cases {
+                let (turbo, by) = raster(bytes, target, true);
+                let (reference, reference_by) = raster(bytes, target, false);
+                assert_eq!((by, reference_by), (JpegBackend::Turbo, JpegBackend::JpegDecoder), "{what}");
+                assert_eq!((turbo.width, turbo.height, turbo.channels), (size.0, size.1, *channels), "{what} at {target:?}");
+                assert_eq!((reference.width, reference.height, reference.channels), (size.0, size.1, *channels), "{what} at {target:?}");
+                let d = mean_abs(&turbo.data, &reference.data);
+                assert!(d <= 3.0, "{what} at {target:?}: the decoders differ by {d:.2} per value");
+                // Not a blank or shifted picture either: against the source, scaled the same way.
+                let expected = imageops::resize(&img, size.0, size.1, imageops::FilterType::Triangle);
+                let expected: Vec<u8> = if *channels == 1 { expected.pixels().map(|p| p[1]).collect() } else { expected.into_raw() };
+                let d = mean_abs(&turbo.data, &expected);
+                assert!(d <= 12.0, "{what} at {target:?}: {d:.2} per value from the source");
+            }
+        }
+    }
+
+    #[test]
+    fn exif_rotated_and_grey_photos_come_out_the_same_either_way() {
+        let img = photo(640, 400);
+        let grey: Vec<u8> = img.pixels().map(|p| p[0]).collect();
+        let mut exif = b"Exif\0\0MM\0*".to_vec();
+        // IFD0 at 8 with one entry: Orientation (0x0112), SHORT, count 1, value 6; no next IFD.
+        exif.extend_from_slice(&[0, 0, 0, 8, 0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]);
+        let rotated = encode(img.as_raw(), 640, 400, jpeg_encoder::ColorType::Rgb, 85, false, Some(exif));
+        let grey = encode(&grey, 640, 400, jpeg_encoder::ColorType::Luma, 85, false, None);
+        for (what, bytes, fit, size) in [("rotated", &rotated, (100, 200), (100, 160)), ("grey", &grey, (300, 300), (300, 188))] {
+            for fit in [fit, (2000, 2000)] {
+                set_turbo(false);
+                let old = crate::decode_rgb(bytes, &DecodeLimits::default(), fit);
+                set_turbo(true);
+                let (probe, new) = crate::decode_rgb(bytes, &DecodeLimits::default(), fit).expect(what);
+                let (old_probe, old) = old.expect(what);
+                assert_eq!(probe, old_probe, "{what}");
+                if fit != (2000, 2000) {
+                    assert_eq!(new.dimensions(), size, "{what}");
+                }
+                assert_eq!(new.dimensions(), old.dimensions(), "{what}");
+                let d = mean_abs(new.as_raw(), old.as_raw());
+                assert!(d <= 3.0, "{what} at {fit:?}: {d:.2} per value apart");
+            }
+        }
+        // Upright: the stored top-left corner ends up top-right after orientation 6.
+        let (_, up) = crate::decode_rgb(&rotated, &DecodeLimits::default(), (400, 640)).expect("rotated");
+        assert_eq!(up.dimensions(), (400, 640));
+        let corner = image::imageops::crop_imm(&img, 0, 0, 40, 40).to_image();
+        let shown = image::imageops::rotate270(&image::imageops::crop_imm(&up, 360, 0, 40, 40).to_image());
+        assert!(mean_abs(corner.as_raw(), shown.as_raw()) <= 12.0);
+    }
+
+    #[test]
+    fn libjpeg_turbo_takes_the_files_it_decodes_and_only_those() {
+        let img = photo(64, 48);
+        let open_turbo = |bytes: &[u8]| {
+            let Codec::Jpeg(jpeg) = open(bytes, &DecodeLimits::default()).expect("open").codec else { panic!("not a JPEG") };
+            jpeg.turbo
+        };
+        let baseline = encode(img.as_raw(), 64, 48, jpeg_encoder::ColorType::Rgb, 85, false, None);
+        let progressive = encode(img.as_raw(), 64, 48, jpeg_encoder::ColorType::Rgb, 85, true, None);
+        assert!(open_turbo(&baseline) && open_turbo(&progressive));
+        assert_eq!(raster(&baseline, (32, 24), true).1, JpegBackend::Turbo);
+        assert_eq!(raster(&progressive, (64, 48), true).1, JpegBackend::Turbo);
+        // CMYK stays with jpeg-decoder, whose handling of Adobe inversion the tests pin down.
+        let cmyk = encode(&[40u8; 64 * 48 * 4], 64, 48, jpeg_encoder::ColorType::Cmyk, 85, false, None);
+        assert!(!open_turbo(&cmyk));
+        assert_eq!(raster(&cmyk, (64, 48), true).1, JpegBackend::JpegDecoder);
+        // Lossless, 12-bit and arithmetic-coded frames are not for the TurboJPEG 2 API.
+        assert!(turbo_decodes(Some(0xC1), 8, PixelFormat::RGB24) && turbo_decodes(Some(0xC2), 8, PixelFormat::L8));
+        assert!(!turbo_decodes(Some(0xC3), 8, PixelFormat::RGB24), "lossless");
+        assert!(!turbo_decodes(Some(0xC1), 12, PixelFormat::L16), "12-bit");
+        assert!(!turbo_decodes(Some(0xC9), 8, PixelFormat::RGB24), "arithmetic");
+        assert!(!turbo_decodes(None, 8, PixelFormat::RGB24), "no frame header found");
+    }
+
+    #[test]
+    fn a_file_libjpeg_turbo_finds_corrupt_gets_the_old_treatment() {
+        let img = photo(256, 192);
+        let good = encode(img.as_raw(), 256, 192, jpeg_encoder::ColorType::Rgb, 85, false, None);
+        // A restart marker in the middle of the entropy-coded data: libjpeg-turbo warns ("corrupt
+        // JPEG data"), so the photo goes to jpeg-decoder, and the answer is what it was before.
+        let sos = good.windows(2).position(|w| w == [0xFF, 0xDA]).expect("SOS");
+        let mut bad = good.clone();
+        let at = sos + (good.len() - sos) / 2;
+        bad[at..at + 2].copy_from_slice(&[0xFF, 0xD3]);
+        assert!(decode_turbo(&bad, (256, 192), 8, false).is_err(), "libjpeg-turbo should complain");
+        set_turbo(false);
+        let before = crate::decode_square(&bad, &DecodeLimits::default(), 64);
+        set_turbo(true);
+        let after = crate::decode_square(&bad, &DecodeLimits::default(), 64);
+        assert_eq!(after, before);
+        if let Err(e) = &after {
+            assert!(e.to_string().contains("JPEG"), "{e}");
+        }
     }
 }
