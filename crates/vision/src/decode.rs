@@ -322,9 +322,10 @@ fn jpeg_end(bytes: &[u8]) -> Option<usize> {
         pos += len;
         if marker == 0xDA {
             // Entropy-coded data: up to the next marker that is not a stuffed 0x00, a restart
-            // marker or a fill byte.
+            // marker or a fill byte. This walks the whole file, so with SIMD (memchr): a
+            // byte-at-a-time search cost about 2 % of a 4-megapixel photo's decode.
             loop {
-                let at = pos + bytes.get(pos..)?.iter().position(|&b| b == 0xFF)?;
+                let at = pos + memchr::memchr(0xFF, bytes.get(pos..)?)?;
                 match *bytes.get(at + 1)? {
                     0x00 | 0xD0..=0xD7 | 0xFF => pos = at + 1,
                     _ => {
