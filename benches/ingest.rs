@@ -8,7 +8,11 @@
 //!   rust analyze N threads        what ingest does per photo: decode + metrics + hashes
 //!   ingest stage                  the whole stage: list, fetch, analyze, BLAKE3, Lance commit
 //!   pillow / pillow-draft         benches/peer_pillow.py: Pillow decode (+draft) + resize, one process
-//! Ratios are against single-thread Pillow without draft, as the issue asks.
+//!   pillow-draft N processes      N of those at once (N = cores), each on every file, clocks
+//!                                 started together; images/s is the sum of theirs
+//! The last column is against single-thread Pillow without draft; the lines after the table put
+//! Rust on 1 and N threads against Pillow-draft in 1 and N processes (issue #8's yardstick).
+//! PIPELINE_JPEG_DECODER=jpeg-decoder measures the pure-Rust decoder that libjpeg-turbo replaced.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -143,6 +147,39 @@ fn main() {
             source_mp: mp,
         });
     }
+    // N Pillow-draft processes at once, as many as the Rust rows have threads: each reads the
+    // files and warms up, then all start their clocks at the same instant.
+    let start_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64() + 3.0;
+    let peers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::process::Command::new(&python)
+                .arg(&script)
+                .arg(&dir)
+                .args(["--side", &side.to_string(), "--draft", "--start-at", &format!("{start_at:.3}")])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a Pillow peer")
+        })
+        .collect();
+    let outs: Vec<_> = peers.into_iter().map(|p| p.wait_with_output().expect("Pillow peer")).collect();
+    if let Some(bad) = outs.iter().find(|o| !o.status.success()) {
+        eprintln!("peer failed: {}", String::from_utf8_lossy(&bad.stderr));
+    } else {
+        let parsed: Vec<serde_json::Value> = outs
+            .iter()
+            .map(|o| serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim().lines().last().unwrap_or("{}")).expect("peer JSON"))
+            .collect();
+        let images: usize = parsed.iter().map(|v| v["images"].as_u64().unwrap_or(0) as usize).sum();
+        let rate: f64 = parsed.iter().map(|v| v["images"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(f64::NAN)).sum();
+        // Seconds such that images / seconds is the summed rate; source MP scale with the files done.
+        rows.push(Row {
+            name: format!("pillow-draft {threads} processes"),
+            images,
+            seconds: images as f64 / rate,
+            source_mp: mp * threads as f64,
+        });
+    }
     let base = rows.iter().find(|r| r.name == "pillow 1 process").map(|r| r.images as f64 / r.seconds);
     println!("{:<44} {:>7} {:>9} {:>10} {:>10} {:>9}", "what", "images", "seconds", "images/s", "source MP/s", "vs Pillow");
     for r in &rows {
@@ -156,5 +193,15 @@ fn main() {
             r.source_mp / r.seconds,
             base.map(|b| ips / b).unwrap_or(f64::NAN)
         );
+    }
+    let rate = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.images as f64 / r.seconds);
+    let decoder = if std::env::var("PIPELINE_JPEG_DECODER").as_deref() == Ok("jpeg-decoder") { "jpeg-decoder" } else { "libjpeg-turbo" };
+    for (rust, peer) in [
+        ("rust decode_square 1 thread".to_owned(), "pillow-draft 1 process".to_owned()),
+        (format!("rust decode_square {threads} threads"), format!("pillow-draft {threads} processes")),
+    ] {
+        if let (Some(a), Some(b)) = (rate(&rust), rate(&peer)) {
+            println!("{rust} ({decoder}) / {peer}: {:.2}x", a / b);
+        }
     }
 }

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Pillow peer for benches/ingest.rs: decode every *.jpg in DIR and resize it to side x side.
 
-    python3 benches/peer_pillow.py DIR [--side 480] [--repeat N] [--draft]
+    python3 benches/peer_pillow.py DIR [--side 480] [--repeat N] [--draft] [--start-at T]
 
 One process, one thread, files read into memory before the clock starts so that only decoding
 and resizing are timed (as on the Rust side). Each image goes through
 `Image.open(p).convert('RGB').resize((side, side), Image.BILINEAR)`; with --draft, `im.draft('RGB',
 (side, side))` first lets libjpeg decode at 1/2, 1/4 or 1/8 scale, Pillow's counterpart of the DCT
-scaling the Rust path uses. Prints one JSON line:
+scaling the Rust path uses. --start-at T (seconds since the epoch) holds the timed loop until
+then, so that several processes started together time the same stretch. Prints one JSON line:
 
     {"peer": "pillow"|"pillow-draft", "images": n, "seconds": s, "images_per_s": ..,
      "source_mp_per_s": ..}
@@ -31,6 +32,7 @@ def main() -> int:
     ap.add_argument("--side", type=int, default=480)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--draft", action="store_true")
+    ap.add_argument("--start-at", type=float, default=None)
     args = ap.parse_args()
     if args.side < 1 or args.repeat < 1:
         ap.error("--side and --repeat must be positive")
@@ -51,6 +53,8 @@ def main() -> int:
     with Image.open(io.BytesIO(blobs[0])) as im:
         im.convert("RGB").resize(size, Image.BILINEAR)
 
+    if args.start_at is not None:
+        time.sleep(max(0.0, args.start_at - time.time()))
     start = time.perf_counter()
     for _ in range(args.repeat):
         for blob in blobs:

@@ -3,6 +3,7 @@
 # nothing and only checks. Sourced by scripts/demo.sh and scripts/test.sh.
 #
 #   protoc (Debian protobuf-compiler)  lance's build runs prost-build
+#   libturbojpeg0-dev (Debian)         libjpeg-turbo, which decodes JPEGs (found by pkg-config)
 #   Python venv with torch==2.11.0     libtorch for tch 0.24 (LIBTORCH_USE_PYTORCH=1); also the
 #                                      peers of the benchmarks (Pillow, PyTorch)
 #   cargo-nextest                      the test runner
@@ -26,6 +27,7 @@ command -v protoc >/dev/null || apt_install protobuf-compiler
 command -v mold >/dev/null || apt_install mold
 command -v cc >/dev/null || apt_install build-essential
 command -v pkg-config >/dev/null || apt_install pkg-config
+dpkg -s libturbojpeg0-dev >/dev/null 2>&1 || apt_install libturbojpeg0-dev
 if [ -z "$system_python" ] || ! "$system_python" -c 'import venv, ensurepip' 2>/dev/null; then
   apt_install python3 python3-venv python3-pip
   system_python="$(command -v python3)"

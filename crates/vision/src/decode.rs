@@ -6,9 +6,10 @@
 //! the format allows.
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Cursor;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::OnceLock;
 
 use fast_image_resize::images::{Image as FirImage, ImageRef as FirImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -30,6 +31,36 @@ thread_local! {
     // `Resizer` keeps scratch buffers between calls; one per blocking-pool thread avoids both
     // reallocating them per photo and any locking.
     static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+    // A TurboJPEG decompressor handle, made on first use and kept by the thread: creating one
+    // allocates libjpeg's state, which costs more than decoding a small photo.
+    static DECOMPRESSOR: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+    // Whether this thread sends JPEGs libjpeg-turbo can take to it; starts from the process-wide
+    // choice ([`turbo_by_default`]), tests flip it per thread.
+    static USE_TURBO: Cell<bool> = Cell::new(turbo_by_default());
+}
+
+/// Which decoder produced a JPEG's pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum JpegBackend {
+    /// libjpeg-turbo (SIMD Huffman decoding, IDCT, upsampling and colour conversion).
+    Turbo,
+    /// The pure-Rust `jpeg-decoder`: what libjpeg-turbo's TurboJPEG 2 API does not decode
+    /// (12-bit, lossless, CMYK/YCCK), and every file libjpeg-turbo rejects or warns about.
+    JpegDecoder,
+}
+
+/// `PIPELINE_JPEG_DECODER=jpeg-decoder` sends every JPEG through `jpeg-decoder`, the decoder
+/// before libjpeg-turbo (to measure one against the other); unset or anything else, libjpeg-turbo
+/// takes what it can.
+fn turbo_by_default() -> bool {
+    static TURBO: OnceLock<bool> = OnceLock::new();
+    *TURBO.get_or_init(|| std::env::var("PIPELINE_JPEG_DECODER").map_or(true, |v| v != "jpeg-decoder"))
+}
+
+/// Turns libjpeg-turbo on or off for JPEGs decoded on this thread from now on.
+#[cfg(test)]
+pub(super) fn set_turbo(on: bool) {
+    USE_TURBO.set(on);
 }
 
 /// An opened image: header parsed and validated, pixels not yet decoded.
@@ -52,12 +83,17 @@ enum Codec<'a> {
 }
 
 struct JpegSource<'a> {
+    /// The file up to its end-of-image marker.
+    bytes: &'a [u8],
     decoder: jpeg_decoder::Decoder<&'a [u8]>,
     pixel_format: PixelFormat,
     precision: u8,
     lossless: bool,
     /// 4-channel JPEG without an Adobe segment, whose samples jpeg-decoder wrongly inverts.
     plain_cmyk: bool,
+    /// 8-bit, Huffman-coded (baseline, extended or progressive), one or three components:
+    /// what libjpeg-turbo decodes straight to grey or RGB.
+    turbo: bool,
 }
 
 /// Pixels in stored orientation, one (luma) or three (RGB) interleaved u8 channels.
@@ -95,7 +131,7 @@ impl Source<'_> {
     pub(super) fn decode_upright(self, target: (u32, u32)) -> Result<RgbImage, VisionError> {
         let stored_target = displayed(target, self.orientation);
         let raster = match self.codec {
-            Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, self.stored, stored_target))?,
+            Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, self.stored, stored_target))?.0,
             codec => full_size(codec, self.stored)?,
         };
         let raster = resize(raster, stored_target)?;
@@ -132,7 +168,7 @@ impl Source<'_> {
 /// The full-size pixels of a format the `image` crate decodes.
 fn full_size(codec: Codec<'_>, stored: (u32, u32)) -> Result<Raster, VisionError> {
     match codec {
-        Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, stored, stored)),
+        Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, stored, stored)).map(|(r, _)| r),
         Codec::Png(png) => guarded("PNG", || decode_with_image(*png, stored)),
         Codec::Tiff(tiff) => guarded("TIFF", || decode_with_image(*tiff, stored)),
         Codec::Webp(webp) => guarded("WebP", || decode_with_image(*webp, stored)),
@@ -201,6 +237,9 @@ struct JpegMarkers<'a> {
     adobe_transform: Option<u8>,
     /// (precision, component count) from the frame header.
     frame: Option<(u8, u8)>,
+    /// The frame header's marker: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, 0xC3
+    /// lossless, 0xC9.. arithmetic-coded.
+    sof: Option<u8>,
 }
 
 /// Walks marker segments up to the first SOS. Never fails: anything malformed just stops the
@@ -246,6 +285,7 @@ fn scan_jpeg_markers(bytes: &[u8]) -> JpegMarkers<'_> {
             // SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
             0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) && segment.len() >= 6 => {
                 found.frame = Some((segment[0], segment[5]));
+                found.sof = Some(marker);
             }
             _ => {}
         }
@@ -282,9 +322,10 @@ fn jpeg_end(bytes: &[u8]) -> Option<usize> {
         pos += len;
         if marker == 0xDA {
             // Entropy-coded data: up to the next marker that is not a stuffed 0x00, a restart
-            // marker or a fill byte.
+            // marker or a fill byte. This walks the whole file, so with SIMD (memchr): a
+            // byte-at-a-time search cost about 2 % of a 4-megapixel photo's decode.
             loop {
-                let at = pos + bytes.get(pos..)?.iter().position(|&b| b == 0xFF)?;
+                let at = pos + memchr::memchr(0xFF, bytes.get(pos..)?)?;
                 match *bytes.get(at + 1)? {
                     0x00 | 0xD0..=0xD7 | 0xFF => pos = at + 1,
                     _ => {
@@ -358,13 +399,23 @@ fn open_jpeg<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Source<'a>, V
         orientation: markers.exif.map_or(1, exif_orientation),
         color: color.to_owned(),
         codec: Codec::Jpeg(Box::new(JpegSource {
+            bytes,
             decoder,
             pixel_format: info.pixel_format,
             precision,
             lossless: info.coding_process == CodingProcess::Lossless,
             plain_cmyk,
+            turbo: turbo_decodes(markers.sof, precision, info.pixel_format),
         })),
     })
+}
+
+/// Whether libjpeg-turbo's TurboJPEG 2 API decodes a JPEG with this frame header marker,
+/// sample precision and layout straight to grey or RGB: 8-bit, Huffman-coded (baseline 0xC0,
+/// extended 0xC1, progressive 0xC2), one or three components. Not lossless (0xC3), 12-bit,
+/// arithmetic-coded (0xC9..) nor CMYK/YCCK, which stays with jpeg-decoder's inversion handling.
+fn turbo_decodes(sof: Option<u8>, precision: u8, layout: PixelFormat) -> bool {
+    precision == 8 && matches!(sof, Some(0xC0..=0xC2)) && matches!(layout, PixelFormat::L8 | PixelFormat::RGB24)
 }
 
 /// Output size of jpeg-decoder's IDCT at `scale`/8 (it rounds up).
@@ -372,7 +423,58 @@ fn idct_scaled(len: u32, scale: u32) -> u32 {
     (len * scale).div_ceil(8)
 }
 
+/// Smallest IDCT scale, in eighths, that covers `target` in BOTH axes, so the final resize only
+/// ever shrinks; 8 (full size) when none smaller does.
+fn idct_scale_for(stored: (u32, u32), target: (u32, u32)) -> u32 {
+    [1, 2, 4]
+        .into_iter()
+        .find(|&s| idct_scaled(stored.0, s) >= target.0 && idct_scaled(stored.1, s) >= target.1)
+        .unwrap_or(8)
+}
+
+/// Decodes at the smallest IDCT scale covering `target`, through libjpeg-turbo where it can and
+/// this thread has it on, else (or when libjpeg-turbo fails or warns) through `jpeg-decoder`,
+/// whose errors name the fault. Says which decoder made the pixels.
 fn decode_jpeg(
+    jpeg: JpegSource<'_>,
+    stored: (u32, u32),
+    target: (u32, u32),
+) -> Result<(Raster, JpegBackend), VisionError> {
+    if jpeg.turbo && USE_TURBO.get() {
+        let eighths = idct_scale_for(stored, target);
+        let gray = jpeg.pixel_format == PixelFormat::L8;
+        if let Ok(raster) = decode_turbo(jpeg.bytes, stored, eighths, gray) {
+            return Ok((raster, JpegBackend::Turbo));
+        }
+    }
+    decode_jpeg_decoder(jpeg, stored, target).map(|r| (r, JpegBackend::JpegDecoder))
+}
+
+/// libjpeg-turbo at `eighths`/8 scale, straight into grey or RGB. Any error, and any warning
+/// (libjpeg's "corrupt JPEG data" class, which TurboJPEG reports as a failure after decoding
+/// what it could), is returned for the caller to retry with `jpeg-decoder`, so a file this path
+/// does not decode cleanly gets exactly the old treatment.
+fn decode_turbo(bytes: &[u8], stored: (u32, u32), eighths: u32, gray: bool) -> Result<Raster, turbojpeg::Error> {
+    // TurboJPEG picks the largest of its scaling factors whose output fits the size asked for;
+    // asking for exactly the size of `eighths`/8 (both round up: TJSCALED) gets that factor, or
+    // one with the same output size. Either way the buffer is filled completely.
+    let (width, height) = (idct_scaled(stored.0, eighths), idct_scaled(stored.1, eighths));
+    let format = if gray { turbojpeg::PixelFormat::GRAY } else { turbojpeg::PixelFormat::RGB };
+    let channels = format.size();
+    let (w, h) = (width as usize, height as usize);
+    let mut data = vec![0u8; w * h * channels];
+    let image = turbojpeg::Image { pixels: data.as_mut_slice(), width: w, pitch: w * channels, height: h, format };
+    DECOMPRESSOR.with_borrow_mut(|slot| {
+        let decompressor = match slot {
+            Some(d) => d,
+            None => slot.insert(turbojpeg::Decompressor::new()?),
+        };
+        decompressor.decompress(bytes, image)
+    })?;
+    Ok(Raster { data, width, height, channels: channels as u8 })
+}
+
+fn decode_jpeg_decoder(
     mut jpeg: JpegSource<'_>,
     stored: (u32, u32),
     target: (u32, u32),
@@ -383,10 +485,7 @@ fn decode_jpeg(
         // Smallest IDCT scale that still covers the target in BOTH axes, so the final resize only
         // ever shrinks. `Decoder::scale` itself settles for either axis, so ask it for the exact
         // size that scale yields.
-        let scale = [1, 2, 4]
-            .into_iter()
-            .find(|&s| idct_scaled(stored.0, s) >= target.0 && idct_scaled(stored.1, s) >= target.1)
-            .unwrap_or(8);
+        let scale = idct_scale_for(stored, target);
         if scale < 8 {
             let request = (idct_scaled(stored.0, scale), idct_scaled(stored.1, scale));
             // Both fit in u16: they are at most the stored size, which came from u16 header fields.
@@ -715,12 +814,162 @@ mod tests {
             let Codec::Jpeg(jpeg) = source.codec else {
                 panic!("not a JPEG")
             };
-            let raster = decode_jpeg(*jpeg, source.stored, target).expect("decode");
+            let (raster, _) = decode_jpeg(*jpeg, source.stored, target).expect("decode");
             (raster.width, raster.height)
         };
         assert_eq!(decoded_size((200, 150)), (200, 150)); // 1/8
         assert_eq!(decoded_size((201, 100)), (400, 300)); // width needs 1/4
         assert_eq!(decoded_size((480, 480)), (800, 600)); // height needs 1/2
         assert_eq!(decoded_size((1000, 10)), (1600, 1200)); // full
+    }
+
+    /// A textured "photo": smooth colour gradients, a few hard edges and deterministic noise, so
+    /// that decoders differing in IDCT, upsampling or colour conversion would show it.
+    fn photo(w: u32, h: u32) -> RgbImage {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        RgbImage::from_fn(w, h, |x, y| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let noise = (state % 17) as i32 - 8;
+            let (u, v) = (f64::from(x) / f64::from(w), f64::from(y) / f64::from(h));
+            let edge = if (x / 97 + y / 61) % 2 == 0 { 40 } else { -40 };
+            let c = |base: f64| (base as i32 + edge + noise).clamp(0, 255) as u8;
+            image::Rgb([c(40.0 + 170.0 * u), c(200.0 - 150.0 * v), c(90.0 + 80.0 * (u * 9.0).sin() * v)])
+        })
+    }
+
+    fn encode(data: &[u8], w: u32, h: u32, color: jpeg_encoder::ColorType, quality: u8, progressive: bool, app1: Option<Vec<u8>>) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut encoder = jpeg_encoder::Encoder::new(&mut bytes, quality);
+        encoder.set_progressive(progressive);
+        if let Some(segment) = app1 {
+            encoder.add_app_segment(1, segment).expect("APP1 fits");
+        }
+        encoder.encode(data, w as u16, h as u16, color).expect("encode");
+        bytes
+    }
+
+    /// The decoded raster at `target` and the decoder that made it, with libjpeg-turbo on or off.
+    fn raster(bytes: &[u8], target: (u32, u32), turbo: bool) -> (Raster, JpegBackend) {
+        set_turbo(turbo);
+        let source = open(bytes, &DecodeLimits::default()).expect("open");
+        let Codec::Jpeg(jpeg) = source.codec else { panic!("not a JPEG") };
+        let out = decode_jpeg(*jpeg, source.stored, target);
+        set_turbo(true);
+        out.expect("decode")
+    }
+
+    /// Mean absolute difference per channel value of two equally sized rasters.
+    fn mean_abs(a: &[u8], b: &[u8]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(&x, &y)| f64::from(x.abs_diff(y))).sum::<f64>() / a.len() as f64
+    }
+
+    #[test]
+    fn turbo_and_jpeg_decoder_agree_at_every_scale() {
+        let img = photo(1000, 700);
+        let grey: Vec<u8> = img.pixels().map(|p| p[1]).collect();
+        let cases = [
+            ("rgb 4:2:0", encode(img.as_raw(), 1000, 700, jpeg_encoder::ColorType::Rgb, 85, false, None), 3),
+            ("rgb 4:4:4", encode(img.as_raw(), 1000, 700, jpeg_encoder::ColorType::Rgb, 95, false, None), 3),
+            ("rgb progressive", encode(img.as_raw(), 1000, 700, jpeg_encoder::ColorType::Rgb, 85, true, None), 3),
+            ("grey", encode(&grey, 1000, 700, jpeg_encoder::ColorType::Luma, 85, false, None), 1),
+        ];
+        // 1/8, 1/4, 1/2 and full size, each asked for by a target just inside it.
+        for (target, size) in [((120, 80), (125, 88)), ((200, 100), (250, 175)), ((480, 300), (500, 350)), ((900, 10), (1000, 700))] {
+            for (what, bytes, channels) in &cases {
+                let (turbo, by) = raster(bytes, target, true);
+                let (reference, reference_by) = raster(bytes, target, false);
+                assert_eq!((by, reference_by), (JpegBackend::Turbo, JpegBackend::JpegDecoder), "{what}");
+                assert_eq!((turbo.width, turbo.height, turbo.channels), (size.0, size.1, *channels), "{what} at {target:?}");
+                assert_eq!((reference.width, reference.height, reference.channels), (size.0, size.1, *channels), "{what} at {target:?}");
+                let d = mean_abs(&turbo.data, &reference.data);
+                assert!(d <= 3.0, "{what} at {target:?}: the decoders differ by {d:.2} per value");
+                // Not a blank or shifted picture either: against the source, scaled the same way.
+                let expected = imageops::resize(&img, size.0, size.1, imageops::FilterType::Triangle);
+                let expected: Vec<u8> = if *channels == 1 { expected.pixels().map(|p| p[1]).collect() } else { expected.into_raw() };
+                let d = mean_abs(&turbo.data, &expected);
+                assert!(d <= 12.0, "{what} at {target:?}: {d:.2} per value from the source");
+            }
+        }
+    }
+
+    #[test]
+    fn exif_rotated_and_grey_photos_come_out_the_same_either_way() {
+        let img = photo(640, 400);
+        let grey: Vec<u8> = img.pixels().map(|p| p[0]).collect();
+        let mut exif = b"Exif\0\0MM\0*".to_vec();
+        // IFD0 at 8 with one entry: Orientation (0x0112), SHORT, count 1, value 6; no next IFD.
+        exif.extend_from_slice(&[0, 0, 0, 8, 0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]);
+        let rotated = encode(img.as_raw(), 640, 400, jpeg_encoder::ColorType::Rgb, 85, false, Some(exif));
+        let grey = encode(&grey, 640, 400, jpeg_encoder::ColorType::Luma, 85, false, None);
+        for (what, bytes, fit, size) in [("rotated", &rotated, (100, 200), (100, 160)), ("grey", &grey, (300, 300), (300, 188))] {
+            for fit in [fit, (2000, 2000)] {
+                set_turbo(false);
+                let old = crate::decode_rgb(bytes, &DecodeLimits::default(), fit);
+                set_turbo(true);
+                let (probe, new) = crate::decode_rgb(bytes, &DecodeLimits::default(), fit).expect(what);
+                let (old_probe, old) = old.expect(what);
+                assert_eq!(probe, old_probe, "{what}");
+                if fit != (2000, 2000) {
+                    assert_eq!(new.dimensions(), size, "{what}");
+                }
+                assert_eq!(new.dimensions(), old.dimensions(), "{what}");
+                let d = mean_abs(new.as_raw(), old.as_raw());
+                assert!(d <= 3.0, "{what} at {fit:?}: {d:.2} per value apart");
+            }
+        }
+        // Upright: the stored top-left corner ends up top-right after orientation 6.
+        let (_, up) = crate::decode_rgb(&rotated, &DecodeLimits::default(), (400, 640)).expect("rotated");
+        assert_eq!(up.dimensions(), (400, 640));
+        let corner = image::imageops::crop_imm(&img, 0, 0, 40, 40).to_image();
+        let shown = image::imageops::rotate270(&image::imageops::crop_imm(&up, 360, 0, 40, 40).to_image());
+        assert!(mean_abs(corner.as_raw(), shown.as_raw()) <= 12.0);
+    }
+
+    #[test]
+    fn libjpeg_turbo_takes_the_files_it_decodes_and_only_those() {
+        let img = photo(64, 48);
+        let open_turbo = |bytes: &[u8]| {
+            let Codec::Jpeg(jpeg) = open(bytes, &DecodeLimits::default()).expect("open").codec else { panic!("not a JPEG") };
+            jpeg.turbo
+        };
+        let baseline = encode(img.as_raw(), 64, 48, jpeg_encoder::ColorType::Rgb, 85, false, None);
+        let progressive = encode(img.as_raw(), 64, 48, jpeg_encoder::ColorType::Rgb, 85, true, None);
+        assert!(open_turbo(&baseline) && open_turbo(&progressive));
+        assert_eq!(raster(&baseline, (32, 24), true).1, JpegBackend::Turbo);
+        assert_eq!(raster(&progressive, (64, 48), true).1, JpegBackend::Turbo);
+        // CMYK stays with jpeg-decoder, whose handling of Adobe inversion the tests pin down.
+        let cmyk = encode(&[40u8; 64 * 48 * 4], 64, 48, jpeg_encoder::ColorType::Cmyk, 85, false, None);
+        assert!(!open_turbo(&cmyk));
+        assert_eq!(raster(&cmyk, (64, 48), true).1, JpegBackend::JpegDecoder);
+        // Lossless, 12-bit and arithmetic-coded frames are not for the TurboJPEG 2 API.
+        assert!(turbo_decodes(Some(0xC1), 8, PixelFormat::RGB24) && turbo_decodes(Some(0xC2), 8, PixelFormat::L8));
+        assert!(!turbo_decodes(Some(0xC3), 8, PixelFormat::RGB24), "lossless");
+        assert!(!turbo_decodes(Some(0xC1), 12, PixelFormat::L16), "12-bit");
+        assert!(!turbo_decodes(Some(0xC9), 8, PixelFormat::RGB24), "arithmetic");
+        assert!(!turbo_decodes(None, 8, PixelFormat::RGB24), "no frame header found");
+    }
+
+    #[test]
+    fn a_file_libjpeg_turbo_finds_corrupt_gets_the_old_treatment() {
+        let img = photo(256, 192);
+        let good = encode(img.as_raw(), 256, 192, jpeg_encoder::ColorType::Rgb, 85, false, None);
+        // A restart marker in the middle of the entropy-coded data: libjpeg-turbo warns ("corrupt
+        // JPEG data"), so the photo goes to jpeg-decoder, and the answer is what it was before.
+        let sos = good.windows(2).position(|w| w == [0xFF, 0xDA]).expect("SOS");
+        let mut bad = good.clone();
+        let at = sos + (good.len() - sos) / 2;
+        bad[at..at + 2].copy_from_slice(&[0xFF, 0xD3]);
+        assert!(decode_turbo(&bad, (256, 192), 8, false).is_err(), "libjpeg-turbo should complain");
+        set_turbo(false);
+        let before = crate::decode_square(&bad, &DecodeLimits::default(), 64);
+        set_turbo(true);
+        let after = crate::decode_square(&bad, &DecodeLimits::default(), 64);
+        assert_eq!(after, before);
+        if let Err(e) = &after {
+            assert!(e.to_string().contains("JPEG"), "{e}");
+        }
     }
 }

@@ -6,9 +6,12 @@
 //! (never from a file name) and every entry point first checks the file is complete and that the
 //! header's pixel count is within [`DecodeLimits`], before any pixel buffer is allocated.
 //!
-//! JPEG is the hot path: photos are decoded with `jpeg-decoder`'s DCT scaling (1/2, 1/4 or 1/8
-//! inside the IDCT), so a 4-megapixel photo wanted at 480² never exists at full size, then
-//! finished with `fast_image_resize`. PNG, TIFF, WebP, GIF (its first frame) and BMP go through
+//! JPEG is the hot path: photos are decoded with DCT scaling (1/2, 1/4 or 1/8 inside the IDCT),
+//! so a 4-megapixel photo wanted at 480² never exists at full size, then finished with
+//! `fast_image_resize`. 8-bit Huffman-coded grey and colour JPEGs (what cameras and phones
+//! write) go through libjpeg-turbo (the `turbojpeg` crate, the system library); 12-bit,
+//! lossless and CMYK JPEGs, and any file libjpeg-turbo rejects or warns about, through the
+//! pure-Rust `jpeg-decoder`, whose errors name the fault. PNG, TIFF, WebP, GIF (its first frame) and BMP go through
 //! the `image` crate at full size. HEIF/HEIC and AVIF are recognised and refused by name
 //! ([`VisionError::Unsupported`]), not mistaken for garbage.
 
