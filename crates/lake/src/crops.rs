@@ -5,9 +5,10 @@
 //!
 //! A row is keyed by what determines its pixels and nothing else: the photo's bytes
 //! (`content_hash`, so a renamed photo still hits), the crop (detector box grown by the margin,
-//! or the whole photo) and the side. A new detector or margin gives other boxes and a changed
-//! photo other bytes: both miss and are decoded afresh, so nothing stale is ever served; the
-//! old rows stay until [`CropCache::prune`] drops those no current photo uses.
+//! or the whole photo), the side and the decoder (`vision::pixels_version`, passed in by the
+//! loader). A new detector or margin gives other boxes, a changed photo other bytes, another
+//! decoder other pixels: all miss and are decoded afresh, so nothing stale is ever served; rows
+//! of photos the lake no longer has go at `vacuum` ([`prune_orphans`]).
 //!
 //! Pixels are stored losslessly, exactly as the decoder produced them, so a model sees the same
 //! input whether its photo came from the cache or from the source. Writes are buffered and
@@ -36,13 +37,14 @@ pub async fn prune_orphans(lake: &Lake) -> Result<u64> {
 }
 
 /// The cache key of the pixels of photo bytes `content_hash`, cropped to `crop` (None: whole),
-/// at `side`. Crop coordinates are rounded to 1e-6 of the frame, far below a pixel of any photo.
-pub fn key(content_hash: &str, crop: Option<[f32; 4]>, side: u32) -> String {
+/// at `side`, by the decoders `decoder` names (`vision::pixels_version`). Crop coordinates are
+/// rounded to 1e-6 of the frame, far below a pixel of any photo.
+pub fn key(content_hash: &str, crop: Option<[f32; 4]>, side: u32, decoder: &str) -> String {
     let crop = match crop {
         Some(c) => c.iter().map(|v| format!("{:.6}", v)).collect::<Vec<_>>().join(","),
         None => "whole".to_string(),
     };
-    blake3::hash(format!("{content_hash}|{crop}|{side}").as_bytes()).to_hex().to_string()
+    blake3::hash(format!("{content_hash}|{crop}|{side}|{decoder}").as_bytes()).to_hex().to_string()
 }
 
 struct Pending {
@@ -282,13 +284,14 @@ mod tests {
     }
 
     #[test]
-    fn the_key_changes_with_the_bytes_the_crop_and_the_side_only() {
-        let k = key("h1", Some([0.1, 0.2, 0.7, 0.9]), 224);
-        assert_eq!(k, key("h1", Some([0.1, 0.2, 0.7, 0.9]), 224));
-        assert_ne!(k, key("h2", Some([0.1, 0.2, 0.7, 0.9]), 224), "other photo bytes");
-        assert_ne!(k, key("h1", Some([0.1, 0.2, 0.7, 0.91]), 224), "another box or margin");
-        assert_ne!(k, key("h1", Some([0.1, 0.2, 0.7, 0.9]), 256), "another side");
-        assert_ne!(k, key("h1", None, 224), "the whole photo");
+    fn the_key_changes_with_the_bytes_the_crop_the_side_and_the_decoder_only() {
+        let k = key("h1", Some([0.1, 0.2, 0.7, 0.9]), 224, "d1");
+        assert_eq!(k, key("h1", Some([0.1, 0.2, 0.7, 0.9]), 224, "d1"));
+        assert_ne!(k, key("h2", Some([0.1, 0.2, 0.7, 0.9]), 224, "d1"), "other photo bytes");
+        assert_ne!(k, key("h1", Some([0.1, 0.2, 0.7, 0.91]), 224, "d1"), "another box or margin");
+        assert_ne!(k, key("h1", Some([0.1, 0.2, 0.7, 0.9]), 256, "d1"), "another side");
+        assert_ne!(k, key("h1", None, 224, "d1"), "the whole photo");
+        assert_ne!(k, key("h1", Some([0.1, 0.2, 0.7, 0.9]), 224, "d2"), "another decoder");
     }
 
     #[tokio::test]
@@ -297,7 +300,7 @@ mod tests {
         let lake = lake(dir.path());
         let a: Arc<Vec<u8>> = Arc::new((0..12).collect());
         let b: Arc<Vec<u8>> = Arc::new((100..112).collect());
-        let (ka, kb) = (key("ha", None, 2), key("hb", Some([0.0, 0.0, 0.5, 0.5]), 2));
+        let (ka, kb) = (key("ha", None, 2, "d"), key("hb", Some([0.0, 0.0, 0.5, 0.5]), 2, "d"));
         let c = CropCache::new(lake.clone());
         assert_eq!(c.get(&ka, 12).await.unwrap(), None);
         c.put(ka.clone(), "ha", None, 2, a.clone()).await.unwrap();
@@ -309,7 +312,7 @@ mod tests {
         let d = CropCache::new(lake.clone());
         assert_eq!(d.get(&ka, 12).await.unwrap().as_deref(), Some(a.as_slice()));
         assert_eq!(d.get(&kb, 12).await.unwrap().as_deref(), Some(b.as_slice()));
-        assert_eq!(d.get(&key("ha", None, 3), 27).await.unwrap(), None);
+        assert_eq!(d.get(&key("ha", None, 3, "d"), 27).await.unwrap(), None);
         // What the cache has is not written again.
         d.put(ka.clone(), "ha", None, 2, a.clone()).await.unwrap();
         assert_eq!(d.flush().await.unwrap(), 0);

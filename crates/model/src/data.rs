@@ -160,7 +160,7 @@ impl Loader {
             return Ok(p.clone());
         }
         let lake_key = match (&self.crops, content_hash) {
-            (Some(c), Some(h)) => Some((c, h, crops::key(h, crop, self.side))),
+            (Some(c), Some(h)) => Some((c, h, crops::key(h, crop, self.side, vision::pixels_version()))),
             _ => None,
         };
         if let Some((c, _, k)) = &lake_key {

@@ -57,6 +57,12 @@ fn turbo_by_default() -> bool {
     *TURBO.get_or_init(|| std::env::var("PIPELINE_JPEG_DECODER").map_or(true, |v| v != "jpeg-decoder"))
 }
 
+/// Names the decoders a JPEG's pixels come from in this process, and their version where it
+/// changes pixels: caches of decoded pixels key on it ([`crate::pixels_version`]).
+pub(super) fn jpeg_pixels_version() -> &'static str {
+    if turbo_by_default() { "libjpeg-turbo-2+jpeg-decoder-0.3" } else { "jpeg-decoder-0.3" }
+}
+
 /// Turns libjpeg-turbo on or off for JPEGs decoded on this thread from now on.
 #[cfg(test)]
 pub(super) fn set_turbo(on: bool) {

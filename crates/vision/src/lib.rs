@@ -116,6 +116,13 @@ pub enum VisionError {
 /// in this box (never enlarged), so a 24 MP and a 4 MP shot of the same scene score alike.
 pub const ANALYSIS_SIDE: u32 = 512;
 
+/// What decodes photos in this process, as far as it changes their pixels (libjpeg-turbo or
+/// `jpeg-decoder` for JPEGs, `PIPELINE_JPEG_DECODER`): a cache of decoded pixels (the lake's
+/// crop cache) keys on it, so pixels of one decoder are never served where another would run.
+pub fn pixels_version() -> &'static str {
+    decode::jpeg_pixels_version()
+}
+
 /// Identifies the container from its magic bytes.
 pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, VisionError> {
     if bytes.is_empty() {
