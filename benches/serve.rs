@@ -129,6 +129,7 @@ async fn main() {
     let mean_kb = bodies.iter().map(|b| b.len()).sum::<usize>() as f64 / bodies.len() as f64 / 1024.0;
 
     let service = Arc::new(Service::open(lake, &table, tch::Device::Cpu, Default::default()).await.expect("service over the table"));
+    let shared = service.clone();
     let now = service.now();
     assert!(now.embedder.is_some(), "model of the table: {:?}", now.no_embedder);
     let model = now.model_id.clone();
@@ -161,8 +162,19 @@ async fn main() {
     for c in [1, concurrency] {
         cases.push(drive(format!("GET /similar/{{id}}?k=20, {c} connection(s)"), addr, c, requests, get.clone()).await);
     }
+    let mut phases = String::new();
     for c in [1, concurrency] {
+        let before = shared.now().embedder.as_ref().map(|e| e.phase_times().mean_ms());
         cases.push(drive(format!("POST /similar?k=20 (photo), {c} connection(s)"), addr, c, uploads, post.clone()).await);
+        // Mean time of each phase over this case's uploads (sums after minus sums before).
+        if let (Some((b, nb)), Some(e)) = (before, shared.now().embedder.as_ref()) {
+            let (a, na) = e.phase_times().mean_ms();
+            let n = (na - nb).max(1) as f64;
+            let per: Vec<String> = (0..answer::PhaseTimes::NAMES.len())
+                .map(|i| format!("{} {:.1} ms", answer::PhaseTimes::NAMES[i], (a[i] * na as f64 - b[i] * nb as f64) / n))
+                .collect();
+            phases.push_str(&format!("uploads, {c} connection(s), mean per upload: {}\n", per.join(", ")));
+        }
     }
     server.abort();
     println!("| case | requests/s | p50 ms | p99 ms | non-200 |");
@@ -170,4 +182,5 @@ async fn main() {
     for c in &cases {
         println!("| {} | {:.1} | {:.2} | {:.2} | {} |", c.name, c.rps, c.p50, c.p99, c.failed);
     }
+    print!("{phases}");
 }

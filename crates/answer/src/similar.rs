@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arrow::array::AsArray;
 use object_store::ObjectStoreExt;
@@ -34,12 +33,47 @@ pub struct Embedder {
     pub flip_tta: bool,
     /// Input side of the detector and the crop margin, for a model trained on crops.
     crop: Option<(u32, f32)>,
-    tx: std::sync::mpsc::SyncSender<Job>,
+    queue: Arc<Queue>,
+    times: Arc<PhaseTimes>,
 }
 
-/// Work for the model thread: pixels at the model's (or the detector's) input size.
+/// Where an upload's time goes, summed over every upload since the model was loaded
+/// ([`Embedder::phase_times`]; the serve bench prints it): the decode for the detector, the wait
+/// for and the detector's pass, the crop's decode, the wait for and the embedding pass; and of
+/// those waits, the model thread's forward passes alone (a batch's pass counted once per photo).
+#[derive(Default)]
+pub struct PhaseTimes {
+    uploads: std::sync::atomic::AtomicU64,
+    nanos: [std::sync::atomic::AtomicU64; 6],
+}
+
+impl PhaseTimes {
+    pub const NAMES: [&'static str; 6] = [
+        "decode for the detector",
+        "detector (queue + pass)",
+        "decode of the crop",
+        "embedding (queue + pass)",
+        "of which the detector's pass",
+        "of which the embedding passes (views summed)",
+    ];
+
+    fn add(&self, phase: usize, since: std::time::Instant) {
+        self.nanos[phase].fetch_add(since.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Mean milliseconds per upload of each phase in [`PhaseTimes::NAMES`]' order, and the uploads counted.
+    pub fn mean_ms(&self) -> ([f64; 6], u64) {
+        let n = self.uploads.load(std::sync::atomic::Ordering::Relaxed);
+        let ms = |i: usize| self.nanos[i].load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6 / n.max(1) as f64;
+        (std::array::from_fn(ms), n)
+    }
+}
+
+/// Work for the model threads: pixels at the model's (or the detector's) input size. An embedding
+/// is asked for one view at a time (the photo, or its mirror image for flip TTA), so the two
+/// views of one upload run at once on two model threads.
 enum Job {
-    Embed(Vec<u8>, oneshot::Sender<Result<Vec<f32>>>),
+    Embed { px: Vec<u8>, flipped: bool, reply: oneshot::Sender<Result<Vec<f32>>> },
     Detect(Vec<u8>, oneshot::Sender<Result<Detection>>),
 }
 
@@ -67,10 +101,13 @@ impl Embedder {
         let (spec, best) = model_files(&dir, &id).map_err(|e| {
             Error::Other(format!("{e} (an ensemble's embeddings cannot embed new photos: ask by photo id, or embed with a member model)"))
         })?;
-        let mut net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
-        net.use_channels_last();
-        net.fold_batchnorm();
-        let (detector, det_dir) = match &spec.crop {
+        let load_net = || -> Result<Net> {
+            let mut net = Net::load(&spec, &best, device).map_err(|e| Error::Other(e.to_string()))?;
+            net.use_channels_last();
+            net.fold_batchnorm();
+            Ok(net)
+        };
+        let (info, det_dir) = match &spec.crop {
             Some(c) => {
                 let ddir = model_dir(lake, &c.detector).await?;
                 let info_file = ddir.local.join(detect::INFO);
@@ -78,69 +115,47 @@ impl Embedder {
                     .ok()
                     .and_then(|t| serde_json::from_str(&t).ok())
                     .ok_or_else(|| Error::Other(format!("model `{id}` crops with detector `{}`, whose {} is missing", c.detector, info_file.display())))?;
-                let det = Detector::load(&info.spec, &ddir.local.join(detect::WEIGHTS), device).map_err(|e| Error::Other(e.to_string()))?;
-                (Some(det), Some(ddir))
+                (Some(info), Some(ddir))
             }
             None => (None, None),
         };
-        let crop = match (&spec.crop, &detector) {
-            (Some(c), Some(d)) => Some((d.spec.input_size, c.margin)),
+        let load_detector = || -> Result<Option<Detector>> {
+            match (&info, &det_dir) {
+                (Some(info), Some(ddir)) => Detector::load(&info.spec, &ddir.local.join(detect::WEIGHTS), device).map(Some).map_err(|e| Error::Other(e.to_string())),
+                _ => Ok(None),
+            }
+        };
+        let crop = match (&spec.crop, &info) {
+            (Some(c), Some(i)) => Some((i.spec.input_size, c.margin)),
             _ => None,
         };
         let input_size = spec.input_size;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(QUEUE);
-        std::thread::Builder::new()
-            .name("embedder".into())
-            .spawn(move || {
-                let _keep = (dir, det_dir);
-                while let Ok(first) = rx.recv() {
-                    // Whatever else is already waiting goes in the same forward pass.
-                    let mut jobs = vec![first];
-                    std::thread::sleep(Duration::from_millis(2));
-                    while jobs.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(item) => jobs.push(item),
-                            Err(_) => break,
-                        }
+        let dim = spec.neck.embedding_dim as usize;
+        // On a CPU, two model threads of one intra-op thread each (on 2 cores: one each). A
+        // lone upload's two flip views and its neighbours' passes then run side by side, and
+        // no pass waits at libtorch's thread barriers for a core the other thread holds: on the
+        // 2-core machine one pass on two intra-op threads took twice as long in the server as
+        // alone (README Figures). One thread on a GPU, which runs one pass at a time anyway.
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let (workers, threads) = if device == Device::Cpu { (cores.clamp(1, 2), (cores / 2).max(1)) } else { (1, cores) };
+        let queue = Arc::new(Queue::default());
+        let times = Arc::new(PhaseTimes::default());
+        let models = (0..workers).map(|_| Ok((load_net()?, load_detector()?))).collect::<Result<Vec<_>>>()?;
+        let keep = Arc::new((dir, det_dir));
+        for (w, (net, detector)) in models.into_iter().enumerate() {
+            let (queue, model_times, keep) = (queue.clone(), times.clone(), keep.clone());
+            std::thread::Builder::new()
+                .name(format!("embedder-{w}"))
+                .spawn(move || {
+                    let _keep = keep;
+                    if device == Device::Cpu {
+                        tch::set_num_threads(threads as i32);
                     }
-                    let (mut embeds, mut detects) = (Vec::new(), Vec::new());
-                    for j in jobs {
-                        match j {
-                            Job::Embed(px, reply) => embeds.push((px, reply)),
-                            Job::Detect(px, reply) => detects.push((px, reply)),
-                        }
-                    }
-                    if let (false, Some(det)) = (detects.is_empty(), &detector) {
-                        let x = stack(&detects, det.spec.input_size);
-                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| det.detect(&to_input(&x, det.device()))));
-                        for (i, (_, reply)) in detects.into_iter().enumerate() {
-                            let r = match &out {
-                                Ok(v) if v.len() > i => Ok(v[i]),
-                                _ => Err(Error::Other("the detector failed on this batch".into())),
-                            };
-                            let _ = reply.send(r);
-                        }
-                    }
-                    if embeds.is_empty() {
-                        continue;
-                    }
-                    let x = stack(&embeds, input_size);
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let e = net.embed(&to_input(&x, net.device()), flip_tta).to_device(Device::Cpu).contiguous();
-                        Vec::<f32>::try_from(e.flatten(0, -1)).unwrap_or_default()
-                    }));
-                    let dim = net.spec.neck.embedding_dim as usize;
-                    for (i, (_, reply)) in embeds.into_iter().enumerate() {
-                        let r = match &out {
-                            Ok(v) if v.len() >= (i + 1) * dim => Ok(v[i * dim..(i + 1) * dim].to_vec()),
-                            _ => Err(Error::Other("the model failed on this batch".into())),
-                        };
-                        let _ = reply.send(r);
-                    }
-                }
-            })
-            .map_err(|e| Error::Other(format!("cannot start the embedding thread: {e}")))?;
-        Ok(Embedder { model_id: id, input_size, flip_tta, crop, tx })
+                    model_thread(&queue, &net, detector.as_ref(), input_size, dim, &model_times);
+                })
+                .map_err(|e| Error::Other(format!("cannot start the embedding thread: {e}")))?;
+        }
+        Ok(Embedder { model_id: id, input_size, flip_tta, crop, queue, times })
     }
 
     /// Decodes `bytes` (any format [`vision`] reads, within `limits`), crops the subject when
@@ -158,18 +173,23 @@ impl Embedder {
         let mut photo = vision::Decoded::new(bytes, limits);
         let crop = match self.crop {
             Some((det_side, margin)) => {
+                let t = std::time::Instant::now();
                 let (back, px) = blocking(move || {
                     let px = photo.square(det_side);
                     (photo, px)
                 })
                 .await?;
+                self.times.add(0, t);
                 photo = back;
+                let t = std::time::Instant::now();
                 let d = self.ask(|tx| Job::Detect(px.into_raw(), tx)).await?;
+                self.times.add(1, t);
                 Some(vision::expand_box(d.bbox, margin))
             }
             None => None,
         };
         let side = self.input_size;
+        let t = std::time::Instant::now();
         let (photo, px) = blocking(move || {
             let px = match crop {
                 Some(c) => photo.crop_square(side, c),
@@ -178,6 +198,7 @@ impl Embedder {
             (photo, px)
         })
         .await?;
+        self.times.add(2, t);
         let seen = match view {
             Some(v) => Some(
                 blocking(move || {
@@ -194,22 +215,177 @@ impl Embedder {
             ),
             None => None,
         };
-        Ok((self.ask(|tx| Job::Embed(px.into_raw(), tx)).await?, seen))
+        let t = std::time::Instant::now();
+        let px = px.into_raw();
+        let e = if self.flip_tta {
+            // Both views at once (two model threads), combined as `Net::embed` combines them.
+            let mirror = px.clone();
+            let (a, b) = tokio::try_join!(
+                self.ask(|reply| Job::Embed { px, flipped: false, reply }),
+                self.ask(|reply| Job::Embed { px: mirror, flipped: true, reply })
+            )?;
+            normalized(a.iter().zip(&b).map(|(x, y)| x + y).collect())
+        } else {
+            self.ask(|reply| Job::Embed { px, flipped: false, reply }).await?
+        };
+        self.times.add(3, t);
+        self.times.uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((e, seen))
+    }
+
+    /// Where uploads' time went so far ([`PhaseTimes`]).
+    pub fn phase_times(&self) -> &PhaseTimes {
+        &self.times
     }
 
     /// Queues a job for the model thread and waits for its answer; a full queue is refused at once.
     async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<Result<T>>) -> Job) -> Result<T> {
         let stopped = || Error::Other("the embedding thread has stopped".into());
         let (tx, rx) = oneshot::channel();
-        match self.tx.try_send(job(tx)) {
-            Ok(()) => {}
-            Err(std::sync::mpsc::TrySendError::Full(_)) => {
-                return Err(Error::Overloaded(format!("{QUEUE} photos are already waiting for the model")));
-            }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
-        }
+        self.queue.push(job(tx))?;
         rx.await.map_err(|_| stopped())?
     }
+}
+
+impl Drop for Embedder {
+    /// The model threads finish what is queued and stop.
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// The jobs waiting for the model threads, at most [`QUEUE`]. A model thread takes the oldest
+/// and every other waiting job of the same kind (detector, photo, mirror image) as one batch,
+/// leaving the rest to the other thread: a lone upload's two views run at once, and under load
+/// each pass batches what piled up meanwhile.
+#[derive(Default)]
+struct Queue {
+    state: std::sync::Mutex<QueueState>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: std::collections::VecDeque<Job>,
+    closed: bool,
+}
+
+impl Job {
+    fn kind(&self) -> u8 {
+        match self {
+            Job::Detect(..) => 0,
+            Job::Embed { flipped: false, .. } => 1,
+            Job::Embed { flipped: true, .. } => 2,
+        }
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a job; a full queue is refused at once ([`Error::Overloaded`]).
+    fn push(&self, job: Job) -> Result<()> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err(Error::Other("the embedding thread has stopped".into()));
+        }
+        if q.jobs.len() >= QUEUE {
+            return Err(Error::Overloaded(format!("{QUEUE} photos are already waiting for the model")));
+        }
+        q.jobs.push_back(job);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The oldest job and the waiting ones of its kind (up to [`MAX_BATCH`]); waits for one.
+    /// None once closed and drained.
+    fn take(&self) -> Option<Vec<Job>> {
+        let mut q = self.lock();
+        while q.jobs.is_empty() {
+            if q.closed {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        let first = q.jobs.pop_front()?;
+        let kind = first.kind();
+        let mut batch = vec![first];
+        let mut i = 0;
+        while i < q.jobs.len() && batch.len() < MAX_BATCH {
+            if q.jobs[i].kind() == kind {
+                batch.extend(q.jobs.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        if !q.jobs.is_empty() {
+            self.ready.notify_one();
+        }
+        Some(batch)
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// One model thread: runs the batches [`Queue::take`] gives it (a detector's pass, or one
+/// embedding pass of one view) and answers each job, until the embedder is dropped. A lone photo
+/// does not wait for company: uploads that arrive meanwhile queue up and share the next pass.
+fn model_thread(queue: &Queue, net: &Net, detector: Option<&Detector>, input_size: u32, dim: usize, times: &PhaseTimes) {
+    while let Some(jobs) = queue.take() {
+        let (mut views, mut detects) = ([Vec::new(), Vec::new()], Vec::new());
+        for j in jobs {
+            match j {
+                Job::Embed { px, flipped, reply } => views[usize::from(flipped)].push((px, reply)),
+                Job::Detect(px, reply) => detects.push((px, reply)),
+            }
+        }
+        if let (false, Some(det)) = (detects.is_empty(), detector) {
+            let t = std::time::Instant::now();
+            let x = stack(&detects, det.spec.input_size);
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| det.detect(&to_input(&x, det.device()))));
+            (0..detects.len()).for_each(|_| times.add(4, t));
+            for (i, (_, reply)) in detects.into_iter().enumerate() {
+                let r = match &out {
+                    Ok(v) if v.len() > i => Ok(v[i]),
+                    _ => Err(Error::Other("the detector failed on this batch".into())),
+                };
+                let _ = reply.send(r);
+            }
+        }
+        for (flipped, view) in views.into_iter().enumerate() {
+            if view.is_empty() {
+                continue;
+            }
+            let t = std::time::Instant::now();
+            let x = stack(&view, input_size);
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let x = to_input(&x, net.device());
+                let x = if flipped == 1 { x.flip([3]) } else { x };
+                let e = net.embed(&x, false).to_device(Device::Cpu).contiguous();
+                Vec::<f32>::try_from(e.flatten(0, -1)).unwrap_or_default()
+            }));
+            (0..view.len()).for_each(|_| times.add(5, t));
+            for (i, (_, reply)) in view.into_iter().enumerate() {
+                let r = match &out {
+                    Ok(v) if v.len() >= (i + 1) * dim => Ok(v[i * dim..(i + 1) * dim].to_vec()),
+                    _ => Err(Error::Other("the model failed on this batch".into())),
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+/// `v` scaled to unit length (as `model::net`'s `l2_normalize`).
+fn normalized(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= n);
+    v
 }
 
 /// Runs a decode on the blocking pool; its error is [`Error::BadImage`].
@@ -462,4 +638,57 @@ async fn snapshot(lake: &Lake, table: &str, device: Device, search: &vector::Sea
     };
     let source = Source::for_serving(ds.clone(), table, search, None).await?;
     Ok(Snapshot { ds, embedder, no_embedder, source, version, model_id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embed(flipped: bool) -> Job {
+        Job::Embed { px: vec![u8::from(flipped)], flipped, reply: oneshot::channel().0 }
+    }
+
+    fn detect() -> Job {
+        Job::Detect(vec![9], oneshot::channel().0)
+    }
+
+    fn kinds(jobs: &[Job]) -> Vec<u8> {
+        jobs.iter().map(Job::kind).collect()
+    }
+
+    #[test]
+    fn a_model_thread_takes_one_kind_at_a_time_and_leaves_the_rest_for_the_other() {
+        let q = Queue::default();
+        for j in [embed(false), embed(true), embed(false), detect(), embed(true)] {
+            q.push(j).unwrap();
+        }
+        // An upload's photo and its mirror image go to two threads, not one after the other.
+        assert_eq!(kinds(&q.take().unwrap()), [1, 1]);
+        assert_eq!(kinds(&q.take().unwrap()), [2, 2]);
+        assert_eq!(kinds(&q.take().unwrap()), [0]);
+        // Batches stop at MAX_BATCH; the queue refuses past QUEUE, saying so.
+        for _ in 0..QUEUE {
+            q.push(embed(false)).unwrap();
+        }
+        assert!(matches!(q.push(embed(false)), Err(Error::Overloaded(_))));
+        assert_eq!(q.take().unwrap().len(), MAX_BATCH);
+        // Closed: what is queued is still handed out, then the threads are told to stop.
+        q.close();
+        assert!(q.push(detect()).is_err());
+        let mut left = 0;
+        while let Some(b) = q.take() {
+            left += b.len();
+        }
+        assert_eq!(left, QUEUE - MAX_BATCH);
+    }
+
+    #[test]
+    fn two_views_combine_as_the_network_combines_them() {
+        // `Net::embed` with flip TTA: l2(l2(f(x)) + l2(f(flip x))); the model threads hand back
+        // each view already normalised.
+        let (a, b) = (normalized(vec![3.0, 4.0, 0.0]), normalized(vec![0.0, 0.0, 2.0]));
+        let e = normalized(a.iter().zip(&b).map(|(x, y)| x + y).collect());
+        let want = [0.6 / 2f32.sqrt(), 0.8 / 2f32.sqrt(), 1.0 / 2f32.sqrt()];
+        assert!(e.iter().zip(want).all(|(x, y)| (x - y).abs() < 1e-6), "{e:?}");
+    }
 }

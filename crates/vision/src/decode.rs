@@ -60,7 +60,8 @@ fn turbo_by_default() -> bool {
 /// Names the decoders a JPEG's pixels come from in this process, and their version where it
 /// changes pixels: caches of decoded pixels key on it ([`crate::pixels_version`]).
 pub(super) fn jpeg_pixels_version() -> &'static str {
-    if turbo_by_default() { "libjpeg-turbo-2+jpeg-decoder-0.3" } else { "jpeg-decoder-0.3" }
+    // `+crop1`: crops are cut and resized in one step from the scaled decode (decode_crop_upright).
+    if turbo_by_default() { "libjpeg-turbo-2+jpeg-decoder-0.3+crop1" } else { "jpeg-decoder-0.3+crop1" }
 }
 
 /// Turns libjpeg-turbo on or off for JPEGs decoded on this thread from now on.
@@ -100,6 +101,13 @@ struct JpegSource<'a> {
     /// 8-bit, Huffman-coded (baseline, extended or progressive), one or three components:
     /// what libjpeg-turbo decodes straight to grey or RGB.
     turbo: bool,
+}
+
+/// A decode kept for a photo's next ask: a JPEG's pixels at `eighths`/8 IDCT scale (8 for
+/// everything else, at full size).
+pub(super) struct Kept {
+    eighths: u32,
+    raster: Raster,
 }
 
 /// Pixels in stored orientation, one (luma) or three (RGB) interleaved u8 channels.
@@ -145,30 +153,100 @@ impl Source<'_> {
         Ok(orient(rgb, self.orientation))
     }
 
-    /// [`Self::decode_upright`] for a photo asked for at several sizes: the full-size pixels of
-    /// a format without scaled decoding are decoded into `full` the first time and resized
-    /// from there after, with the same result. A JPEG is decoded at each size (its decoding
-    /// scales: a small size costs a fraction of a full decode).
-    pub(super) fn decode_upright_keeping(self, target: (u32, u32), full: &mut Option<Raster>) -> Result<RgbImage, VisionError> {
-        if matches!(self.codec, Codec::Jpeg(_)) {
-            return self.decode_upright(target);
-        }
-        let stored_target = displayed(target, self.orientation);
-        let kept = match full.take() {
-            Some(r) => r,
-            None => full_size(self.codec, self.stored)?,
-        };
-        let raster = if (kept.width, kept.height) == stored_target {
-            Raster { data: kept.data.clone(), ..kept }
+    /// [`Self::decode_upright`] for a photo asked for at several sizes, with the same result:
+    /// the decode is kept in `kept` and reused by the next ask that needs the same one (a JPEG
+    /// at the same IDCT scale, e.g. an upload's detector view and then its subject's crop;
+    /// anything else at full size).
+    pub(super) fn decode_upright_keeping(self, target: (u32, u32), kept: &mut Option<Kept>) -> Result<RgbImage, VisionError> {
+        let orientation = self.orientation;
+        let stored_target = displayed(target, orientation);
+        let raster = self.kept_raster(stored_target, kept)?;
+        let out = if (raster.width, raster.height) == stored_target {
+            Raster { data: raster.data.clone(), ..*raster }
         } else {
-            let pixel_type = if kept.channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
-            let data = resize_plane(&kept.data, (kept.width, kept.height), pixel_type, stored_target)?;
-            Raster { data, width: stored_target.0, height: stored_target.1, channels: kept.channels }
+            let pixel_type = if raster.channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
+            let data = resize_plane(&raster.data, (raster.width, raster.height), pixel_type, stored_target)?;
+            Raster { data, width: stored_target.0, height: stored_target.1, channels: raster.channels }
         };
-        *full = Some(kept);
-        let rgb = into_rgb(raster)?;
-        Ok(orient(rgb, self.orientation))
+        Ok(orient(into_rgb(out)?, orientation))
     }
+
+    /// What a decode for `stored_target` gives (a JPEG at the smallest IDCT scale covering it,
+    /// which is all its pixels depend on; any other format at full size), from `kept` when it
+    /// holds that decode; kept there for the next ask.
+    fn kept_raster(self, stored_target: (u32, u32), kept: &mut Option<Kept>) -> Result<&Raster, VisionError> {
+        let eighths = match &self.codec {
+            Codec::Jpeg(_) => idct_scale_for(self.stored, stored_target),
+            _ => 8,
+        };
+        if kept.as_ref().is_none_or(|k| k.eighths != eighths) {
+            let raster = match self.codec {
+                Codec::Jpeg(jpeg) => guarded("JPEG", || decode_jpeg(*jpeg, self.stored, stored_target))?.0,
+                codec => full_size(codec, self.stored)?,
+            };
+            *kept = Some(Kept { eighths, raster });
+        }
+        Ok(&kept.as_ref().expect("kept above").raster)
+    }
+
+    /// The box `crop` (`[x0, y0, x1, y1]`, fractions of the displayed frame, as
+    /// [`super::clamp_box`] leaves it) at `side`²: decoded at the smallest size that still gives
+    /// the box at least `side` pixels each way (a JPEG's IDCT scale; other formats at full size;
+    /// from and into `kept`, [`Self::decode_upright_keeping`]), then cut and resized in ONE resampling step (bilinear,
+    /// area-aware when shrinking, at sub-pixel box edges) in stored orientation, and made
+    /// upright. Nothing outside the box is resized.
+    pub(super) fn decode_crop_upright(self, side: u32, crop: [f32; 4], kept: &mut Option<Kept>) -> Result<RgbImage, VisionError> {
+        let (w, h) = displayed(self.stored, self.orientation);
+        let (cw, ch) = (f64::from(crop[2] - crop[0]), f64::from(crop[3] - crop[1]));
+        let scale = (f64::from(side) / (cw * f64::from(w))).max(f64::from(side) / (ch * f64::from(h))).min(1.0);
+        let target = (
+            ((f64::from(w) * scale).round() as u32).clamp(1, w),
+            ((f64::from(h) * scale).round() as u32).clamp(1, h),
+        );
+        let (stored_crop, orientation) = (stored_box(crop, self.orientation), self.orientation);
+        let raster = self.kept_raster(displayed(target, orientation), kept)?;
+        let cut = crop_resize(raster, stored_crop, side)?;
+        Ok(orient(into_rgb(cut)?, orientation))
+    }
+}
+
+/// A box of the displayed frame (fractions) in the stored frame of EXIF orientation `o`: the
+/// inverse of [`orient`], corner by corner.
+fn stored_box(b: [f32; 4], o: u16) -> [f32; 4] {
+    let map = |u: f32, v: f32| -> (f32, f32) {
+        match o {
+            2 => (1.0 - u, v),
+            3 => (1.0 - u, 1.0 - v),
+            4 => (u, 1.0 - v),
+            5 => (v, u),
+            6 => (v, 1.0 - u),
+            7 => (1.0 - v, 1.0 - u),
+            8 => (1.0 - v, u),
+            _ => (u, v),
+        }
+    };
+    let (a, c) = (map(b[0], b[1]), map(b[2], b[3]));
+    [a.0.min(c.0), a.1.min(c.1), a.0.max(c.0), a.1.max(c.1)]
+}
+
+/// The box `b` (fractions) of `raster` resized to `side`² in one step, keeping its channels.
+fn crop_resize(raster: &Raster, b: [f32; 4], side: u32) -> Result<Raster, VisionError> {
+    let (w, h) = (f64::from(raster.width), f64::from(raster.height));
+    // Inside the frame, at least a hundredth of a pixel wide (fir refuses boxes past the edge).
+    let left = (f64::from(b[0]) * w).clamp(0.0, w - 0.01);
+    let top = (f64::from(b[1]) * h).clamp(0.0, h - 0.01);
+    let width = (f64::from(b[2]) * w).min(w) - left;
+    let height = (f64::from(b[3]) * h).min(h) - top;
+    let (width, height) = (width.max(0.01).min(w - left), height.max(0.01).min(h - top));
+    let pixel_type = if raster.channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
+    let src = FirImageRef::new(raster.width, raster.height, &raster.data, pixel_type)
+        .map_err(|e| VisionError::Decode(format!("decoded buffer does not match its size: {e}")))?;
+    let mut dst = FirImage::new(side, side, pixel_type);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(left, top, width, height);
+    RESIZER
+        .with_borrow_mut(|resizer| resizer.resize(&src, &mut dst, &options))
+        .map_err(|e| VisionError::Decode(format!("crop failed: {e}")))?;
+    Ok(Raster { data: dst.into_vec(), width: side, height: side, channels: raster.channels })
 }
 
 /// The full-size pixels of a format the `image` crate decodes.

@@ -621,6 +621,26 @@ fn crop_square_cuts_the_box_out_of_the_displayed_frame() {
 }
 
 #[test]
+fn crop_square_cuts_the_displayed_box_under_every_exif_orientation() {
+    // The crop is cut in the stored frame (no full-frame rotation); it must be the box of the
+    // upright picture all the same: the same crop of the upright pixels saved without EXIF.
+    let stored = scene(120, 80, 9);
+    let boxes = [[0.1, 0.2, 0.6, 0.9], [0.45, 0.0, 1.0, 0.35]];
+    for o in 1..=8u16 {
+        let bytes = jpeg_with(stored.as_raw(), 120, 80, jpeg_encoder::ColorType::Rgb, Some(exif_app1(o)));
+        let (_, upright) = decode_rgb(&bytes, &limits(), (1000, 1000)).expect("decode");
+        let plain = png(&upright);
+        for b in boxes {
+            // 96 > every box side in pixels: the JPEG is decoded at full size, like the PNG.
+            let got = decode_crop_square(&bytes, &limits(), 96, b).expect("crop");
+            let want = decode_crop_square(&plain, &limits(), 96, b).expect("crop of the upright copy");
+            let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(worst <= 2, "orientation {o}, box {b:?}: pixels differ by up to {worst}");
+        }
+    }
+}
+
+#[test]
 fn a_photo_decoded_once_answers_as_the_separate_decodes_do() {
     // The upload path: the detector's square of the whole photo, then the crop of its subject,
     // from one decode of a PNG (kept at full size) and from scaled decodes of a JPEG.
@@ -631,6 +651,9 @@ fn a_photo_decoded_once_answers_as_the_separate_decodes_do() {
         assert_eq!(once.square(48).unwrap(), decode_square(&bytes, &limits(), 48).unwrap(), "{what}");
         assert_eq!(once.crop_square(32, b).unwrap(), decode_crop_square(&bytes, &limits(), 32, b).unwrap(), "{what}");
         assert_eq!(once.square(900).unwrap(), decode_square(&bytes, &limits(), 900).unwrap(), "{what}: at full size too");
+        // Back to a small size and a crop after the full-size decode: still the separate answers.
+        assert_eq!(once.square(48).unwrap(), decode_square(&bytes, &limits(), 48).unwrap(), "{what}: small again");
+        assert_eq!(once.crop_square(200, b).unwrap(), decode_crop_square(&bytes, &limits(), 200, b).unwrap(), "{what}: crop after");
     }
     // Over the limit before anything is decoded.
     let small = DecodeLimits { max_pixels: 1000 };
