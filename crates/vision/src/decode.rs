@@ -164,9 +164,7 @@ impl Source<'_> {
         let out = if (raster.width, raster.height) == stored_target {
             Raster { data: raster.data.clone(), ..*raster }
         } else {
-            let pixel_type = if raster.channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
-            let data = resize_plane(&raster.data, (raster.width, raster.height), pixel_type, stored_target)?;
-            Raster { data, width: stored_target.0, height: stored_target.1, channels: raster.channels }
+            raster.resized(stored_target, None)?
         };
         Ok(orient(into_rgb(out)?, orientation))
     }
@@ -192,9 +190,9 @@ impl Source<'_> {
     /// The box `crop` (`[x0, y0, x1, y1]`, fractions of the displayed frame, as
     /// [`super::clamp_box`] leaves it) at `side`²: decoded at the smallest size that still gives
     /// the box at least `side` pixels each way (a JPEG's IDCT scale; other formats at full size;
-    /// from and into `kept`, [`Self::decode_upright_keeping`]), then cut and resized in ONE resampling step (bilinear,
-    /// area-aware when shrinking, at sub-pixel box edges) in stored orientation, and made
-    /// upright. Nothing outside the box is resized.
+    /// from and into `kept`, [`Self::decode_upright_keeping`]), then cut and resized in ONE
+    /// resampling step (bilinear, area-aware when shrinking, at sub-pixel box edges) in stored
+    /// orientation, and made upright. Nothing outside the box is resized.
     pub(super) fn decode_crop_upright(self, side: u32, crop: [f32; 4], kept: &mut Option<Kept>) -> Result<RgbImage, VisionError> {
         let (w, h) = displayed(self.stored, self.orientation);
         let (cw, ch) = (f64::from(crop[2] - crop[0]), f64::from(crop[3] - crop[1]));
@@ -238,15 +236,7 @@ fn crop_resize(raster: &Raster, b: [f32; 4], side: u32) -> Result<Raster, Vision
     let width = (f64::from(b[2]) * w).min(w) - left;
     let height = (f64::from(b[3]) * h).min(h) - top;
     let (width, height) = (width.max(0.01).min(w - left), height.max(0.01).min(h - top));
-    let pixel_type = if raster.channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
-    let src = FirImageRef::new(raster.width, raster.height, &raster.data, pixel_type)
-        .map_err(|e| VisionError::Decode(format!("decoded buffer does not match its size: {e}")))?;
-    let mut dst = FirImage::new(side, side, pixel_type);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(left, top, width, height);
-    RESIZER
-        .with_borrow_mut(|resizer| resizer.resize(&src, &mut dst, &options))
-        .map_err(|e| VisionError::Decode(format!("crop failed: {e}")))?;
-    Ok(Raster { data: dst.into_vec(), width: side, height: side, channels: raster.channels })
+    raster.resized((side, side), Some((left, top, width, height)))
 }
 
 /// The full-size pixels of a format the `image` crate decodes.
@@ -801,23 +791,17 @@ fn resize(raster: Raster, target: (u32, u32)) -> Result<Raster, VisionError> {
     if (raster.width, raster.height) == target {
         return Ok(raster);
     }
-    let pixel_type = if raster.channels == 1 {
-        PixelType::U8
-    } else {
-        PixelType::U8x3
-    };
-    let resized = resize_plane(
-        &raster.data,
-        (raster.width, raster.height),
-        pixel_type,
-        target,
-    )?;
-    Ok(Raster {
-        data: resized,
-        width: target.0,
-        height: target.1,
-        channels: raster.channels,
-    })
+    raster.resized(target, None)
+}
+
+impl Raster {
+    /// This raster (or the box `crop` of it: left, top, width, height in pixels) resized to
+    /// `target` in one step ([`resize_plane`]), keeping its channels.
+    fn resized(&self, target: (u32, u32), crop: Option<(f64, f64, f64, f64)>) -> Result<Raster, VisionError> {
+        let pixel_type = if self.channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
+        let data = resize_region(&self.data, (self.width, self.height), pixel_type, target, crop)?;
+        Ok(Raster { data, width: target.0, height: target.1, channels: self.channels })
+    }
 }
 
 /// Bilinear (area-aware when shrinking, like Pillow's BILINEAR) resize of a u8 image.
@@ -827,10 +811,24 @@ pub(super) fn resize_plane(
     pixel_type: PixelType,
     target: (u32, u32),
 ) -> Result<Vec<u8>, VisionError> {
+    resize_region(data, size, pixel_type, target, None)
+}
+
+/// [`resize_plane`] of the box `crop` (left, top, width, height; sub-pixel) or of everything.
+fn resize_region(
+    data: &[u8],
+    size: (u32, u32),
+    pixel_type: PixelType,
+    target: (u32, u32),
+    crop: Option<(f64, f64, f64, f64)>,
+) -> Result<Vec<u8>, VisionError> {
     let src = FirImageRef::new(size.0, size.1, data, pixel_type)
         .map_err(|e| VisionError::Decode(format!("decoded buffer does not match its size: {e}")))?;
     let mut dst = FirImage::new(target.0, target.1, pixel_type);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    if let Some((left, top, width, height)) = crop {
+        options = options.crop(left, top, width, height);
+    }
     // The RefCell is only borrowed inside this call, which never re-enters resize_plane.
     RESIZER
         .with_borrow_mut(|resizer| resizer.resize(&src, &mut dst, &options))
