@@ -1,6 +1,6 @@
 //! Ingest throughput beside Pillow, in one run on the same files.
 //!
-//!     cargo bench --profile dev --bench ingest -- [DIR] [--side 480]
+//!     cargo bench --profile dev --bench ingest -- [DIR] [--side 480] [--repeat 5]
 //!
 //! DIR defaults to a generated set of 2560×1600 survey JPEGs. Measured, in order:
 //!   rust decode_square 1 thread   DCT-scaled JPEG decode + SIMD resize to side², one core
@@ -13,6 +13,9 @@
 //! The last column is against single-thread Pillow without draft; the lines after the table put
 //! Rust on 1 and N threads against Pillow-draft in 1 and N processes (issue #8's yardstick).
 //! PIPELINE_JPEG_DECODER=jpeg-decoder measures the pure-Rust decoder that libjpeg-turbo replaced.
+//! Every decoding row (Rust and Pillow) goes over the files `--repeat` times (default 5), so that
+//! no clock times only a fraction of a second: 33 photos on two threads took 0.3 s, and single
+//! runs spread by ±15 %. The ingest stage row goes over them once (a second pass adds nothing).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -28,7 +31,9 @@ struct Row {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let side: u32 = args.iter().position(|a| a == "--side").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(480);
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|s| s.parse::<u32>().ok());
+    let side: u32 = flag("--side").unwrap_or(480);
+    let repeat = flag("--repeat").unwrap_or(5).max(1) as usize;
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = match args.iter().find(|a| !a.starts_with("--") && Path::new(a).is_dir()) {
         Some(d) => PathBuf::from(d),
@@ -71,18 +76,20 @@ fn main() {
     let limits = DecodeLimits::default();
     let mp: f64 = bytes.iter().map(|b| vision::probe(b, &limits).map(|p| p.width as f64 * p.height as f64 / 1e6).unwrap_or(0.0)).sum();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    eprintln!("{} JPEGs, {:.1} MP in all, side {side}, {threads} cores", bytes.len(), mp);
+    eprintln!("{} JPEGs, {:.1} MP in all, side {side}, {threads} cores, each decoding row over them {repeat}x", bytes.len(), mp);
     // Warm-up (page cache, thread-local resizers).
     for b in bytes.iter().take(2) {
         let _ = vision::decode_square(b, &limits, side);
     }
 
     let mut rows = Vec::new();
+    // Each file `repeat` times, in file order per pass.
+    let n = bytes.len() * repeat;
     let t = Instant::now();
-    for b in &bytes {
-        vision::decode_square(b, &limits, side).expect("decode");
+    for i in 0..n {
+        vision::decode_square(&bytes[i % bytes.len()], &limits, side).expect("decode");
     }
-    rows.push(Row { name: "rust decode_square 1 thread".into(), images: bytes.len(), seconds: t.elapsed().as_secs_f64(), source_mp: mp });
+    rows.push(Row { name: "rust decode_square 1 thread".into(), images: n, seconds: t.elapsed().as_secs_f64(), source_mp: mp * repeat as f64 });
 
     let par = |f: &(dyn Fn(&[u8]) + Sync)| {
         let t = Instant::now();
@@ -90,8 +97,8 @@ fn main() {
             for chunk in 0..threads {
                 let bytes = &bytes;
                 s.spawn(move || {
-                    for b in bytes.iter().skip(chunk).step_by(threads) {
-                        f(b);
+                    for i in (chunk..n).step_by(threads) {
+                        f(&bytes[i % bytes.len()]);
                     }
                 });
             }
@@ -101,12 +108,12 @@ fn main() {
     let secs = par(&|b| {
         vision::decode_square(b, &limits, side).expect("decode");
     });
-    rows.push(Row { name: format!("rust decode_square {threads} threads"), images: bytes.len(), seconds: secs, source_mp: mp });
+    rows.push(Row { name: format!("rust decode_square {threads} threads"), images: n, seconds: secs, source_mp: mp * repeat as f64 });
     let secs = par(&|b| {
         vision::analyze(b, &limits).expect("analyze");
         blake3::hash(b);
     });
-    rows.push(Row { name: format!("rust analyze+blake3 {threads} threads"), images: bytes.len(), seconds: secs, source_mp: mp });
+    rows.push(Row { name: format!("rust analyze+blake3 {threads} threads"), images: n, seconds: secs, source_mp: mp * repeat as f64 });
 
     // The whole ingest stage through the engine, into a fresh lake.
     let pipe = tmp.path().join("bench.toml");
@@ -129,7 +136,7 @@ fn main() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer_pillow.py");
     for draft in [false, true] {
         let mut cmd = std::process::Command::new(&python);
-        cmd.arg(&script).arg(&dir).arg("--side").arg(side.to_string());
+        cmd.arg(&script).arg(&dir).arg("--side").arg(side.to_string()).arg("--repeat").arg(repeat.to_string());
         if draft {
             cmd.arg("--draft");
         }
@@ -144,7 +151,7 @@ fn main() {
             name: v["peer"].as_str().unwrap_or("pillow").to_string() + " 1 process",
             images: v["images"].as_u64().unwrap_or(0) as usize,
             seconds: v["seconds"].as_f64().unwrap_or(f64::NAN),
-            source_mp: mp,
+            source_mp: mp * repeat as f64,
         });
     }
     // N Pillow-draft processes at once, as many as the Rust rows have threads: each reads the
@@ -155,7 +162,7 @@ fn main() {
             std::process::Command::new(&python)
                 .arg(&script)
                 .arg(&dir)
-                .args(["--side", &side.to_string(), "--draft", "--start-at", &format!("{start_at:.3}")])
+                .args(["--side", &side.to_string(), "--repeat", &repeat.to_string(), "--draft", "--start-at", &format!("{start_at:.3}")])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -177,7 +184,7 @@ fn main() {
             name: format!("pillow-draft {threads} processes"),
             images,
             seconds: images as f64 / rate,
-            source_mp: mp * threads as f64,
+            source_mp: mp * (threads * repeat) as f64,
         });
     }
     let base = rows.iter().find(|r| r.name == "pillow 1 process").map(|r| r.images as f64 / r.seconds);
