@@ -153,6 +153,22 @@ enum Cmd {
         #[arg(long, value_name = "SECONDS")]
         wait: Option<u64>,
     },
+    /// Record a person's decision about a photo, as the review page of `pipeline serve` does:
+    /// `same W12`, `new NAME`, `unsure`, `bad` or `undo`. Appended to table `decisions`; the
+    /// next run's `ingest` lays each photo's latest decision over the survey's labels.
+    Decide {
+        /// The photo (`images.photo_id`).
+        photo_id: String,
+        /// same | new | unsure | bad | undo
+        decision: String,
+        /// The individual (`same`), or the new individual's name (`new`).
+        individual: Option<String>,
+        /// Who decided (default: $USER, else $LOGNAME, else `cli`).
+        #[arg(long)]
+        who: Option<String>,
+        #[command(flatten)]
+        at: LakeArgs,
+    },
     /// What the lake holds, as hashes to compare with another lake: one line per table (rows,
     /// rows that repeat another, BLAKE3 of the content in any order) and per model file; run
     /// ids, times, timings and the `runs` log left out. Two runs over the same photos agree.
@@ -456,6 +472,27 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             for line in pipeline::digest::digest(&lake).await? {
                 println!("{line}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Decide { photo_id, decision, individual, who, at } => {
+            use pipeline::lake::decisions;
+            let lake = at.open().await?;
+            let who = who
+                .or_else(|| std::env::var("USER").ok())
+                .or_else(|| std::env::var("LOGNAME").ok())
+                .filter(|w| !w.trim().is_empty())
+                .unwrap_or_else(|| "cli".to_string());
+            let d = decisions::Decision::new(&photo_id, decisions::Kind::parse(&decision)?, individual.as_deref(), &who)?;
+            if !decisions::known_photo(&lake, &photo_id).await? {
+                anyhow::bail!("no photo `{photo_id}` in table `images` of {}", lake.root());
+            }
+            decisions::append(&lake, std::slice::from_ref(&d)).await?;
+            println!(
+                "decided: {photo_id} {}{} (by {}); the next run's ingest applies it",
+                d.kind.as_str(),
+                d.individual_id.as_deref().map(|i| format!(" {i}")).unwrap_or_default(),
+                d.who
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Promote { model_id, at, wait } => {

@@ -6,7 +6,12 @@
 //! | `GET /models` | the `models` registry (without configs) |
 //! | `GET /similar/{photo_id}?k=20` | neighbours of a photo of the collection; 404 when unknown |
 //! | `POST /similar?k=20` (image body) | neighbours of a new photo; 400 when it is not an image, 413 over the size limit |
-//! | `GET /photos/{photo_id}/thumbnail` | a JPEG, longest side 256 |
+//! | `GET /photos/{photo_id}/thumbnail?side=256` | a JPEG, longest side `side` (32..2048) |
+//! | `GET /photos/{photo_id}/image` | the photo's own bytes (the review page's full-resolution zoom) |
+//! | `GET /review` | the review page (HTML; it asks for a token when the API needs one) |
+//! | `GET /review/queue?limit=200` | photos awaiting a decision, newest first, and how many in all |
+//! | `GET /review/photos/{photo_id}?individuals=5` | what is proposed for a photo: candidate individuals with their closest photos, its crop, its decisions |
+//! | `POST /decisions` (JSON) | records a decision: `{"photo_id", "decision": same\|new\|unsure\|bad\|undo, "individual_id", "model_id", "proposal"}`; 201 |
 //!
 //! Both `/similar` routes take `expand` and `alpha` (α-query expansion) and `geometric=N`: the
 //! first N neighbours re-scored by local features verified with RANSAC ([`answer::local`]);
@@ -22,13 +27,16 @@
 //! limited (`max_upload_pixels`, 413) and decoded once. Lookups by id never wait behind
 //! uploads. Error bodies say what was wrong with the request, never where the lake is; a
 //! failure inside is logged and answered with its id. With `--token-file` every route but
-//! `/healthz` needs `Authorization: Bearer <token>` (401 otherwise).
+//! `/healthz` and the review page itself needs `Authorization: Bearer <token>` (401 otherwise);
+//! a decision records the token's name, and a `read-only` token may browse but not decide (403).
+//! Without tokens (loopback) a decision records the `who` it gives, else `local`.
 //!
 //! It follows the lake: every `--refresh` seconds it looks for a new version of the table (a
 //! nightly run's new photos, or the collection re-embedded with a newly promoted model) and
 //! swaps to it, and to its model, without a restart; requests in flight finish on what they
 //! started with ([`Service::refresh`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -93,10 +101,18 @@ impl Default for Limits {
     }
 }
 
-/// The bearer tokens of `--token-file`: one `NAME TOKEN` per line (`#` begins a comment);
-/// only their BLAKE3 hashes are kept, compared in constant time.
+/// The bearer tokens of `--token-file`: one `NAME TOKEN` per line, or `NAME TOKEN read-only`
+/// for one that may browse but not decide (`#` begins a comment); only their BLAKE3 hashes are
+/// kept, compared in constant time.
 #[derive(Debug)]
-pub struct Tokens(Vec<(String, blake3::Hash)>);
+pub struct Tokens(Vec<(String, blake3::Hash, bool)>);
+
+/// Who made a request: a token's holder, and whether that token may record decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub name: String,
+    pub may_decide: bool,
+}
 
 /// Shortest token accepted: guessing one must not be practical.
 const MIN_TOKEN: usize = 16;
@@ -110,23 +126,26 @@ impl Tokens {
     }
 
     fn parse(text: &str) -> std::result::Result<Tokens, String> {
-        let mut out: Vec<(String, blake3::Hash)> = Vec::new();
+        let mut out: Vec<(String, blake3::Hash, bool)> = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
             }
             let parts: Vec<&str> = line.split_whitespace().collect();
-            let [name, token] = parts[..] else {
-                return Err(format!("line {}: expected `NAME TOKEN`, found {} words", n + 1, parts.len()));
+            let (name, token, may_decide) = match parts[..] {
+                [name, token] => (name, token, true),
+                [name, token, "read-only"] => (name, token, false),
+                [_, _, other] => return Err(format!("line {}: expected `NAME TOKEN` or `NAME TOKEN read-only`, found `{other}`", n + 1)),
+                _ => return Err(format!("line {}: expected `NAME TOKEN` (or `NAME TOKEN read-only`), found {} words", n + 1, parts.len())),
             };
             if token.len() < MIN_TOKEN {
                 return Err(format!("line {} (`{name}`): the token has {} characters; at least {MIN_TOKEN}", n + 1, token.len()));
             }
-            if out.iter().any(|(k, _)| k == name) {
+            if out.iter().any(|(k, _, _)| k == name) {
                 return Err(format!("line {}: `{name}` is given twice", n + 1));
             }
-            out.push((name.to_string(), blake3::hash(token.as_bytes())));
+            out.push((name.to_string(), blake3::hash(token.as_bytes()), may_decide));
         }
         if out.is_empty() {
             return Err("no tokens (one `NAME TOKEN` per line)".into());
@@ -134,21 +153,27 @@ impl Tokens {
         Ok(Tokens(out))
     }
 
-    /// The name of the holder of `token`, if it is one of these.
-    pub fn holder(&self, token: &str) -> Option<&str> {
+    /// The holder of `token`, if it is one of these.
+    pub fn holder(&self, token: &str) -> Option<Holder> {
         let h = blake3::hash(token.as_bytes());
         // blake3::Hash compares in constant time; every entry is compared.
-        self.0.iter().fold(None, |found, (name, t)| if *t == h { Some(name.as_str()) } else { found })
+        self.0
+            .iter()
+            .fold(None, |found, (name, t, may_decide)| if *t == h { Some(Holder { name: name.clone(), may_decide: *may_decide }) } else { found })
     }
 
     pub fn names(&self) -> Vec<&str> {
-        self.0.iter().map(|(n, _)| n.as_str()).collect()
+        self.0.iter().map(|(n, _, _)| n.as_str()).collect()
     }
 }
 
 struct Api {
     service: Arc<Service>,
     limits: Limits,
+    /// The review queue, made once per version of the served table and of `decisions`.
+    queue: tokio::sync::Mutex<Option<((u64, Option<u64>), Arc<Vec<answer::review::Waiting>>)>>,
+    /// The crops of the served model (answer::local::model_crops), by model id.
+    crops: tokio::sync::Mutex<Option<(String, Arc<HashMap<String, [f32; 4]>>)>>,
 }
 
 type Shared = Arc<Api>;
@@ -294,36 +319,211 @@ async fn similar_upload(State(api): State<Shared>, Query(p): Query<KParam>, body
     }
 }
 
-async fn thumbnail(State(api): State<Shared>, Path(id): Path<String>) -> Response {
+/// The bytes of photo `id` of the served table; the error answer when it has none or they
+/// cannot be read.
+async fn photo_bytes(api: &Api, id: &str, what: &str) -> std::result::Result<Vec<u8>, Response> {
     let s = &api.service;
-    let hit = match lake::vector::embedding_of(&s.now().ds, &id).await {
+    let hit = match lake::vector::embedding_of(&s.now().ds, id).await {
         Ok(Some((_, h))) => h,
-        Ok(None) => return err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
-        Err(e) => return internal("the lookup", e),
+        Ok(None) => return Err(err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table))),
+        Err(e) => return Err(internal("the lookup", e)),
     };
-    let bytes = match answer::read_photo(&s.lake.locate(&hit.uri), s.lake.options()).await {
+    answer::read_photo(&s.lake.locate(&hit.uri), s.lake.options()).await.map_err(|e| {
+        tracing::warn!("{what} of `{id}`: {e}");
+        err(StatusCode::NOT_FOUND, format!("photo `{id}` cannot be read from the collection (moved or deleted?)"))
+    })
+}
+
+#[derive(Deserialize)]
+struct SideParam {
+    side: Option<u32>,
+}
+
+async fn thumbnail(State(api): State<Shared>, Path(id): Path<String>, Query(p): Query<SideParam>) -> Response {
+    let side = match p.side {
+        None => 256,
+        Some(s) if (32..=2048).contains(&s) => s,
+        Some(s) => return err(StatusCode::BAD_REQUEST, format!("side = {s}: must be 32..2048")),
+    };
+    let bytes = match photo_bytes(&api, &id, "thumbnail").await {
         Ok(b) => b,
-        Err(e) => {
-            tracing::warn!("thumbnail of `{id}`: {e}");
-            return err(StatusCode::NOT_FOUND, format!("photo `{id}` cannot be read from the collection (moved or deleted?)"));
-        }
+        Err(r) => return r,
     };
-    match tokio::task::spawn_blocking(move || answer::thumbnail(&bytes, 256)).await {
+    match tokio::task::spawn_blocking(move || answer::thumbnail(&bytes, side)).await {
         Ok(Ok(jpg)) => ([(header::CONTENT_TYPE, "image/jpeg")], jpg).into_response(),
         Ok(Err(e)) => err(StatusCode::UNPROCESSABLE_ENTITY, format!("photo `{id}`: {e}")),
         Err(e) => internal("the thumbnail", e),
     }
 }
 
+/// The photo's own bytes, with the type its first bytes say (the review page's zoom).
+async fn photo_image(State(api): State<Shared>, Path(id): Path<String>) -> Response {
+    let bytes = match photo_bytes(&api, &id, "image").await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let kind = match &bytes[..bytes.len().min(12)] {
+        [0xFF, 0xD8, ..] => "image/jpeg",
+        [0x89, b'P', b'N', b'G', ..] => "image/png",
+        [b'G', b'I', b'F', ..] => "image/gif",
+        [b'B', b'M', ..] => "image/bmp",
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P'] => "image/webp",
+        [b'I', b'I', 42, 0, ..] | [b'M', b'M', 0, 42, ..] => "image/tiff",
+        _ => "application/octet-stream",
+    };
+    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "private, max-age=3600")], bytes).into_response()
+}
+
+/// The review page: one HTML file with its CSS and script, compiled into the binary.
+async fn review_page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("review.html")).into_response()
+}
+
+#[derive(Deserialize)]
+struct QueueParam {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+/// Photos awaiting a decision, newest first: `{"total", "offset", "photos": [{photo_id,
+/// ingested_at}], "model_id"}`. Made once per version of the table and of `decisions`.
+async fn review_queue(State(api): State<Shared>, Query(p): Query<QueueParam>) -> Response {
+    let s = &api.service;
+    let limit = match p.limit {
+        None => 200,
+        Some(l) if (1..=10_000).contains(&l) => l,
+        Some(l) => return err(StatusCode::BAD_REQUEST, format!("limit = {l}: must be 1..10000")),
+    };
+    let offset = p.offset.unwrap_or(0);
+    let now = s.now();
+    let decided = match s.lake.open(lake::decisions::TABLE).await {
+        Ok(d) => d.map(|d| d.version().version),
+        Err(e) => return internal("reading the decisions", e),
+    };
+    let key = (now.version, decided);
+    let queue = {
+        let mut cached = api.queue.lock().await;
+        match &*cached {
+            Some((k, q)) if *k == key => q.clone(),
+            _ => match answer::review::queue(&s.lake, &now.ds, &s.table).await {
+                Ok(q) => {
+                    let q = Arc::new(q);
+                    *cached = Some((key, q.clone()));
+                    q
+                }
+                Err(e) => return internal("the review queue", e),
+            },
+        }
+    };
+    let page: Vec<_> = queue.iter().skip(offset).take(limit).collect();
+    Json(serde_json::json!({ "total": queue.len(), "offset": offset, "photos": page, "model_id": now.model_id })).into_response()
+}
+
+#[derive(Deserialize)]
+struct ReviewParam {
+    individuals: Option<usize>,
+}
+
+/// What is proposed for a photo ([`answer::review::Proposal`]).
+async fn review_photo(State(api): State<Shared>, Path(id): Path<String>, Query(p): Query<ReviewParam>) -> Response {
+    let s = &api.service;
+    let n = match p.individuals {
+        None => 5,
+        Some(n) if (1..=20).contains(&n) => n,
+        Some(n) => return err(StatusCode::BAD_REQUEST, format!("individuals = {n}: must be 1..20")),
+    };
+    let now = s.now();
+    let crops = {
+        let mut cached = api.crops.lock().await;
+        match &*cached {
+            Some((m, c)) if *m == now.model_id => c.clone(),
+            _ => match answer::local::model_crops(&s.lake, &now.model_id).await {
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    *cached = Some((now.model_id.clone(), c.clone()));
+                    c
+                }
+                Err(e) => return internal("reading the model's crops", e),
+            },
+        }
+    };
+    match answer::review::proposal(&s.lake, &now.ds, &now.source, &id, n, &crops).await {
+        Ok(Some(p)) => Json(p).into_response(),
+        Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
+        Err(e) => internal("the proposal", e),
+    }
+}
+
+/// The body of `POST /decisions`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    photo_id: String,
+    decision: String,
+    individual_id: Option<String>,
+    model_id: Option<String>,
+    proposal: Option<String>,
+    /// Who decided, when the API has no tokens (a token's name wins otherwise).
+    who: Option<String>,
+}
+
+/// Records a decision (lake::decisions): 201 with the row; 400 when it is malformed, 403 for a
+/// read-only token, 404 for a photo the served table does not have.
+async fn decide(State(api): State<Shared>, req: Request) -> Response {
+    let s = &api.service;
+    let holder = req.extensions().get::<Holder>().cloned();
+    let body = match axum::body::to_bytes(req.into_body(), 64 << 10).await {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")),
+    };
+    let b: DecisionBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("not a decision ({e}): send JSON {{\"photo_id\", \"decision\", \"individual_id\"}}")),
+    };
+    let who = match (&api.limits.tokens, holder) {
+        (Some(_), Some(h)) if !h.may_decide => {
+            return err(StatusCode::FORBIDDEN, format!("the token of `{}` is read-only: it may browse, not decide", h.name));
+        }
+        (Some(_), Some(h)) => h.name,
+        (Some(_), None) => return err(StatusCode::UNAUTHORIZED, "this API needs `Authorization: Bearer <token>`"),
+        (None, _) => b.who.clone().filter(|w| !w.trim().is_empty()).unwrap_or_else(|| "local".to_string()),
+    };
+    let d = match lake::decisions::Kind::parse(&b.decision)
+        .and_then(|k| lake::decisions::Decision::new(&b.photo_id, k, b.individual_id.as_deref(), &who))
+        .and_then(|d| d.answering(b.model_id.as_deref(), b.proposal.as_deref()))
+    {
+        Ok(d) => d,
+        Err(e) => return err(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match lake::vector::embedding_of(&s.now().ds, &d.photo_id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return err(StatusCode::NOT_FOUND, format!("no photo `{}` in `{}`", d.photo_id, s.table)),
+        Err(e) => return internal("the lookup", e),
+    }
+    match lake::decisions::append(&s.lake, std::slice::from_ref(&d)).await {
+        Ok(()) => {
+            tracing::info!(photo = %d.photo_id, decision = d.kind.as_str(), who = %d.who, "decision recorded");
+            (StatusCode::CREATED, Json(d)).into_response()
+        }
+        Err(e) => internal("recording the decision", e),
+    }
+}
+
 /// `Authorization: Bearer <token>` on every route but `/healthz`, when the API has tokens.
 async fn authorize(State(api): State<Shared>, req: Request, next: Next) -> Response {
     let Some(tokens) = &api.limits.tokens else { return next.run(req).await };
-    if req.uri().path() == "/healthz" {
+    // The health check, and the review page itself (it holds no data; it asks for a token and
+    // sends it with every request it makes).
+    if req.uri().path() == "/healthz" || req.uri().path() == "/review" {
         return next.run(req).await;
     }
     let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given.map(|t| tokens.holder(t.trim())) {
-        Some(Some(_)) => next.run(req).await,
+        Some(Some(holder)) => {
+            let mut req = req;
+            req.extensions_mut().insert(holder);
+            next.run(req).await
+        }
         found => {
             let why = if found.is_none() { "this API needs `Authorization: Bearer <token>`" } else { "unknown token" };
             let mut r = err(StatusCode::UNAUTHORIZED, why);
@@ -348,7 +548,7 @@ async fn refused(timeout: Duration, e: tower::BoxError) -> Response {
 /// The API's routes over `service`, with `limits`.
 pub fn router(service: Arc<Service>, limits: Limits) -> Router {
     let (timeout, uploads) = (limits.timeout, limits.uploads.max(1));
-    let api = Arc::new(Api { service, limits: limits.clone() });
+    let api = Arc::new(Api { service, limits: limits.clone(), queue: Default::default(), crops: Default::default() });
     let upload = axum::routing::post(similar_upload).layer(
         ServiceBuilder::new()
             .layer(HandleErrorLayer::new(move |e| refused(timeout, e)))
@@ -362,6 +562,11 @@ pub fn router(service: Arc<Service>, limits: Limits) -> Router {
         .route("/similar/{photo_id}", get(similar_id))
         .route("/similar", upload)
         .route("/photos/{photo_id}/thumbnail", get(thumbnail))
+        .route("/photos/{photo_id}/image", get(photo_image))
+        .route("/review", get(review_page))
+        .route("/review/queue", get(review_queue))
+        .route("/review/photos/{photo_id}", get(review_photo))
+        .route("/decisions", axum::routing::post(decide))
         .layer(DefaultBodyLimit::max(limits.max_body))
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .layer(
@@ -403,7 +608,10 @@ pub async fn serve(service: Service, addr: SocketAddr, limits: Limits, refresh: 
         println!("following the lake: a new version of `{}` is served within {}s", service.table, every.as_secs_f64());
         tokio::spawn(follow(service.clone(), every))
     });
-    println!("serving {} on http://{local} (GET /healthz, /models, /similar/{{photo_id}}?k=20, /photos/{{photo_id}}/thumbnail; POST /similar)", service.table);
+    println!(
+        "serving {} on http://{local} (GET /healthz, /models, /similar/{{photo_id}}?k=20, /photos/{{photo_id}}/thumbnail, /photos/{{photo_id}}/image; POST /similar; review page: http://{local}/review)",
+        service.table
+    );
     println!(
         "limits: {}s a request, {} uploads at once (queue {} photos), uploads up to {} and {} MP{}",
         limits.timeout.as_secs_f64(),
@@ -444,8 +652,8 @@ mod tests {
     fn token_files_name_their_holders_and_refuse_weak_or_malformed_lines() {
         let t = Tokens::parse("# who may ask\nalice s3cret-token-of-alice\n\nci   0123456789abcdef  # the CI job\n").unwrap();
         assert_eq!(t.names(), vec!["alice", "ci"]);
-        assert_eq!(t.holder("s3cret-token-of-alice"), Some("alice"));
-        assert_eq!(t.holder("0123456789abcdef"), Some("ci"));
+        assert_eq!(t.holder("s3cret-token-of-alice").map(|h| h.name), Some("alice".to_string()));
+        assert_eq!(t.holder("0123456789abcdef").map(|h| h.name), Some("ci".to_string()));
         assert_eq!(t.holder("0123456789abcdeX"), None);
         assert_eq!(t.holder(""), None);
         let e = Tokens::parse("alice short\n").unwrap_err();
@@ -455,5 +663,11 @@ mod tests {
         let e = Tokens::parse("a 0123456789abcdef\na fedcba9876543210\n").unwrap_err();
         assert!(e.contains("line 2") && e.contains("twice"), "{e}");
         assert!(Tokens::parse("# nothing\n").unwrap_err().contains("no tokens"));
+        // Read-only tokens browse but may not decide; anything else in the third place is an error.
+        let t = Tokens::parse("ana 0123456789abcdef\nvisitor fedcba9876543210 read-only\n").unwrap();
+        assert_eq!(t.holder("0123456789abcdef"), Some(Holder { name: "ana".into(), may_decide: true }));
+        assert_eq!(t.holder("fedcba9876543210"), Some(Holder { name: "visitor".into(), may_decide: false }));
+        let e = Tokens::parse("ana 0123456789abcdef admin\n").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("`admin`"), "{e}");
     }
 }

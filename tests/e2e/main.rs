@@ -2,6 +2,7 @@
 //! one link instead of five saves minutes per build). Each module is one area, as a user sees it.
 
 mod api;
+mod browser;
 mod cli;
 mod common;
 mod faults;
@@ -9,6 +10,7 @@ mod ingest_clean;
 mod kill;
 mod lease;
 mod nights;
+mod review;
 mod s3;
 mod schedule;
 mod search;

@@ -148,7 +148,7 @@ async fn the_whole_pipeline_with_photos_lake_and_models_on_s3() {
     assert!(report.stages.iter().all(|s| s.status == Status::Succeeded), "{report:#?}");
 
     let lake = Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap());
-    assert_eq!(lake.tables().await.unwrap(), vec!["clean", "crops", "detections", "embeddings", "evaluate", "images", "models", "promotions", "rejects", "runs", "submissions", "train", "usable"]);
+    assert_eq!(lake.tables().await.unwrap(), vec!["clean", "crops", "detections", "embeddings", "evaluate", "images", "models", "promotions", "proposals", "rejects", "runs", "submissions", "train", "usable"]);
     let (_, b) = pipeline::query::query(&lake, "SELECT uri FROM rejects").await.unwrap();
     let rejected: BTreeSet<String> = b.iter().flat_map(|b| b.column(0).as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect::<Vec<_>>()).collect();
     let want: BTreeSet<String> = f.truth.iter().filter(|(_, (_, e))| e == "reject").map(|(p, _)| format!("s3://survey/photos/{p}")).collect();

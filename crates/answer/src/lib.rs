@@ -5,6 +5,7 @@
 pub mod local;
 pub mod report;
 pub mod report_data;
+pub mod review;
 pub mod similar;
 
 pub use lake::{Error, Result};

@@ -7,6 +7,7 @@
 //! cancelled run) commits nothing, so a killed run never leaves half a table.
 
 pub mod crops;
+pub mod decisions;
 pub mod error;
 pub mod history;
 pub mod kill;

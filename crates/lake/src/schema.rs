@@ -27,6 +27,8 @@ const BUILTIN: &[(&str, &str)] = &[
     ("submissions", include_str!("../../../schemas/submissions.toml")),
     ("detections", include_str!("../../../schemas/detections.toml")),
     ("crops", include_str!("../../../schemas/crops.toml")),
+    ("decisions", include_str!("../../../schemas/decisions.toml")),
+    ("proposals", include_str!("../../../schemas/proposals.toml")),
 ];
 
 #[derive(Debug, Deserialize)]

@@ -97,6 +97,30 @@ impl Hit {
     }
 }
 
+/// The distinct individuals of ranked neighbours `(individual, similarity)`, in the order of
+/// their first neighbour, each with its best similarity and the positions of its neighbours.
+/// Neighbours without an individual are left out. (With query expansion the ranking is the
+/// expanded query's while similarities are the photo's own, so a later neighbour of an
+/// individual can be its best.)
+pub fn by_individual<'a>(ranked: impl IntoIterator<Item = (Option<&'a str>, f32)>) -> Vec<(String, f32, Vec<usize>)> {
+    let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut out: Vec<(String, f32, Vec<usize>)> = Vec::new();
+    for (pos, (ind, sim)) in ranked.into_iter().enumerate() {
+        let Some(i) = ind else { continue };
+        match at.get(i) {
+            Some(&j) => {
+                out[j].1 = out[j].1.max(sim);
+                out[j].2.push(pos);
+            }
+            None => {
+                at.insert(i, out.len());
+                out.push((i.to_string(), sim, vec![pos]));
+            }
+        }
+    }
+    out
+}
+
 /// Whether the table has the index the `index` stage builds.
 pub async fn has_index(ds: &Dataset) -> Result<bool> {
     let indices = ds.load_indices().await.map_err(|e| Error::Other(format!("loading indices: {e}")))?;

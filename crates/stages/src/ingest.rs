@@ -175,16 +175,22 @@ impl IngestConfig {
             h.update(b"labels");
             h.update(blake3::hash(&bytes).as_bytes());
         }
+        // People's decisions (the review page's, `pipeline decide`'s) by what they do to labels.
+        let decided = lake::decisions::latest(&ctx.lake).await?;
+        if !decided.is_empty() {
+            h.update(b"decisions");
+            h.update(lake::decisions::effects_digest(&decided).as_bytes());
+        }
         let base = h.finalize().to_hex().to_string();
         ctx.progress.set_message(format!("{} objects listed", objects.len()));
         Ok(Prepared {
             fingerprint: Some(with_retries(&base, retryable_rejects(ctx).await?, &ctx.run_id)),
-            state: Some(Box::new(Listing { store, prefix, objects, skipped, fingerprint: base })),
+            state: Some(Box::new(Listing { store, prefix, objects, skipped, fingerprint: base, decided })),
         })
     }
 
     pub async fn run(&self, ctx: &StageCtx, mut prepared: Prepared) -> Result<Outcome> {
-        let Listing { store, prefix, objects, skipped, fingerprint } =
+        let Listing { store, prefix, objects, skipped, fingerprint, decided } =
             prepared.take::<Listing>().ok_or_else(|| Error::Other("ingest ran without its listing".into()))?;
         let (labels, labels_note) = match &self.labels {
             Some(l) => {
@@ -195,7 +201,15 @@ impl IngestConfig {
             }
             None => (None, String::new()),
         };
-        let label_of = |rel: &str| -> Option<String> { labels.as_ref()?.get(rel).cloned() };
+        // A photo's label: its latest decision's when a person named it (or took it away),
+        // else the labels file's.
+        let label_of = |rel: &str| -> Option<String> {
+            lake::decisions::label(&decided, rel, labels.as_ref().and_then(|l| l.get(rel).cloned()))
+        };
+        let decisions_note = match lake::decisions::counts(&decided) {
+            (0, 0, 0) => String::new(),
+            (same, new, bad) => format!("; people's decisions: {same} same as a known individual, {new} new individuals, {bad} bad photos"),
+        };
         let listed = objects.len() as u64;
         let etag = |m: &ObjectMeta| self.tag(m);
         // How rows name their photo: relative to the lake when both were written relative,
@@ -248,7 +262,11 @@ impl IngestConfig {
                     let tag = tags.is_valid(i).then(|| tags.value(i).to_string());
                     known.insert(uris.value(i).to_string(), tag.unwrap_or_default());
                     let still_listed = current.contains_key(uris.value(i));
-                    let new_label = if labels.is_some() { label_of(pids.value(i)) } else { ids.is_valid(i).then(|| ids.value(i).to_string()) };
+                    let new_label = if labels.is_some() || decided.contains_key(pids.value(i)) {
+                        label_of(pids.value(i))
+                    } else {
+                        ids.is_valid(i).then(|| ids.value(i).to_string())
+                    };
                     let old_label = ids.is_valid(i).then(|| ids.value(i).to_string());
                     changed.push(still_listed && new_label != old_label);
                     new_ids.push(new_label);
@@ -421,7 +439,7 @@ impl IngestConfig {
             rows_out: n_images + known_bytes.len() as u64,
             written,
             summary: format!(
-                "{listed} listed, {unchanged} unchanged, {} new photos, {n_rejects} rejected{}{}{}{}{}",
+                "{listed} listed, {unchanged} unchanged, {} new photos, {n_rejects} rejected{}{}{}{}{}{decisions_note}",
                 n_images + copies,
                 if moved > 0 { format!(", {moved} renamed or moved (same bytes)") } else { String::new() },
                 if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() },
@@ -618,6 +636,9 @@ pub struct Listing {
     skipped: Vec<String>,
     /// Of the listing and the labels.
     fingerprint: String,
+    /// The latest decision of each photo people decided about (lake::decisions), as read when
+    /// the listing was fingerprinted.
+    decided: BTreeMap<String, lake::decisions::Decision>,
 }
 
 /// The input fingerprint: the listing's, made unique to this run while objects wait to be

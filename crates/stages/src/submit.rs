@@ -44,11 +44,11 @@ use crate::{Error, Result};
 
 const KEYS: &[&str] = &[
     "embeddings", "splits", "queries", "k", "csv", "individuals", "new_individual_threshold", "nprobes", "refine", "ef",
-    "concurrency", "output", "query_expansion", "qe_alpha", "geometric", "geometric_weight", "geometric_side", "geometric_min_inliers",
+    "concurrency", "output", "proposals", "query_expansion", "qe_alpha", "geometric", "geometric_weight", "geometric_side", "geometric_min_inliers",
 ];
 
 /// The answer for one photo whose individual is not in the collection.
-pub const NEW_INDIVIDUAL: &str = "new_individual";
+pub use lake::decisions::NEW_INDIVIDUAL;
 
 lake::choice! { "query set",
     /// `queries = ...`: which photos get a top-k line.
@@ -97,6 +97,10 @@ pub struct SubmitStage {
     pub search: SearchOverrides,
     pub concurrency: usize,
     pub output: String,
+    /// Table of the proposals: per query photo, its individuals best first with
+    /// `new_individual` where it ranks (what `<csv>_individuals.csv` lists; the review page
+    /// shows it).
+    pub proposals: String,
     /// α-query expansion: each query is searched again as itself plus its first `k` neighbours
     /// weighted by similarity^`qe_alpha` (0: off), as `evaluate`'s `query_expansion` measures.
     pub query_expansion: usize,
@@ -166,25 +170,41 @@ fn known_other(set: &EmbeddingSet, all: &InMemory, rows: &[usize]) -> Vec<(f32, 
 /// cut at `n`. (With query expansion the ranking is the expanded query's while similarities are
 /// the photo's own, so a later hit of an individual can be its best.)
 pub fn individuals(hits: &[Hit], threshold: Option<f64>, n: usize) -> Vec<(String, f32)> {
-    let mut at: HashMap<&str, usize> = HashMap::new();
-    let mut out: Vec<(String, f32)> = Vec::new();
-    for h in hits {
-        if let Some(i) = &h.individual_id {
-            match at.get(i.as_str()) {
-                Some(&j) => out[j].1 = out[j].1.max(h.similarity()),
-                None => {
-                    at.insert(i, out.len());
-                    out.push((i.clone(), h.similarity()));
-                }
-            }
-        }
-    }
+    let mut out: Vec<(String, f32)> = lake::vector::by_individual(hits.iter().map(|h| (h.individual_id.as_deref(), h.similarity())))
+        .into_iter()
+        .map(|(i, s, _)| (i, s))
+        .collect();
     if let Some(t) = threshold {
         let at = out.iter().position(|(_, s)| (*s as f64) < t).unwrap_or(out.len());
         out.insert(at, (NEW_INDIVIDUAL.to_string(), t as f32));
     }
     out.truncate(n);
     out
+}
+
+/// Rows of table `proposals` for `proposed` (query row, its individuals best first).
+fn proposal_rows(set: &EmbeddingSet, proposed: &[(usize, Vec<(String, f32)>)], run_id: &str) -> Result<RecordBatch> {
+    let n: usize = proposed.iter().map(|(_, p)| p.len()).sum();
+    let (mut photo, mut rank, mut ind, mut sim) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (q, inds) in proposed {
+        for (r, (i, s)) in inds.iter().enumerate() {
+            photo.push(set.photo_ids[*q].as_str());
+            rank.push(r as i32 + 1);
+            ind.push(i.as_str());
+            sim.push(*s);
+        }
+    }
+    Ok(RecordBatch::try_new(
+        Catalog::builtin("proposals"),
+        vec![
+            Arc::new(StringArray::from(photo)),
+            Arc::new(Int32Array::from(rank)),
+            Arc::new(StringArray::from(ind)),
+            Arc::new(Float32Array::from(sim)),
+            Arc::new(StringArray::from(vec![set.model_id.as_str(); n])),
+            Arc::new(StringArray::from(vec![run_id; n])),
+        ],
+    )?)
 }
 
 impl SubmitStage {
@@ -231,6 +251,7 @@ impl SubmitStage {
             },
             concurrency: k.int("concurrency", 1, 256).unwrap_or(8) as usize,
             output: k.str("output").unwrap_or_else(|| "submissions".into()),
+            proposals: k.str("proposals").unwrap_or_else(|| "proposals".into()),
             query_expansion: k.int("query_expansion", 0, 100).unwrap_or(0) as usize,
             qe_alpha: k.float("qe_alpha", 0.0, 100.0).unwrap_or(3.0) as f32,
             geo: crate::shared::geo_options(k),
@@ -250,7 +271,11 @@ impl SubmitStage {
         if let Some(s) = &self.splits {
             ins.need(rep, &mut reads, s, &["uri", "split"]);
         }
-        Checked { reads, writes: vec![(self.output.clone(), Catalog::builtin("submissions"))], ..Default::default() }
+        Checked {
+            reads,
+            writes: vec![(self.output.clone(), Catalog::builtin("submissions")), (self.proposals.clone(), Catalog::builtin("proposals"))],
+            ..Default::default()
+        }
     }
 
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
@@ -351,6 +376,8 @@ impl SubmitStage {
             })
             .buffered(self.concurrency);
         let mut sink = ctx.sink(&self.output, Catalog::builtin("submissions"), WriteKind::Overwrite).await?;
+        let mut proposals = ctx.sink(&self.proposals, Catalog::builtin("proposals"), WriteKind::Overwrite).await?;
+        let mut proposed: Vec<(usize, Vec<(String, f32)>)> = Vec::new();
         // The csv crate quotes what needs it (an id with a comma, a quote, a line break); inside
         // a field, ids are separated by spaces, so a space inside an id is written %20.
         let mut csv_text = csv::Writer::from_writer(Vec::new());
@@ -369,16 +396,20 @@ impl SubmitStage {
             let neighbours = hits.iter().map(|h| h.photo_id.replace(' ', "%20")).collect::<Vec<_>>().join(" ");
             csv_text.write_record([set.photo_ids[q].as_str(), &neighbours]).map_err(cerr)?;
             let inds = individuals(&hits, threshold, self.individuals);
-            let inds = inds.iter().map(|(i, _)| i.replace(' ', "%20")).collect::<Vec<_>>().join(" ");
-            ind_text.write_record([set.photo_ids[q].as_str(), &inds]).map_err(cerr)?;
+            let text = inds.iter().map(|(i, _)| i.replace(' ', "%20")).collect::<Vec<_>>().join(" ");
+            ind_text.write_record([set.photo_ids[q].as_str(), &text]).map_err(cerr)?;
+            proposed.push((q, inds));
             buf.push((q, hits));
             ctx.progress.inc(1);
             if buf.len() >= 256 {
                 rows_out += self.send(&mut sink, &set, &std::mem::take(&mut buf), &ctx.run_id).await?;
+                proposals.send(proposal_rows(&set, &std::mem::take(&mut proposed), &ctx.run_id)?).await?;
             }
         }
         rows_out += self.send(&mut sink, &set, &buf, &ctx.run_id).await?;
+        proposals.send(proposal_rows(&set, &proposed, &ctx.run_id)?).await?;
         let committed = sink.finish().await?;
+        let proposals_committed = proposals.finish().await?;
         let mut wrote = String::new();
         if let Some(csv) = &self.csv {
             let bytes = |w: csv::Writer<Vec<u8>>| w.into_inner().map_err(|e| Error::Other(format!("writing the submission CSV: {e}")));
@@ -394,7 +425,7 @@ impl SubmitStage {
         Ok(Outcome {
             rows_in: set.len() as u64,
             rows_out,
-            written: BTreeMap::from([(self.output.clone(), committed.version)]),
+            written: BTreeMap::from([(self.output.clone(), committed.version), (self.proposals.clone(), proposals_committed.version)]),
             summary: format!(
                 "top-{k} of {} query photos among {} ({}{}{}){short}; new_individual threshold {}{wrote}",
                 rows.len(),

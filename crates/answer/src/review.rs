@@ -1,0 +1,169 @@
+//! What the review page of `pipeline serve` shows (#9): the queue of photos awaiting a person's
+//! decision, newest first, and what the pipeline proposes for each (the individuals it most
+//! resembles, each with its closest photos). Decisions themselves are `lake::decisions`.
+
+use std::collections::{HashMap, HashSet};
+
+use arrow::array::{Array, AsArray};
+use lake::decisions::{self, Decision, Kind};
+use lake::vector::{self, Expansion, Source};
+use lake::{Lake, tables};
+
+use crate::{Error, Result};
+
+/// Neighbours searched to gather a photo's candidate individuals.
+pub const NEIGHBOURS: usize = 100;
+/// Photos shown of each candidate individual.
+pub const PHOTOS_PER_CANDIDATE: usize = 3;
+
+/// A photo awaiting a decision.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Waiting {
+    pub photo_id: String,
+    /// When `ingest` first recorded it (RFC 3339, UTC); the queue is newest first.
+    pub ingested_at: Option<String>,
+}
+
+/// The photos of the served table `ds` (of `table`) that await a decision: no label there, and
+/// no decision about them that still counts (none, or the latest is an undo). Newest ingested
+/// first, then by id.
+pub async fn queue(lake: &Lake, ds: &lance::Dataset, table: &str) -> Result<Vec<Waiting>> {
+    let mut unlabelled: HashSet<String> = HashSet::new();
+    for b in tables::rows_where(ds, table, "individual_id IS NULL", Some(&["photo_id"])).await? {
+        let ids = tables::Columns::new(table, &b).strings("photo_id")?;
+        unlabelled.extend(ids.iter().flatten().map(str::to_string));
+    }
+    for (photo, d) in decisions::latest(lake).await? {
+        if d.kind != Kind::Undo {
+            unlabelled.remove(&photo);
+        }
+    }
+    // When each was ingested (the images table; a photo it does not have sorts last).
+    let mut at: HashMap<String, i64> = HashMap::new();
+    if let Some(images) = lake.open("images").await? {
+        for b in tables::rows_where(&images, "images", "individual_id IS NULL", Some(&["photo_id", "ingested_at"])).await? {
+            let ids = tables::Columns::new("images", &b).strings("photo_id")?;
+            let ts = b
+                .column_by_name("ingested_at")
+                .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampMicrosecondType>().cloned())
+                .ok_or_else(|| Error::Schema { table: "images".into(), column: "ingested_at".into(), detail: "missing or not a timestamp(us)".into() })?;
+            for i in 0..b.num_rows() {
+                if ts.is_valid(i) && unlabelled.contains(ids.value(i)) {
+                    at.insert(ids.value(i).to_string(), ts.value(i));
+                }
+            }
+        }
+    }
+    let mut out: Vec<(Option<i64>, String)> = unlabelled.into_iter().map(|p| (at.get(&p).copied(), p)).collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    Ok(out
+        .into_iter()
+        .map(|(t, photo_id)| Waiting {
+            photo_id,
+            ingested_at: t.and_then(chrono::DateTime::from_timestamp_micros).map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        })
+        .collect())
+}
+
+/// An individual the pipeline proposes for a photo.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Candidate {
+    pub individual_id: String,
+    /// Its best cosine similarity to the photo.
+    pub similarity: f32,
+    /// Its photos closest to the photo, best first.
+    pub photos: Vec<String>,
+}
+
+/// What the review page shows of one photo.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Proposal {
+    pub photo_id: String,
+    /// The model whose embeddings made the proposal.
+    pub model_id: String,
+    /// The photo's label in the served table (the survey's, or a decision already applied).
+    pub label: Option<String>,
+    /// The box the model reads (the detector's box grown by its margin), fractions of the frame.
+    pub crop: Option<[f32; 4]>,
+    /// The individuals it most resembles, best first.
+    pub candidates: Vec<Candidate>,
+    /// What the last `submit` proposed (table `proposals`): individuals best first, with
+    /// `new_individual` where the photo's best similarity falls under the fitted threshold (its
+    /// similarity is that threshold). Empty when no submission covered the photo.
+    pub proposed: Vec<Proposed>,
+    /// The model that made `proposed` (the served one, or an older one before the next run).
+    pub proposed_by: Option<String>,
+    /// The proposal as recorded with a decision: `W12 0.812; new_individual 0.550; W7 0.640`
+    /// (the submission's when there is one, else the candidates').
+    pub text: String,
+    /// Every decision about the photo so far, oldest first (the last one counts).
+    pub decisions: Vec<Decision>,
+}
+
+/// One row of what `submit` proposed for a photo.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Proposed {
+    pub individual_id: String,
+    pub similarity: f32,
+}
+
+/// What the last `submit` proposed for `photo_id` (table `proposals`), best first, and the model
+/// that proposed it; empty when the lake has no such table or it has no row of the photo.
+pub async fn proposed(lake: &Lake, photo_id: &str) -> Result<(Vec<Proposed>, Option<String>)> {
+    const TABLE: &str = "proposals";
+    let Some(ds) = lake.open(TABLE).await? else { return Ok((Vec::new(), None)) };
+    let mut rows: Vec<(i32, Proposed)> = Vec::new();
+    let mut model = None;
+    let filter = format!("photo_id = {}", tables::sql_string(photo_id));
+    for b in tables::rows_where(&ds, TABLE, &filter, Some(&["rank", "individual_id", "similarity", "model_id"])).await? {
+        let c = tables::Columns::new(TABLE, &b);
+        let (rank, ind, sim, m) = (c.i32s("rank")?, c.strings("individual_id")?, c.f32s("similarity")?, c.strings("model_id")?);
+        for i in 0..b.num_rows() {
+            model.get_or_insert_with(|| m.value(i).to_string());
+            rows.push((rank.value(i), Proposed { individual_id: ind.value(i).to_string(), similarity: sim.value(i) }));
+        }
+    }
+    rows.sort_by_key(|(r, _)| *r);
+    Ok((rows.into_iter().map(|(_, p)| p).collect(), model))
+}
+
+/// The candidate individuals of `photo_id` in `ds` (searched through `src`): the individuals of
+/// its [`NEIGHBOURS`] nearest photos in the order of their best, at most `individuals`, each
+/// with its [`PHOTOS_PER_CANDIDATE`] closest photos. None when the table has no such photo.
+pub async fn proposal(
+    lake: &Lake,
+    ds: &lance::Dataset,
+    src: &Source,
+    photo_id: &str,
+    individuals: usize,
+    crops: &HashMap<String, [f32; 4]>,
+) -> Result<Option<Proposal>> {
+    let Some((v, me)) = vector::embedding_of(ds, photo_id).await? else { return Ok(None) };
+    let hits = vector::similar(src, &v, NEIGHBOURS, Expansion::OFF, Some(&me.uri)).await?;
+    let candidates: Vec<Candidate> = vector::by_individual(hits.iter().map(|h| (h.individual_id.as_deref(), h.similarity())))
+        .into_iter()
+        .take(individuals)
+        .map(|(individual_id, similarity, at)| Candidate {
+            individual_id,
+            similarity,
+            photos: at.into_iter().take(PHOTOS_PER_CANDIDATE).map(|i| hits[i].photo_id.clone()).collect(),
+        })
+        .collect();
+    let (proposed, proposed_by) = proposed(lake, &me.photo_id).await?;
+    let text = if proposed.is_empty() {
+        candidates.iter().map(|c| format!("{} {:.3}", c.individual_id, c.similarity)).collect::<Vec<_>>().join("; ")
+    } else {
+        proposed.iter().map(|p| format!("{} {:.3}", p.individual_id, p.similarity)).collect::<Vec<_>>().join("; ")
+    };
+    Ok(Some(Proposal {
+        photo_id: me.photo_id.clone(),
+        model_id: crate::similar::model_of(ds).await?,
+        label: me.individual_id.clone(),
+        crop: crops.get(&me.photo_id).copied(),
+        candidates,
+        proposed,
+        proposed_by,
+        text,
+        decisions: decisions::of_photo(lake, &me.photo_id).await?,
+    }))
+}
