@@ -11,6 +11,8 @@
 //! | `GET /review` | the review page (HTML; it asks for a token when the API needs one) |
 //! | `GET /review/queue?limit=200` | photos awaiting a decision, newest first, and how many in all |
 //! | `GET /review/photos/{photo_id}?individuals=5` | what is proposed for a photo: candidate individuals with their closest photos, its crop, its decisions |
+//! | `GET /review/boxes?limit=200` | photos whose boxes to draw or correct: the detector's least sure first, without a drawn box |
+//! | `POST /boxes` (JSON) | records a drawn box: `{"photo_id", "box": [x0, y0, x1, y1]}` (fractions of the frame); 201 |
 //! | `POST /decisions` (JSON) | records a decision: `{"photo_id", "decision": same\|new\|unsure\|bad\|undo, "individual_id", "model_id", "proposal"}`; 201 |
 //!
 //! Both `/similar` routes take `expand` and `alpha` (α-query expansion) and `geometric=N`: the
@@ -454,6 +456,90 @@ async fn review_photo(State(api): State<Shared>, Path(id): Path<String>, Query(p
     }
 }
 
+/// Photos whose boxes to draw or correct, least sure first: `{"total", "detector_id",
+/// "photos": [{photo_id, score, box}]}` (empty when the model reads whole photos).
+async fn review_boxes(State(api): State<Shared>, Query(p): Query<QueueParam>) -> Response {
+    let s = &api.service;
+    let limit = match p.limit {
+        None => 200,
+        Some(l) if (1..=10_000).contains(&l) => l,
+        Some(l) => return err(StatusCode::BAD_REQUEST, format!("limit = {l}: must be 1..10000")),
+    };
+    let now = s.now();
+    match answer::review::box_queue(&s.lake, &now.model_id).await {
+        Ok((detector, q)) => {
+            let page: Vec<_> = q.iter().skip(p.offset.unwrap_or(0)).take(limit).collect();
+            Json(serde_json::json!({ "total": q.len(), "detector_id": detector, "photos": page, "model_id": now.model_id })).into_response()
+        }
+        Err(e) => internal("the box queue", e),
+    }
+}
+
+/// Who a writing request acts for: the token's holder (403 for a read-only token), or, without
+/// tokens, `asked` else `local`.
+fn writer(api: &Api, holder: Option<Holder>, asked: Option<&str>) -> std::result::Result<String, Response> {
+    match (&api.limits.tokens, holder) {
+        (Some(_), Some(h)) if !h.may_decide => Err(err(StatusCode::FORBIDDEN, format!("the token of `{}` is read-only: it may browse, not decide", h.name))),
+        (Some(_), Some(h)) => Ok(h.name),
+        (Some(_), None) => Err(err(StatusCode::UNAUTHORIZED, "this API needs `Authorization: Bearer <token>`")),
+        (None, _) => Ok(asked.filter(|w| !w.trim().is_empty()).unwrap_or("local").to_string()),
+    }
+}
+
+/// The JSON body of a writing request, or the 400 that says what is wrong with it.
+async fn body_of<T: serde::de::DeserializeOwned>(req: Request, what: &str, example: &str) -> std::result::Result<(Option<Holder>, T), Response> {
+    let holder = req.extensions().get::<Holder>().cloned();
+    let body = axum::body::to_bytes(req.into_body(), 64 << 10).await.map_err(|e| err(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")))?;
+    let t = serde_json::from_slice(&body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("not {what} ({e}): send JSON {example}")))?;
+    Ok((holder, t))
+}
+
+/// Whether the served table has photo `id`: None when it does, else the answer to give.
+async fn unknown_photo(api: &Api, id: &str) -> Option<Response> {
+    let s = &api.service;
+    match lake::vector::embedding_of(&s.now().ds, id).await {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table))),
+        Err(e) => Some(internal("the lookup", e)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BoxBody {
+    photo_id: String,
+    #[serde(rename = "box")]
+    bbox: [f32; 4],
+    who: Option<String>,
+}
+
+/// Records a box drawn on the review page (lake::boxes): 201 with the row; 400 when it is not a
+/// box inside the frame, 403 for a read-only token, 404 for a photo the table does not have.
+async fn draw_box(State(api): State<Shared>, req: Request) -> Response {
+    let (holder, b) = match body_of::<BoxBody>(req, "a box", "{\"photo_id\", \"box\": [x0, y0, x1, y1]}").await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let who = match writer(&api, holder, b.who.as_deref()) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let d = match lake::boxes::DrawnBox::new(&b.photo_id, b.bbox, &who) {
+        Ok(d) => d,
+        Err(e) => return err(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if let Some(r) = unknown_photo(&api, &d.photo_id).await {
+        return r;
+    }
+    match lake::boxes::append(&api.service.lake, std::slice::from_ref(&d)).await {
+        Ok(()) => {
+            tracing::info!(photo = %d.photo_id, who = %d.who, "box recorded");
+            (StatusCode::CREATED, Json(d)).into_response()
+        }
+        Err(e) => internal("recording the box", e),
+    }
+}
+
 /// The body of `POST /decisions`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -470,23 +556,13 @@ struct DecisionBody {
 /// Records a decision (lake::decisions): 201 with the row; 400 when it is malformed, 403 for a
 /// read-only token, 404 for a photo the served table does not have.
 async fn decide(State(api): State<Shared>, req: Request) -> Response {
-    let s = &api.service;
-    let holder = req.extensions().get::<Holder>().cloned();
-    let body = match axum::body::to_bytes(req.into_body(), 64 << 10).await {
-        Ok(b) => b,
-        Err(e) => return err(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")),
+    let (holder, b) = match body_of::<DecisionBody>(req, "a decision", "{\"photo_id\", \"decision\", \"individual_id\"}").await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
-    let b: DecisionBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return err(StatusCode::BAD_REQUEST, format!("not a decision ({e}): send JSON {{\"photo_id\", \"decision\", \"individual_id\"}}")),
-    };
-    let who = match (&api.limits.tokens, holder) {
-        (Some(_), Some(h)) if !h.may_decide => {
-            return err(StatusCode::FORBIDDEN, format!("the token of `{}` is read-only: it may browse, not decide", h.name));
-        }
-        (Some(_), Some(h)) => h.name,
-        (Some(_), None) => return err(StatusCode::UNAUTHORIZED, "this API needs `Authorization: Bearer <token>`"),
-        (None, _) => b.who.clone().filter(|w| !w.trim().is_empty()).unwrap_or_else(|| "local".to_string()),
+    let who = match writer(&api, holder, b.who.as_deref()) {
+        Ok(w) => w,
+        Err(r) => return r,
     };
     let d = match lake::decisions::Kind::parse(&b.decision)
         .and_then(|k| lake::decisions::Decision::new(&b.photo_id, k, b.individual_id.as_deref(), &who))
@@ -495,12 +571,10 @@ async fn decide(State(api): State<Shared>, req: Request) -> Response {
         Ok(d) => d,
         Err(e) => return err(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    match lake::vector::embedding_of(&s.now().ds, &d.photo_id).await {
-        Ok(Some(_)) => {}
-        Ok(None) => return err(StatusCode::NOT_FOUND, format!("no photo `{}` in `{}`", d.photo_id, s.table)),
-        Err(e) => return internal("the lookup", e),
+    if let Some(r) = unknown_photo(&api, &d.photo_id).await {
+        return r;
     }
-    match lake::decisions::append(&s.lake, std::slice::from_ref(&d)).await {
+    match lake::decisions::append(&api.service.lake, std::slice::from_ref(&d)).await {
         Ok(()) => {
             tracing::info!(photo = %d.photo_id, decision = d.kind.as_str(), who = %d.who, "decision recorded");
             (StatusCode::CREATED, Json(d)).into_response()
@@ -567,6 +641,8 @@ pub fn router(service: Arc<Service>, limits: Limits) -> Router {
         .route("/review/queue", get(review_queue))
         .route("/review/photos/{photo_id}", get(review_photo))
         .route("/decisions", axum::routing::post(decide))
+        .route("/review/boxes", get(review_boxes))
+        .route("/boxes", axum::routing::post(draw_box))
         .layer(DefaultBodyLimit::max(limits.max_body))
         .layer(middleware::from_fn_with_state(api.clone(), authorize))
         .layer(

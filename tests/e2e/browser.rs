@@ -159,22 +159,32 @@ impl Chrome {
 
     /// One key pressed and released, as a keyboard would (`key` as in KeyboardEvent.key).
     pub fn press(&mut self, key: &str) {
+        self.press_with(key, false);
+    }
+
+    /// [`Self::press`], with Shift held when `shift`.
+    pub fn press_with(&mut self, key: &str, shift: bool) {
         let (code, vk, text) = match key {
             "Enter" => ("Enter".to_string(), 13, "\r".to_string()),
             "Escape" => ("Escape".to_string(), 27, String::new()),
             "Tab" => ("Tab".to_string(), 9, String::new()),
+            "ArrowLeft" => (key.to_string(), 37, String::new()),
+            "ArrowUp" => (key.to_string(), 38, String::new()),
+            "ArrowRight" => (key.to_string(), 39, String::new()),
+            "ArrowDown" => (key.to_string(), 40, String::new()),
             k if k.len() == 1 && k.as_bytes()[0].is_ascii_digit() => (format!("Digit{k}"), k.as_bytes()[0] as i64, k.to_string()),
             k if k.len() == 1 && k.as_bytes()[0].is_ascii_lowercase() => {
                 (format!("Key{}", k.to_ascii_uppercase()), k.to_ascii_uppercase().as_bytes()[0] as i64, k.to_string())
             }
             k => panic!("no key `{k}` in this driver"),
         };
-        let mut down = json!({ "type": "keyDown", "key": key, "code": code, "windowsVirtualKeyCode": vk });
+        let modifiers = if shift { 8 } else { 0 };
+        let mut down = json!({ "type": "keyDown", "key": key, "code": code, "windowsVirtualKeyCode": vk, "modifiers": modifiers });
         if !text.is_empty() {
             down["text"] = json!(text);
         }
         self.call("Input.dispatchKeyEvent", down);
-        self.call("Input.dispatchKeyEvent", json!({ "type": "keyUp", "key": key, "code": code, "windowsVirtualKeyCode": vk }));
+        self.call("Input.dispatchKeyEvent", json!({ "type": "keyUp", "key": key, "code": code, "windowsVirtualKeyCode": vk, "modifiers": modifiers }));
     }
 
     /// Text typed into the focused field.

@@ -1,7 +1,9 @@
-//! People in the loop (#9), over HTTP as the review page uses it: the queue of photos awaiting a
-//! decision, what is proposed for one, decisions recorded with who made them (a read-only token
-//! refused), bad decisions answered 400/404, and the next run labelling the photos as decided —
-//! an undo giving a photo back its survey label and its place in the queue.
+//! People in the loop (#9): the review page in headless chromium, by keyboard alone (a "same as"
+//! and a "new individual" decision, a box corrected), and the HTTP API under it: the queue of
+//! photos awaiting a decision, what is proposed for one, decisions and boxes recorded with who
+//! made them (a read-only token refused), bad ones answered 400/404; then the next run labelling
+//! the photos as decided and training its detector with the drawn box, and an undo giving a
+//! photo back its survey label and its place in the queue.
 
 use arrow::array::AsArray;
 
@@ -169,7 +171,44 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     chrome.type_text("W-new-1");
     chrome.press("Enter");
     chrome.wait_for(&format!("document.getElementById('status').textContent.startsWith('recorded: {b} new W-new-1 (by ana)')"), 30, "the decision on b");
+
+    // Boxes, by keyboard too: `m` lists the photos the detector is least sure about, with its
+    // box drawn; an arrow moves the box, Shift+arrows widen it, Enter saves it.
+    chrome.press("m");
+    chrome.wait_for("state.mode === 'boxes' && state.ready && state.queue.length > 0 && state.box !== null", 60, "the box queue");
+    let scores: Vec<f64> = chrome.eval("state.queue.map(p => p.score)").as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] <= w[1]), "least sure first: {scores:?}");
+    let boxed_photo = chrome.eval("state.queue[state.at].photo_id").as_str().unwrap().to_string();
+    let detector_box: Vec<f64> = serde_json::from_value(chrome.eval("state.box")).unwrap();
+    chrome.press("ArrowDown");
+    for _ in 0..3 {
+        chrome.press_with("ArrowRight", true);
+    }
+    let drawn: Vec<f64> = serde_json::from_value(chrome.eval("state.box")).unwrap();
+    assert!((drawn[1] - detector_box[1] - 0.01).abs() < 1e-6 || detector_box[3] > 0.99, "moved down: {detector_box:?} -> {drawn:?}");
+    assert!(drawn[2] - drawn[0] > detector_box[2] - detector_box[0] || detector_box[2] > 0.97, "wider: {detector_box:?} -> {drawn:?}");
+    chrome.press("Enter");
+    chrome.wait_for(&format!("document.getElementById('status').textContent.startsWith('recorded: box of {boxed_photo} (by ana)')"), 30, "the box");
     drop(chrome);
+    let rows = strings(&lake, "SELECT photo_id, who, x0, y0, x1, y1 FROM boxes").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0][..2], [Some(boxed_photo.clone()), Some("ana".into())]);
+    let saved: Vec<f64> = rows[0][2..].iter().map(|v| v.as_deref().unwrap().parse().unwrap()).collect();
+    assert!(saved.iter().zip(&drawn).all(|(a, b)| (a - b).abs() < 1e-5), "{saved:?} != {drawn:?}");
+    let post_box = |body: serde_json::Value, token: &str| {
+        client
+            .post(format!("{base}/boxes"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).unwrap())
+            .send()
+    };
+    assert_eq!(post_box(serde_json::json!({ "photo_id": a, "box": [0.1, 0.1, 0.5, 0.5] }), viewer).await.unwrap().status().as_u16(), 403);
+    let r = post_box(serde_json::json!({ "photo_id": a, "box": [0.5, 0.1, 0.1, 0.5] }), ana).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("inverted"));
+    assert_eq!(post_box(serde_json::json!({ "photo_id": "nope.jpg", "box": [0.1, 0.1, 0.5, 0.5] }), ana).await.unwrap().status().as_u16(), 404);
+    let detector_before = strings(&lake, "SELECT DISTINCT detector_id FROM detections").await[0][0].clone();
     // Both left the queue at once.
     let q: serde_json::Value = get("/review/queue", ana).await.unwrap().text().await.map(|t| serde_json::from_str(&t).unwrap()).unwrap();
     let queued: Vec<&str> = q["photos"].as_array().unwrap().iter().map(|p| p["photo_id"].as_str().unwrap()).collect();
@@ -187,6 +226,11 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     // The next run: ingest lays the decisions over the survey's labels, and the embeddings
     // follow (relabelled, not embedded again unless the model changed).
     let r = pipeline::dag::run(&plan, &opts).await.unwrap();
+    // ... and detect trains a new detector with the drawn box over the file's.
+    let detect = r.stage("detect").unwrap();
+    assert!(detect.summary.contains("1 of its boxes drawn on the review page"), "{}", detect.summary);
+    let detector_after = strings(&lake, "SELECT DISTINCT detector_id FROM detections").await[0][0].clone();
+    assert_ne!(detector_before, detector_after);
     let ingest = r.stage("ingest").unwrap();
     assert!(ingest.summary.contains("2 relabelled") && ingest.summary.contains("1 same as a known individual, 1 new individuals"), "{}", ingest.summary);
     let label = |t: &'static str, p: String| {

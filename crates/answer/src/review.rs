@@ -167,3 +167,44 @@ pub async fn proposal(
         decisions: decisions::of_photo(lake, &me.photo_id).await?,
     }))
 }
+
+/// A photo whose box a person should look at: what the detector found, and how sure it was.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BoxWaiting {
+    pub photo_id: String,
+    /// The detector's probability that a subject is there at all.
+    pub score: f32,
+    /// The detector's box, fractions of the frame.
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+}
+
+/// The photos whose boxes people should draw or correct for model `model_id`: those its
+/// detector is least sure about (lowest score first), without a box drawn on the review page;
+/// with the detector's id. Empty, with None, when the model reads whole photos.
+pub async fn box_queue(lake: &Lake, model_id: &str) -> Result<(Option<String>, Vec<BoxWaiting>)> {
+    let Ok((id, dir)) = lake::models::resolve_model(lake, model_id).await else { return Ok((None, Vec::new())) };
+    let Ok((spec, _)) = model::train::model_files(&dir, &id) else { return Ok((None, Vec::new())) };
+    let Some(c) = &spec.crop else { return Ok((None, Vec::new())) };
+    let drawn = lake::boxes::latest(lake).await?;
+    let ds = tables::open_existing(lake, &c.table, " (run the detect stage that writes it)").await?;
+    let filter = format!("detector_id = {}", tables::sql_string(&c.detector));
+    let mut out = Vec::new();
+    for b in tables::rows_where(&ds, &c.table, &filter, Some(&["photo_id", "score", "x0", "y0", "x1", "y1"])).await? {
+        let col = tables::Columns::new(&c.table, &b);
+        let (ids, score) = (col.strings("photo_id")?, col.f32s("score")?);
+        let v = [col.f32s("x0")?, col.f32s("y0")?, col.f32s("x1")?, col.f32s("y1")?];
+        for i in 0..b.num_rows() {
+            if drawn.contains_key(ids.value(i)) {
+                continue;
+            }
+            out.push(BoxWaiting {
+                photo_id: ids.value(i).to_string(),
+                score: score.value(i),
+                bbox: [v[0].value(i), v[1].value(i), v[2].value(i), v[3].value(i)],
+            });
+        }
+    }
+    out.sort_by(|a, b| a.score.total_cmp(&b.score).then_with(|| a.photo_id.cmp(&b.photo_id)));
+    Ok((Some(c.detector.clone()), out))
+}

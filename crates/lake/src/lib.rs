@@ -6,6 +6,7 @@
 //! one Lance commit when the sink is finished. A sink dropped before `finish` (an error, a
 //! cancelled run) commits nothing, so a killed run never leaves half a table.
 
+pub mod boxes;
 pub mod crops;
 pub mod decisions;
 pub mod error;

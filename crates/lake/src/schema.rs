@@ -28,6 +28,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("detections", include_str!("../../../schemas/detections.toml")),
     ("crops", include_str!("../../../schemas/crops.toml")),
     ("decisions", include_str!("../../../schemas/decisions.toml")),
+    ("boxes", include_str!("../../../schemas/boxes.toml")),
     ("proposals", include_str!("../../../schemas/proposals.toml")),
 ];
 

@@ -48,6 +48,7 @@ use crate::{Error, Result};
 const KEYS: &[&str] = &[
     "table", "boxes", "boxes_photo_column", "output", "model", "backbone", "input_size", "hidden", "epochs", "batch_size",
     "lr", "weight_decay", "val_fraction", "seed", "device", "loader_threads", "prefetch", "detector", "pseudo_photos", "pseudo_min_peak", "pseudo_level",
+    "min_drawn_boxes",
 ];
 
 /// Files of a detector's folder.
@@ -66,6 +67,9 @@ pub struct DetectStage {
     pub pseudo_min_peak: f32,
     /// Pseudo-boxes: the share of a photo's peak projection its box is traced at.
     pub pseudo_level: f32,
+    /// Without a boxes file: how many boxes drawn on the review page (table `boxes`) the
+    /// detector needs to train on them instead of on pseudo-boxes.
+    pub min_drawn_boxes: usize,
     /// A detector trained before, instead of boxes to train one: `current:NAME` (the detector
     /// the model promoted last under NAME was trained on) or a detector id. The nightly pipeline
     /// uses it so that new boxes (a new detector in the training pipeline) cannot leave the
@@ -141,6 +145,7 @@ impl DetectStage {
             pseudo_photos: k.int("pseudo_photos", 8, 1_000_000).unwrap_or(300) as usize,
             pseudo_min_peak: k.float("pseudo_min_peak", 0.0, 1.0).unwrap_or(0.5) as f32,
             pseudo_level: k.float("pseudo_level", 0.0, 0.95).unwrap_or(PSEUDO_LEVEL) as f32,
+            min_drawn_boxes: k.int("min_drawn_boxes", 1, 1_000_000).unwrap_or(30) as usize,
             device,
             loader_threads,
             prefetch,
@@ -163,19 +168,26 @@ impl DetectStage {
         }
     }
 
-    /// Reads the boxes file; its content is the stage's outside input. With `detector`, the
-    /// input is the detector it names now (a promotion can change it).
+    /// Reads the boxes file and the boxes drawn on the review page; their content is the stage's
+    /// outside input. With `detector`, the input is the detector it names now (a promotion can
+    /// change it).
     pub async fn prepare(&self, ctx: &StageCtx) -> Result<Prepared> {
         if let Some(d) = &self.detector {
             let id = resolve_detector(&ctx.lake, d).await?;
             return Ok(Prepared { fingerprint: Some(id.clone()), state: Some(Box::new(Pinned(id))) });
         }
+        let drawn = lake::boxes::latest(&ctx.lake).await?;
+        let drawn_digest = (!drawn.is_empty()).then(|| lake::boxes::digest(&drawn));
         if self.boxes.is_empty() {
-            // Pseudo-boxes: nothing read from outside the lake.
-            return Ok(Prepared { fingerprint: None, state: None });
+            // Pseudo-boxes (or drawn ones): nothing read from outside the lake.
+            return Ok(Prepared { fingerprint: drawn_digest, state: None });
         }
         let bytes = fetch(&self.boxes).await?;
-        Ok(Prepared { fingerprint: Some(blake3::hash(&bytes).to_hex().to_string()), state: Some(Box::new(bytes)) })
+        let mut fingerprint = blake3::hash(&bytes).to_hex().to_string();
+        if let Some(d) = drawn_digest {
+            fingerprint = format!("{fingerprint}+drawn:{d}");
+        }
+        Ok(Prepared { fingerprint: Some(fingerprint), state: Some(Box::new(bytes)) })
     }
 
     pub async fn run(&self, ctx: &StageCtx, mut prepared: Prepared) -> Result<Outcome> {
@@ -188,6 +200,10 @@ impl DetectStage {
         let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
         let handle = tokio::runtime::Handle::current();
         let (batch, depth) = (self.train.batch_size.max(8), self.prefetch);
+        // Boxes drawn on the review page (table `boxes`): over the file's, or instead of
+        // pseudo-boxes once there are enough.
+        let drawn = if self.detector.is_some() { Default::default() } else { lake::boxes::latest(&ctx.lake).await? };
+        let mut drawn_note = String::new();
         let (det, info, trained, detector_id, unmatched, mut ended) = match &self.detector {
             // A detector trained before: loaded, nothing to gather first.
             Some(named) => {
@@ -215,8 +231,18 @@ impl DetectStage {
                     return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
                 }
                 photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
-                let sample = pseudo_sample(&photos, self.pseudo_photos, self.train.seed);
-                let source = Source::Pseudo { photos: sample, min_peak: self.pseudo_min_peak, level: self.pseudo_level };
+                // Enough boxes drawn on the review page: the detector trains on them.
+                let (drawn, n_drawn) = with_drawn(Vec::new(), &drawn, &photos);
+                let source = if n_drawn >= self.min_drawn_boxes {
+                    drawn_note = format!("; trained on {n_drawn} boxes drawn on the review page");
+                    Source::Drawn(drawn)
+                } else {
+                    if n_drawn > 0 {
+                        drawn_note = format!("; {n_drawn} boxes drawn on the review page, pseudo-boxes until there are {}", self.min_drawn_boxes);
+                    }
+                    let sample = pseudo_sample(&photos, self.pseudo_photos, self.train.seed);
+                    Source::Pseudo { photos: sample, min_peak: self.pseudo_min_peak, level: self.pseudo_level }
+                };
                 let (det, info, trained, detector_id) = self.detector_for(ctx, source, device, &loader, &handle, batch, depth).await?;
                 (det, info, trained, detector_id, 0, true)
             }
@@ -231,6 +257,8 @@ impl DetectStage {
                 // gathered photo by its exact id, or the input ends; then detection runs as
                 // rows keep coming. With the photos' content hashes (an `images`-like input),
                 // photos detected on an earlier run by the same detector are not detected again.
+                // With boxes drawn on the review page, the whole input is gathered first (they
+                // can name any photo).
                 let (boxed, unmatched, ended) = loop {
                     let Some(b) = rows.try_next().await? else {
                         photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
@@ -239,11 +267,18 @@ impl DetectStage {
                     };
                     photos.extend(frames(&self.table, &b)?);
                     hashes(&self.table, &b, keyed, &mut hash_of)?;
+                    if !drawn.is_empty() {
+                        continue;
+                    }
                     let (boxed, unmatched, by_name) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
                     if unmatched == 0 && by_name == 0 && !boxed.is_empty() {
                         break (boxed, unmatched, false);
                     }
                 };
+                let (boxed, n_drawn) = with_drawn(boxed, &drawn, &photos);
+                if n_drawn > 0 {
+                    drawn_note = format!("; {n_drawn} of its boxes drawn on the review page");
+                }
                 if photos.is_empty() {
                     return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
                 }
@@ -331,7 +366,7 @@ impl DetectStage {
             rows_out: total as u64,
             written: BTreeMap::from([(self.output.clone(), version)]),
             summary: format!(
-                "{total} photos{}, {found} with a subject (score >= 0.5); detector {detector_id} {} on {trained_on}{quality}{}",
+                "{total} photos{}, {found} with a subject (score >= 0.5); detector {detector_id} {} on {trained_on}{quality}{}{drawn_note}",
                 if reused > 0 { format!(" ({} detected now, {reused} on an earlier run)", total - reused) } else { String::new() },
                 if trained { "trained" } else if self.detector.is_some() { "(the current model's), trained" } else { "reused, trained" },
                 if unmatched > 0 { format!("; {unmatched} box rows name no photo of `{}`", self.table) } else { String::new() },
@@ -536,6 +571,27 @@ fn match_boxes(bytes: &[u8], file: &str, photo_col: &str, photos: &[(Photo, u32,
     out.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
     out.dedup_by(|a, b| a.0.uri == b.0.uri);
     Ok((out, unmatched, by_name))
+}
+
+/// `boxed` with the boxes drawn on the review page laid over it: a photo's drawn box replaces
+/// its box from the file, and a photo only drawn is added. Only photos of `photos` count.
+/// Returns the boxes, in URI order, and how many of them were drawn.
+fn with_drawn(
+    mut boxed: Vec<(Photo, [f32; 4])>,
+    drawn: &std::collections::BTreeMap<String, lake::boxes::DrawnBox>,
+    photos: &[(Photo, u32, u32)],
+) -> (Vec<(Photo, [f32; 4])>, usize) {
+    let mut n = 0;
+    boxed.retain(|(p, _)| !drawn.contains_key(&p.photo_id));
+    for (p, _, _) in photos {
+        if let Some(d) = drawn.get(&p.photo_id) {
+            boxed.push((p.clone(), vision::clamp_box(d.bbox)));
+            n += 1;
+        }
+    }
+    boxed.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
+    boxed.dedup_by(|a, b| a.0.uri == b.0.uri);
+    (boxed, n)
 }
 
 /// Feature maps of `photos` (and of their mirror images when `flip`, appended after them).
@@ -832,6 +888,27 @@ mod tests {
         assert_eq!(b[0].0.photo_id, "a/IMG_1.jpg");
         assert_eq!(b[0].1, [0.25, 0.25, 0.75, 0.75]);
         assert_eq!(b[1].1, [0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn drawn_boxes_replace_the_files_and_add_photos_of_the_table_only() {
+        let csv = "photo,x0,y0,x1,y1\nIMG_1.jpg,500,250,1500,750\n";
+        let (file, _) = parse_boxes(csv.as_bytes(), "boxes.csv", "photo", &frames()).unwrap();
+        let drawn: std::collections::BTreeMap<String, lake::boxes::DrawnBox> = [
+            ("a/IMG_1.jpg", [0.1, 0.1, 0.4, 0.4]),
+            ("b/IMG_2.jpg", [0.5, 0.5, 0.9, 0.9]),
+            ("elsewhere.jpg", [0.1, 0.1, 0.2, 0.2]),
+        ]
+        .into_iter()
+        .map(|(p, b)| (p.to_string(), lake::boxes::DrawnBox::new(p, b, "ana").unwrap()))
+        .collect();
+        let (boxed, n) = with_drawn(file, &drawn, &frames());
+        assert_eq!(n, 2, "the photo not in the table does not count");
+        let got: Vec<(&str, [f32; 4])> = boxed.iter().map(|(p, b)| (p.photo_id.as_str(), *b)).collect();
+        assert_eq!(got, vec![("a/IMG_1.jpg", [0.1, 0.1, 0.4, 0.4]), ("b/IMG_2.jpg", [0.5, 0.5, 0.9, 0.9])]);
+        // No drawn boxes: the file's, unchanged.
+        let (file, _) = parse_boxes(csv.as_bytes(), "boxes.csv", "photo", &frames()).unwrap();
+        assert_eq!(with_drawn(file.clone(), &Default::default(), &frames()), (file, 0));
     }
 
     #[test]
