@@ -176,6 +176,8 @@ struct Api {
     queue: tokio::sync::Mutex<Option<((u64, Option<u64>), Arc<Vec<answer::review::Waiting>>)>>,
     /// The crops of the served model (answer::local::model_crops), by model id.
     crops: tokio::sync::Mutex<Option<(String, Arc<HashMap<String, [f32; 4]>>)>>,
+    /// Table `proposals` by photo, made once per version of it.
+    proposals: tokio::sync::Mutex<Arc<answer::review::ProposalIndex>>,
 }
 
 type Shared = Arc<Api>;
@@ -449,7 +451,21 @@ async fn review_photo(State(api): State<Shared>, Path(id): Path<String>, Query(p
             },
         }
     };
-    match answer::review::proposal(&s.lake, &now.ds, &now.source, &id, n, &crops).await {
+    let proposals = {
+        let mut cached = api.proposals.lock().await;
+        let version = match answer::review::ProposalIndex::version_now(&s.lake).await {
+            Ok(v) => v,
+            Err(e) => return internal("reading the proposals", e),
+        };
+        if cached.version != version {
+            match answer::review::ProposalIndex::load(&s.lake).await {
+                Ok(p) => *cached = Arc::new(p),
+                Err(e) => return internal("reading the proposals", e),
+            }
+        }
+        cached.clone()
+    };
+    match answer::review::proposal(&s.lake, &now.ds, &now.source, &id, n, &crops, &proposals).await {
         Ok(Some(p)) => Json(p).into_response(),
         Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => internal("the proposal", e),
@@ -622,7 +638,7 @@ async fn refused(timeout: Duration, e: tower::BoxError) -> Response {
 /// The API's routes over `service`, with `limits`.
 pub fn router(service: Arc<Service>, limits: Limits) -> Router {
     let (timeout, uploads) = (limits.timeout, limits.uploads.max(1));
-    let api = Arc::new(Api { service, limits: limits.clone(), queue: Default::default(), crops: Default::default() });
+    let api = Arc::new(Api { service, limits: limits.clone(), queue: Default::default(), crops: Default::default(), proposals: Default::default() });
     let upload = axum::routing::post(similar_upload).layer(
         ServiceBuilder::new()
             .layer(HandleErrorLayer::new(move |e| refused(timeout, e)))

@@ -107,24 +107,55 @@ pub struct Proposed {
     pub similarity: f32,
 }
 
-/// What the last `submit` proposed for `photo_id` (table `proposals`), best first, and the model
-/// that proposed it; empty when the lake has no such table or it has no row of the photo.
-pub async fn proposed(lake: &Lake, photo_id: &str) -> Result<(Vec<Proposed>, Option<String>)> {
-    const TABLE: &str = "proposals";
-    let Some(ds) = lake.open(TABLE).await? else { return Ok((Vec::new(), None)) };
-    let mut rows: Vec<(i32, Proposed)> = Vec::new();
-    let mut model = None;
-    let filter = format!("photo_id = {}", tables::sql_string(photo_id));
-    for b in tables::rows_where(&ds, TABLE, &filter, Some(&["rank", "individual_id", "similarity", "model_id"])).await? {
-        let c = tables::Columns::new(TABLE, &b);
-        let (rank, ind, sim, m) = (c.i32s("rank")?, c.strings("individual_id")?, c.f32s("similarity")?, c.strings("model_id")?);
-        for i in 0..b.num_rows() {
-            model.get_or_insert_with(|| m.value(i).to_string());
-            rows.push((rank.value(i), Proposed { individual_id: ind.value(i).to_string(), similarity: sim.value(i) }));
+/// Table `proposals`, read once and kept by photo (a server keeps one per version of the table,
+/// so a photo's page costs no scan of its rows, five per photo).
+#[derive(Debug, Default)]
+pub struct ProposalIndex {
+    /// The version of `proposals` read; None when the lake has no such table.
+    pub version: Option<u64>,
+    /// Photo → its proposals best first, and the model that made them.
+    by_photo: HashMap<String, (Vec<Proposed>, String)>,
+}
+
+impl ProposalIndex {
+    pub const TABLE: &'static str = "proposals";
+
+    /// The version of table `proposals` now (None: no such table), to tell whether an index
+    /// is still current.
+    pub async fn version_now(lake: &Lake) -> Result<Option<u64>> {
+        Ok(lake.open(Self::TABLE).await?.map(|d| d.version().version))
+    }
+
+    /// Reads the whole table.
+    pub async fn load(lake: &Lake) -> Result<ProposalIndex> {
+        let Some(ds) = lake.open(Self::TABLE).await? else { return Ok(ProposalIndex::default()) };
+        let mut rows: HashMap<String, (Vec<(i32, Proposed)>, String)> = HashMap::new();
+        for b in tables::rows_where(&ds, Self::TABLE, "photo_id IS NOT NULL", Some(&["photo_id", "rank", "individual_id", "similarity", "model_id"])).await? {
+            let c = tables::Columns::new(Self::TABLE, &b);
+            let (photo, rank, ind, sim, m) = (c.strings("photo_id")?, c.i32s("rank")?, c.strings("individual_id")?, c.f32s("similarity")?, c.strings("model_id")?);
+            for i in 0..b.num_rows() {
+                let e = rows.entry(photo.value(i).to_string()).or_insert_with(|| (Vec::new(), m.value(i).to_string()));
+                e.0.push((rank.value(i), Proposed { individual_id: ind.value(i).to_string(), similarity: sim.value(i) }));
+            }
+        }
+        let by_photo = rows
+            .into_iter()
+            .map(|(photo, (mut r, model))| {
+                r.sort_by_key(|(rank, _)| *rank);
+                (photo, (r.into_iter().map(|(_, p)| p).collect(), model))
+            })
+            .collect();
+        Ok(ProposalIndex { version: Some(ds.version().version), by_photo })
+    }
+
+    /// What the last `submit` proposed for `photo_id`, best first, and the model that proposed
+    /// it; empty when it covered no such photo.
+    pub fn of(&self, photo_id: &str) -> (Vec<Proposed>, Option<String>) {
+        match self.by_photo.get(photo_id) {
+            Some((p, m)) => (p.clone(), Some(m.clone())),
+            None => (Vec::new(), None),
         }
     }
-    rows.sort_by_key(|(r, _)| *r);
-    Ok((rows.into_iter().map(|(_, p)| p).collect(), model))
 }
 
 /// The candidate individuals of `photo_id` in `ds` (searched through `src`): the individuals of
@@ -137,6 +168,7 @@ pub async fn proposal(
     photo_id: &str,
     individuals: usize,
     crops: &HashMap<String, [f32; 4]>,
+    proposals: &ProposalIndex,
 ) -> Result<Option<Proposal>> {
     let Some((v, me)) = vector::embedding_of(ds, photo_id).await? else { return Ok(None) };
     let hits = vector::similar(src, &v, NEIGHBOURS, Expansion::OFF, Some(&me.uri)).await?;
@@ -149,7 +181,7 @@ pub async fn proposal(
             photos: at.into_iter().take(PHOTOS_PER_CANDIDATE).map(|i| hits[i].photo_id.clone()).collect(),
         })
         .collect();
-    let (proposed, proposed_by) = proposed(lake, &me.photo_id).await?;
+    let (proposed, proposed_by) = proposals.of(&me.photo_id);
     let text = if proposed.is_empty() {
         candidates.iter().map(|c| format!("{} {:.3}", c.individual_id, c.similarity)).collect::<Vec<_>>().join("; ")
     } else {
