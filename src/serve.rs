@@ -389,14 +389,22 @@ struct QueueParam {
     offset: Option<usize>,
 }
 
+/// `?limit=` of a queue: 200 unless given, 1..10000.
+fn limit_of(p: &QueueParam) -> std::result::Result<usize, Response> {
+    match p.limit {
+        None => Ok(200),
+        Some(l) if (1..=10_000).contains(&l) => Ok(l),
+        Some(l) => Err(err(StatusCode::BAD_REQUEST, format!("limit = {l}: must be 1..10000"))),
+    }
+}
+
 /// Photos awaiting a decision, newest first: `{"total", "offset", "photos": [{photo_id,
 /// ingested_at}], "model_id"}`. Made once per version of the table and of `decisions`.
 async fn review_queue(State(api): State<Shared>, Query(p): Query<QueueParam>) -> Response {
     let s = &api.service;
-    let limit = match p.limit {
-        None => 200,
-        Some(l) if (1..=10_000).contains(&l) => l,
-        Some(l) => return err(StatusCode::BAD_REQUEST, format!("limit = {l}: must be 1..10000")),
+    let limit = match limit_of(&p) {
+        Ok(l) => l,
+        Err(r) => return r,
     };
     let offset = p.offset.unwrap_or(0);
     let now = s.now();
@@ -476,10 +484,9 @@ async fn review_photo(State(api): State<Shared>, Path(id): Path<String>, Query(p
 /// "photos": [{photo_id, score, box}]}` (empty when the model reads whole photos).
 async fn review_boxes(State(api): State<Shared>, Query(p): Query<QueueParam>) -> Response {
     let s = &api.service;
-    let limit = match p.limit {
-        None => 200,
-        Some(l) if (1..=10_000).contains(&l) => l,
-        Some(l) => return err(StatusCode::BAD_REQUEST, format!("limit = {l}: must be 1..10000")),
+    let limit = match limit_of(&p) {
+        Ok(l) => l,
+        Err(r) => return r,
     };
     let now = s.now();
     match answer::review::box_queue(&s.lake, &now.model_id).await {
@@ -502,12 +509,27 @@ fn writer(api: &Api, holder: Option<Holder>, asked: Option<&str>) -> std::result
     }
 }
 
-/// The JSON body of a writing request, or the 400 that says what is wrong with it.
-async fn body_of<T: serde::de::DeserializeOwned>(req: Request, what: &str, example: &str) -> std::result::Result<(Option<Holder>, T), Response> {
+/// A writing request's JSON body and who it acts for ([`writer`]; `asked` reads the body's own
+/// `who`), or the answer that says what is wrong (400, 401, 403).
+async fn writing<T: serde::de::DeserializeOwned>(
+    api: &Api,
+    req: Request,
+    what: &str,
+    example: &str,
+    asked: impl Fn(&T) -> Option<&str>,
+) -> std::result::Result<(String, T), Response> {
     let holder = req.extensions().get::<Holder>().cloned();
     let body = axum::body::to_bytes(req.into_body(), 64 << 10).await.map_err(|e| err(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")))?;
-    let t = serde_json::from_slice(&body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("not {what} ({e}): send JSON {example}")))?;
-    Ok((holder, t))
+    let t: T = serde_json::from_slice(&body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("not {what} ({e}): send JSON {example}")))?;
+    Ok((writer(api, holder, asked(&t))?, t))
+}
+
+/// The answer to a row appended for a writing request: 201 with the row, or the failure logged.
+fn created<T: serde::Serialize>(appended: Result<()>, row: T, what: &str) -> Response {
+    match appended {
+        Ok(()) => (StatusCode::CREATED, Json(row)).into_response(),
+        Err(e) => internal(&format!("recording the {what}"), e),
+    }
 }
 
 /// Whether the served table has photo `id`: None when it does, else the answer to give.
@@ -532,12 +554,8 @@ struct BoxBody {
 /// Records a box drawn on the review page (lake::boxes): 201 with the row; 400 when it is not a
 /// box inside the frame, 403 for a read-only token, 404 for a photo the table does not have.
 async fn draw_box(State(api): State<Shared>, req: Request) -> Response {
-    let (holder, b) = match body_of::<BoxBody>(req, "a box", "{\"photo_id\", \"box\": [x0, y0, x1, y1]}").await {
+    let (who, b) = match writing::<BoxBody>(&api, req, "a box", "{\"photo_id\", \"box\": [x0, y0, x1, y1]}", |b| b.who.as_deref()).await {
         Ok(x) => x,
-        Err(r) => return r,
-    };
-    let who = match writer(&api, holder, b.who.as_deref()) {
-        Ok(w) => w,
         Err(r) => return r,
     };
     let d = match lake::boxes::DrawnBox::new(&b.photo_id, b.bbox, &who) {
@@ -547,13 +565,11 @@ async fn draw_box(State(api): State<Shared>, req: Request) -> Response {
     if let Some(r) = unknown_photo(&api, &d.photo_id).await {
         return r;
     }
-    match lake::boxes::append(&api.service.lake, std::slice::from_ref(&d)).await {
-        Ok(()) => {
-            tracing::info!(photo = %d.photo_id, who = %d.who, "box recorded");
-            (StatusCode::CREATED, Json(d)).into_response()
-        }
-        Err(e) => internal("recording the box", e),
+    let appended = lake::boxes::append(&api.service.lake, std::slice::from_ref(&d)).await;
+    if appended.is_ok() {
+        tracing::info!(photo = %d.photo_id, who = %d.who, "box recorded");
     }
+    created(appended, d, "box")
 }
 
 /// The body of `POST /decisions`.
@@ -572,12 +588,8 @@ struct DecisionBody {
 /// Records a decision (lake::decisions): 201 with the row; 400 when it is malformed, 403 for a
 /// read-only token, 404 for a photo the served table does not have.
 async fn decide(State(api): State<Shared>, req: Request) -> Response {
-    let (holder, b) = match body_of::<DecisionBody>(req, "a decision", "{\"photo_id\", \"decision\", \"individual_id\"}").await {
+    let (who, b) = match writing::<DecisionBody>(&api, req, "a decision", "{\"photo_id\", \"decision\", \"individual_id\"}", |b| b.who.as_deref()).await {
         Ok(x) => x,
-        Err(r) => return r,
-    };
-    let who = match writer(&api, holder, b.who.as_deref()) {
-        Ok(w) => w,
         Err(r) => return r,
     };
     let d = match lake::decisions::Kind::parse(&b.decision)
@@ -590,13 +602,11 @@ async fn decide(State(api): State<Shared>, req: Request) -> Response {
     if let Some(r) = unknown_photo(&api, &d.photo_id).await {
         return r;
     }
-    match lake::decisions::append(&api.service.lake, std::slice::from_ref(&d)).await {
-        Ok(()) => {
-            tracing::info!(photo = %d.photo_id, decision = d.kind.as_str(), who = %d.who, "decision recorded");
-            (StatusCode::CREATED, Json(d)).into_response()
-        }
-        Err(e) => internal("recording the decision", e),
+    let appended = lake::decisions::append(&api.service.lake, std::slice::from_ref(&d)).await;
+    if appended.is_ok() {
+        tracing::info!(photo = %d.photo_id, decision = d.kind.as_str(), who = %d.who, "decision recorded");
     }
+    created(appended, d, "decision")
 }
 
 /// `Authorization: Bearer <token>` on every route but `/healthz`, when the API has tokens.

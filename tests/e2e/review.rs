@@ -40,9 +40,9 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     let base = format!("http://127.0.0.1:{}", served.port);
     let client = reqwest::Client::new();
     let get = |path: &str, token: &str| client.get(format!("{base}{path}")).header("authorization", format!("Bearer {token}")).send();
-    let post = |body: serde_json::Value, token: &str| {
+    let post_to = |path: &str, body: serde_json::Value, token: &str| {
         client
-            .post(format!("{base}/decisions"))
+            .post(format!("{base}{path}"))
             .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
             .body(serde_json::to_vec(&body).unwrap())
@@ -108,7 +108,7 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     // Deciding: a read-only token may not; malformed decisions say what is wrong.
     let first = cands[0]["individual_id"].as_str().unwrap().to_string();
     let same_a = serde_json::json!({ "photo_id": a, "decision": "same", "individual_id": first, "model_id": p["model_id"], "proposal": p["text"] });
-    let r = post(same_a, viewer).await.unwrap();
+    let r = post_to("/decisions", same_a, viewer).await.unwrap();
     assert_eq!(r.status().as_u16(), 403);
     assert!(r.text().await.unwrap().contains("read-only"));
     for (body, code, says) in [
@@ -119,7 +119,7 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
         (serde_json::json!({ "photo_id": "nope.jpg", "decision": "unsure" }), 404, "no photo `nope.jpg`"),
         (serde_json::json!({ "photo": a }), 400, "not a decision"),
     ] {
-        let r = post(body.clone(), ana).await.unwrap();
+        let r = post_to("/decisions", body.clone(), ana).await.unwrap();
         assert_eq!(r.status().as_u16(), code, "{body}");
         let text = r.text().await.unwrap();
         assert!(text.contains(says), "{body}: {text}");
@@ -195,19 +195,11 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     assert_eq!(rows[0][..2], [Some(boxed_photo.clone()), Some("ana".into())]);
     let saved: Vec<f64> = rows[0][2..].iter().map(|v| v.as_deref().unwrap().parse().unwrap()).collect();
     assert!(saved.iter().zip(&drawn).all(|(a, b)| (a - b).abs() < 1e-5), "{saved:?} != {drawn:?}");
-    let post_box = |body: serde_json::Value, token: &str| {
-        client
-            .post(format!("{base}/boxes"))
-            .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&body).unwrap())
-            .send()
-    };
-    assert_eq!(post_box(serde_json::json!({ "photo_id": a, "box": [0.1, 0.1, 0.5, 0.5] }), viewer).await.unwrap().status().as_u16(), 403);
-    let r = post_box(serde_json::json!({ "photo_id": a, "box": [0.5, 0.1, 0.1, 0.5] }), ana).await.unwrap();
+    assert_eq!(post_to("/boxes", serde_json::json!({ "photo_id": a, "box": [0.1, 0.1, 0.5, 0.5] }), viewer).await.unwrap().status().as_u16(), 403);
+    let r = post_to("/boxes", serde_json::json!({ "photo_id": a, "box": [0.5, 0.1, 0.1, 0.5] }), ana).await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert!(r.text().await.unwrap().contains("inverted"));
-    assert_eq!(post_box(serde_json::json!({ "photo_id": "nope.jpg", "box": [0.1, 0.1, 0.5, 0.5] }), ana).await.unwrap().status().as_u16(), 404);
+    assert_eq!(post_to("/boxes", serde_json::json!({ "photo_id": "nope.jpg", "box": [0.1, 0.1, 0.5, 0.5] }), ana).await.unwrap().status().as_u16(), 404);
     let detector_before = strings(&lake, "SELECT DISTINCT detector_id FROM detections").await[0][0].clone();
     // Both left the queue at once.
     let q: serde_json::Value = get("/review/queue", ana).await.unwrap().text().await.map(|t| serde_json::from_str(&t).unwrap()).unwrap();
