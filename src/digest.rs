@@ -5,8 +5,8 @@
 //!
 //! What a run cannot repeat is left out: the `runs` table (the log of runs, killed ones
 //! included), the columns saying which run wrote a row and when (`run_id`, `*_at`), timings
-//! in JSON values and model files (`seconds`, `images_per_second`) and TensorBoard event
-//! files. Everything else counts, to the bit: a row lost or written twice changes the table's
+//! in JSON values and model files (`seconds`, `images_per_second`), TensorBoard event files and
+//! a remote model folder's `_manifest.json` (the hashes of its files as written, timings included). Everything else counts, to the bit: a row lost or written twice changes the table's
 //! row count and hash, a float that differs in its last bit changes the hash.
 
 use arrow::array::{Array, RecordBatch};
@@ -81,7 +81,9 @@ pub async fn digest(lake: &Lake) -> Result<Vec<Line>> {
     files.sort_by(|a, b| a.location.cmp(&b.location));
     for m in files {
         let rel = m.location.as_ref().strip_prefix(prefix.as_ref()).unwrap_or(m.location.as_ref()).trim_start_matches('/').to_string();
-        if rel.contains("/tensorboard/") {
+        // A remote model folder's manifest holds the BLAKE3 of each file as written, timings
+        // included; the files themselves are compared (without their timings).
+        if rel.contains("/tensorboard/") || rel.ends_with(&format!("/{}", lake::models::MANIFEST)) {
             continue;
         }
         let bytes = store.get(&m.location).await.map_err(|e| Error::ObjectStore { uri: format!("{uri}/{rel}"), source: e })?;

@@ -53,6 +53,55 @@ enum Cmd {
         /// No progress bars.
         #[arg(long, short)]
         quiet: bool,
+        /// Where the map stages (ingest, detect, embed) run: `local` (this process, the
+        /// default) or `ray[=ADDRESS]`, as shards on a Ray cluster (ADDRESS: its GCS,
+        /// `HOST:PORT`; without it RAY_ADDRESS, a cluster `ray start` made here, or a Ray
+        /// started for this run). Also `[pipeline] executor` in the file.
+        #[arg(long, value_name = "local|ray[=ADDRESS]")]
+        executor: Option<String>,
+        /// Shards per map stage with `--executor ray` (default: `[pipeline] shards`, else 4).
+        #[arg(long, value_name = "N")]
+        shards: Option<u32>,
+    },
+    /// Run one shard of a map stage, writing its tables' files without committing them (what
+    /// `--executor ray` runs on each node; Slurm array jobs or Kubernetes indexed Jobs can
+    /// run it too, then `pipeline commit`).
+    Worker {
+        file: PathBuf,
+        #[arg(long)]
+        stage: String,
+        /// This worker's shard: K/N, 0 <= K < N.
+        #[arg(long, value_name = "K/N", required_unless_present = "before")]
+        shard: Option<String>,
+        /// The run the shard belongs to (any id of letters, digits, `-`, `_`, `.`; the same for
+        /// every shard and for the commit).
+        #[arg(long, value_name = "RUN")]
+        run: String,
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long, value_parser = ["auto", "cpu", "cuda"])]
+        device: Option<String>,
+        /// No output but errors.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Instead of a shard, do what the stage needs done once before its shards (detect:
+        /// train its detector). `--shard` is then not needed.
+        #[arg(long)]
+        before: bool,
+    },
+    /// Land the shards of a map stage (`pipeline worker`) as one Lance commit per table, once
+    /// every shard 0..N of the run has finished, and record the stage in the run ledger.
+    Commit {
+        file: PathBuf,
+        #[arg(long)]
+        stage: String,
+        #[arg(long, value_name = "RUN")]
+        run: String,
+        /// How many shards the run has.
+        #[arg(long, value_name = "N")]
+        shards: u32,
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Check a pipeline file and report every error at once; runs nothing.
     Validate {
@@ -341,12 +390,46 @@ fn said_once(e: &anyhow::Error) -> String {
     text
 }
 
+/// `--executor` and `--shards`, over `[pipeline] executor` and `shards` of the file.
+fn ray_options(
+    plan: &pipeline::config::Plan,
+    executor: Option<&str>,
+    shards: Option<u32>,
+    sets: &[String],
+    device_arg: Option<&str>,
+    device: Option<pipeline::config::Device>,
+) -> anyhow::Result<Option<pipeline::engine::shard::RayOptions>> {
+    let chosen = executor.map(str::to_string).or_else(|| plan.executor.clone());
+    let address = match chosen.as_deref() {
+        None | Some("local") => return Ok(None),
+        Some("ray") => None,
+        Some(other) => match other.strip_prefix("ray=") {
+            Some(a) if !a.is_empty() => Some(a.to_string()),
+            _ => anyhow::bail!("executor `{other}`: write `local`, `ray` or `ray=HOST:PORT`"),
+        },
+    };
+    let shards = shards.or(plan.shards).unwrap_or(4);
+    if shards == 0 {
+        anyhow::bail!("--shards 0: a stage needs at least one shard");
+    }
+    let mut worker_args = vec!["-q".to_string()];
+    for s in sets {
+        worker_args.extend(["--set".to_string(), s.clone()]);
+    }
+    if let Some(d) = device_arg {
+        worker_args.extend(["--device".to_string(), d.to_string()]);
+    }
+    Ok(Some(pipeline::engine::shard::RayOptions { address, shards, retries: 2, worker_args, device }))
+}
+
 async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Run { file, sets, until, force, resume, device, wait, quiet } => {
+        Cmd::Run { file, sets, until, force, resume, device, wait, quiet, executor, shards } => {
             let plan = pipeline::load(&file, &sets).await?;
             println!("pipeline {} ({}), lake {}", plan.name, file.display(), plan.lake);
+            let device_arg = device.clone();
             let device = device.map(|d| d.parse::<pipeline::config::Device>()).transpose().map_err(anyhow::Error::msg)?;
+            let executor = ray_options(&plan, executor.as_deref(), shards, &sets, device_arg.as_deref(), device)?;
             let report = dag::run(&plan, &RunOptions {
                     force,
                     until,
@@ -355,6 +438,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     device,
                     fail_after: None,
                     fail_fetch: Vec::new(),
+                    executor,
                     wait: wait.map_or(pipeline::lake::lease::Wait::No, |s| pipeline::lake::lease::Wait::For(std::time::Duration::from_secs(s))),
                 }).await?;
             print_report(&report);
@@ -365,6 +449,36 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Worker { file, stage, shard, run, sets, device, quiet, before } => {
+            let plan = pipeline::load(&file, &sets).await?;
+            let device = device.map(|d| d.parse::<pipeline::config::Device>()).transpose().map_err(anyhow::Error::msg)?;
+            if before {
+                pipeline::engine::shard::before(&plan, &stage, &run, device).await?;
+                if !quiet {
+                    println!("stage {stage}, run {run}: ready for its shards");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let shard: pipeline::lake::staging::Shard = shard.unwrap_or_default().parse().map_err(anyhow::Error::msg)?;
+            let m = pipeline::engine::shard::work(&plan, &stage, shard, &run, device).await?;
+            if !quiet {
+                let rows: Vec<String> = m.tables.iter().map(|t| format!("{} {} rows", t.table, t.rows)).collect();
+                println!(
+                    "shard {shard} of stage {stage}, run {run}: staged {}{}; {}",
+                    if rows.is_empty() { "nothing".into() } else { rows.join(", ") },
+                    if m.fixups.is_empty() { String::new() } else { format!(", {} change(s) to rows already there", m.fixups.len()) },
+                    m.meta.get("summary").and_then(|s| s.as_str()).unwrap_or("")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Commit { file, stage, run, shards, sets } => {
+            let plan = pipeline::load(&file, &sets).await?;
+            let outcome = pipeline::engine::shard::commit(&plan, &stage, &run, shards).await?;
+            let versions: Vec<String> = outcome.written.iter().map(|(t, v)| format!("{t} v{v}")).collect();
+            println!("stage {stage} of run {run} committed: {}; {}", versions.join(", "), outcome.summary);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Validate { file, sets } => {

@@ -10,6 +10,7 @@ mod ingest_clean;
 mod kill;
 mod lease;
 mod nights;
+mod ray;
 mod review;
 mod s3;
 mod schedule;

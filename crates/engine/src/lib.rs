@@ -9,6 +9,8 @@
 //!   are committed, its batches flow over a bounded channel into one atomic Lance commit, the
 //!   `runs` ledger records what each stage read and wrote, and a stage whose config and inputs
 //!   are unchanged since its last success is skipped as up to date.
+//! - [`shard`]: map stages as shards that stage their writes and one commit that lands them
+//!   (`pipeline worker`, `pipeline commit`), and Ray as the executor that runs the shards.
 //! - [`progress`]: progress bars on a terminal, quiet elsewhere.
 //!
 //! The engine knows no stage kind by name; it depends on `lake` alone.
@@ -16,6 +18,7 @@
 pub mod config;
 pub mod dag;
 pub mod progress;
+pub mod shard;
 pub mod stage;
 
 pub use dag::StageCtx;

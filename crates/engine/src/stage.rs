@@ -50,6 +50,29 @@ pub trait Stage: Any + fmt::Debug + Send + Sync {
         false
     }
 
+    /// Whether the stage can run as shards (`pipeline worker --shard K/N`, `pipeline run
+    /// --executor ray`): a kind that maps photos one at a time, does a photo's work and touches
+    /// its rows only when [`StageCtx::owns`] says so, writes through [`StageCtx::sink`] and
+    /// changes rows already there through [`StageCtx::delete_where`] and
+    /// [`StageCtx::update_where`]. Kinds that need the whole table (train, index, submit) run on
+    /// the driver.
+    fn shards(&self) -> bool {
+        false
+    }
+
+    /// Whether a shard of this stage needs a GPU (the Ray task then asks for one): true for a
+    /// model stage whose device, with the run's `--device` over its own, resolves to CUDA.
+    fn wants_gpu(&self, _run_device: Option<crate::config::Device>) -> bool {
+        false
+    }
+
+    /// Work a sharded run does once, on the driver, before its shards start: what every shard
+    /// needs and none may make alone (detect trains its detector here, so that each shard
+    /// loads the same one).
+    fn before_shards<'a>(&'a self, _ctx: &'a StageCtx) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Work done before the up-to-date check, whose result the run reuses (ingest lists its
     /// source here and fingerprints the listing).
     fn prepare<'a>(&'a self, _ctx: &'a StageCtx) -> BoxFuture<'a, Result<Prepared>> {
@@ -152,7 +175,7 @@ pub struct Outcome {
 }
 
 /// What a run did to a stage's photos; None where the stage does not count that.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Changes {
     pub new: Option<u64>,
     pub changed: Option<u64>,

@@ -232,6 +232,30 @@ impl Lease {
     }
 }
 
+/// Who holds the lake at `root` now, if anyone (a local lake's record counts only while its
+/// lock is held; an object-store lease only until it expires).
+pub async fn holder(root: &str, options: &std::collections::HashMap<String, String>) -> Result<Option<Holder>> {
+    if let Some(dir) = root.strip_prefix("file://") {
+        let dir = std::path::PathBuf::from(url::Url::parse(root).ok().and_then(|u| u.to_file_path().ok()).unwrap_or_else(|| dir.into()));
+        let lock_path = dir.join(LOCK);
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&lock_path) else { return Ok(None) };
+        return match file.try_lock() {
+            Ok(()) => Ok(None),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(std::fs::read(dir.join(RECORD)).ok().and_then(|b| serde_json::from_slice::<Holder>(&b).ok())),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&lock_path, e)),
+        };
+    }
+    let uri = format!("{}/{RECORD}", root.trim_end_matches('/'));
+    let (store, path) = store::open(&uri, options)?;
+    let got = match store.get(&path).await {
+        Ok(g) => g,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(Error::ObjectStore { uri, source: e }),
+    };
+    let bytes = got.bytes().await.map_err(|e| Error::ObjectStore { uri: uri.clone(), source: e })?;
+    Ok(serde_json::from_slice::<Holder>(&bytes).ok().filter(|h| h.expires_ms > Utc::now().timestamp_millis()))
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Inner::Object { renewer, .. } = &self.inner {

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod models;
 pub mod query;
 pub mod schema;
+pub mod staging;
 pub mod store;
 pub mod stream;
 pub mod tables;
@@ -230,13 +231,23 @@ impl Lake {
 
     /// Starts a writer for `table`; `schema` is the declared one the batches must match.
     pub fn sink(&self, table: &str, schema: SchemaRef, kind: WriteKind) -> TableSink {
+        self.writer(table, schema, kind, None)
+    }
+
+    /// A writer for `table` that writes its data files but commits nothing: what it wrote goes
+    /// to `staging`, and [`staging::commit`] lands it with the other shards' (see [`staging`]).
+    pub fn staged_sink(&self, table: &str, schema: SchemaRef, kind: WriteKind, staging: staging::Staging) -> TableSink {
+        self.writer(table, schema, kind, Some(staging))
+    }
+
+    fn writer(&self, table: &str, schema: SchemaRef, kind: WriteKind, staged: Option<staging::Staging>) -> TableSink {
         // Small bound: a few batches in flight is enough to keep the writer busy, and a slow
         // writer then holds the producer back instead of letting batches pile up in memory.
         let (tx, rx) = mpsc::channel::<Result<RecordBatch, DataFusionError>>(4);
         let finished = Arc::new(AtomicBool::new(false));
         let lake = self.clone();
         let (t, s, f) = (table.to_string(), schema.clone(), finished.clone());
-        let task = tokio::spawn(async move { lake.commit(t, s, kind, rx, f).await });
+        let task = tokio::spawn(async move { lake.commit(t, s, kind, rx, f, staged).await });
         TableSink { table: table.to_string(), schema, tx: Some(tx), finished, task: Some(task), rows: 0, tee: None, gate: None, fail_after: None }
     }
 
@@ -247,6 +258,7 @@ impl Lake {
         kind: WriteKind,
         mut rx: mpsc::Receiver<Result<RecordBatch, DataFusionError>>,
         finished: Arc<AtomicBool>,
+        staged: Option<staging::Staging>,
     ) -> Result<Committed> {
         let first = rx.recv().await;
         let dropped = || Error::Other(format!("writer of table `{table}` was dropped before it finished; nothing was committed"));
@@ -261,7 +273,7 @@ impl Lake {
         let existing = self.open(&table).await?;
         if first.is_none() {
             match (&kind, &existing) {
-                // Nothing new: leave the table (and its version) alone.
+                // Nothing new: leave the table (and its version) alone (a shard stages nothing).
                 (WriteKind::Merge { .. } | WriteKind::Append, Some(ds)) => {
                     return Ok(Committed { version: ds.version().version, ..Default::default() });
                 }
@@ -302,7 +314,7 @@ impl Lake {
         // A table made before its declared schema gained nullable columns (the ledger's
         // per-stage counts, say) gets them as nulls first: metadata only, no data rewritten.
         let mut existing = existing;
-        if let (WriteKind::Append | WriteKind::Merge { .. }, Some(ds)) = (&kind, existing.as_mut()) {
+        if let (WriteKind::Append | WriteKind::Merge { .. }, Some(ds), None) = (&kind, existing.as_mut(), &staged) {
             let missing: Vec<arrow_schema::Field> =
                 stream_schema.fields().iter().filter(|f| ds.schema().field(f.name()).is_none()).map(|f| f.as_ref().clone()).collect();
             if !missing.is_empty() && missing.iter().all(|f| f.is_nullable()) {
@@ -311,6 +323,9 @@ impl Lake {
             }
         }
         let stream: SendableRecordBatchStream = Box::pin(RecordBatchStreamAdapter::new(stream_schema.clone(), stream));
+        if let Some(staging) = staged {
+            return staging.write(self, &table, &kind, existing, stream, &rows_sent).await;
+        }
         let uri = self.table_uri(&table);
         let params = |mode| WriteParams { mode, store_params: self.store_params(), ..Default::default() };
         let lerr = |e| Error::lance(&table, e);

@@ -190,109 +190,33 @@ impl DetectStage {
         Ok(Prepared { fingerprint: Some(fingerprint), state: Some(Box::new(bytes)) })
     }
 
-    pub async fn run(&self, ctx: &StageCtx, mut prepared: Prepared) -> Result<Outcome> {
+    /// The columns of the input it reads, and whether they include content hashes.
+    fn input_columns(&self, ctx: &StageCtx) -> (bool, &'static [&'static str]) {
         let keyed = ctx.lake.catalog().get(&self.table).is_some_and(|s| s.field_with_name("content_hash").is_ok());
-        let columns: &[&str] = if keyed { &["photo_id", "uri", "width", "height", "content_hash"] } else { &["photo_id", "uri", "width", "height"] };
-        let mut rows = ctx.read(&self.table, columns);
-        let mut hash_of: HashMap<String, String> = HashMap::new();
-        let mut photos: Vec<(Photo, u32, u32)> = Vec::new();
+        (keyed, if keyed { &["photo_id", "uri", "width", "height", "content_hash"] } else { &["photo_id", "uri", "width", "height"] })
+    }
+
+    /// What a sharded run does once on the driver: the detector every shard then loads (trained
+    /// now when this configuration has not trained it on these boxes yet).
+    pub async fn before_shards(&self, ctx: &StageCtx) -> Result<()> {
+        let prepared = self.prepare(ctx).await?;
+        let (keyed, columns) = self.input_columns(ctx);
+        let mut input = Input { rows: ctx.read(&self.table, columns), photos: Vec::new(), hash_of: HashMap::new(), keyed };
+        let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
+        let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
+        self.choose(ctx, prepared, &mut input, device, &loader).await?;
+        Ok(())
+    }
+
+    pub async fn run(&self, ctx: &StageCtx, prepared: Prepared) -> Result<Outcome> {
+        let (keyed, columns) = self.input_columns(ctx);
+        let mut input = Input { rows: ctx.read(&self.table, columns), photos: Vec::new(), hash_of: HashMap::new(), keyed };
         let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
         let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
         let handle = tokio::runtime::Handle::current();
         let (batch, depth) = (self.train.batch_size.max(8), self.prefetch);
-        // Boxes drawn on the review page (table `boxes`): over the file's, or instead of
-        // pseudo-boxes once there are enough.
-        let drawn = if self.detector.is_some() { Default::default() } else { lake::boxes::latest(&ctx.lake).await? };
-        let mut drawn_note = String::new();
-        let (det, info, trained, detector_id, unmatched, mut ended) = match &self.detector {
-            // A detector trained before: loaded, nothing to gather first.
-            Some(named) => {
-                let detector_id = match prepared.take::<Pinned>() {
-                    Some(Pinned(id)) => id,
-                    None => resolve_detector(&ctx.lake, named).await?,
-                };
-                let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
-                let (weights, info_file) = (dir.local.join(WEIGHTS), dir.local.join(INFO));
-                let text = std::fs::read_to_string(&info_file).map_err(|e| {
-                    Error::Other(format!("detector `{detector_id}` (from `detector = \"{named}\"`): {} cannot be read: {e}", info_file.display()))
-                })?;
-                let info: DetectorInfo = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", info_file.display())))?;
-                let det = Detector::load(&info.spec, &weights, device).map_err(|e| Error::Other(format!("detector `{detector_id}`: {e}")))?;
-                (det, info, false, detector_id, 0, false)
-            }
-            // No boxes: every photo is gathered (ids and sizes), then a seeded sample of them
-            // gives the pseudo-boxes the detector trains on.
-            None if self.boxes.is_empty() => {
-                while let Some(b) = rows.try_next().await? {
-                    photos.extend(frames(&self.table, &b)?);
-                    hashes(&self.table, &b, keyed, &mut hash_of)?;
-                }
-                if photos.is_empty() {
-                    return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
-                }
-                photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
-                // Enough boxes drawn on the review page: the detector trains on them.
-                let (drawn, n_drawn) = with_drawn(Vec::new(), &drawn, &photos);
-                let source = if n_drawn >= self.min_drawn_boxes {
-                    drawn_note = format!("; trained on {n_drawn} boxes drawn on the review page");
-                    Source::Drawn(drawn)
-                } else {
-                    if n_drawn > 0 {
-                        drawn_note = format!("; {n_drawn} boxes drawn on the review page, pseudo-boxes until there are {}", self.min_drawn_boxes);
-                    }
-                    let sample = pseudo_sample(&photos, self.pseudo_photos, self.train.seed);
-                    Source::Pseudo { photos: sample, min_peak: self.pseudo_min_peak, level: self.pseudo_level }
-                };
-                let (det, info, trained, detector_id) = self.detector_for(ctx, source, device, &loader, &handle, batch, depth).await?;
-                (det, info, trained, detector_id, 0, true)
-            }
-            None => {
-                let bytes = match prepared.take::<bytes::Bytes>() {
-                    Some(b) => b,
-                    None => fetch(&self.boxes).await?,
-                };
-                // The photos arrive as the table is written (streamed from its producer) or
-                // from the committed table. The detector needs every photo its boxes name: rows
-                // are gathered (ids and sizes only, no pixels) until each box row names a
-                // gathered photo by its exact id, or the input ends; then detection runs as
-                // rows keep coming. With the photos' content hashes (an `images`-like input),
-                // photos detected on an earlier run by the same detector are not detected again.
-                // With boxes drawn on the review page, the whole input is gathered first (they
-                // can name any photo).
-                let (boxed, unmatched, ended) = loop {
-                    let Some(b) = rows.try_next().await? else {
-                        photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
-                        let (boxed, unmatched, _) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
-                        break (boxed, unmatched, true);
-                    };
-                    photos.extend(frames(&self.table, &b)?);
-                    hashes(&self.table, &b, keyed, &mut hash_of)?;
-                    if !drawn.is_empty() {
-                        continue;
-                    }
-                    let (boxed, unmatched, by_name) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &photos)?;
-                    if unmatched == 0 && by_name == 0 && !boxed.is_empty() {
-                        break (boxed, unmatched, false);
-                    }
-                };
-                let (boxed, n_drawn) = with_drawn(boxed, &drawn, &photos);
-                if n_drawn > 0 {
-                    drawn_note = format!("; {n_drawn} of its boxes drawn on the review page");
-                }
-                if photos.is_empty() {
-                    return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
-                }
-                if boxed.is_empty() {
-                    return Err(Error::Other(format!(
-                        "boxes file `{}`: none of its {unmatched} rows names a photo of table `{}`",
-                        self.boxes, self.table
-                    )));
-                }
-                let (det, info, trained, detector_id) =
-                    self.detector_for(ctx, Source::Drawn(boxed), device, &loader, &handle, batch, depth).await?;
-                (det, info, trained, detector_id, unmatched, ended)
-            }
-        };
+        let Chosen { det, info, trained, detector_id, unmatched, mut ended, drawn_note } = self.choose(ctx, prepared, &mut input, device, &loader).await?;
+        let Input { mut rows, photos, mut hash_of, .. } = input;
         // A detector loaded with its own input size reads photos at that size.
         let loader = if info.spec.input_size == self.spec.input_size {
             loader
@@ -317,7 +241,8 @@ impl DetectStage {
                     None => ended = true,
                 }
             }
-            let drained: Vec<Photo> = pending.drain(..pending.len().min(CHUNK)).collect();
+            // A shard detects in the photos it owns.
+            let drained: Vec<Photo> = pending.drain(..pending.len().min(CHUNK)).filter(|p| ctx.owns(&p.uri)).collect();
             // Rows of photos detected before, unchanged since: carried over as they are.
             let (again, todo): (Vec<Photo>, Vec<Photo>) = drained.into_iter().partition(|p| earlier.has(hash_of.get(&p.uri)));
             if !again.is_empty() {
@@ -348,7 +273,7 @@ impl DetectStage {
             sink.send(detections_batch(&chunk, &dets, &detector_id, &ctx.run_id, &chunk_hashes)?).await?;
             ctx.progress.inc(chunk.len() as u64);
         }
-        if total == 0 {
+        if total == 0 && ctx.shard().is_none() {
             return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
         }
         let version = sink.finish().await?.version;
@@ -377,6 +302,108 @@ impl DetectStage {
 }
 
 impl DetectStage {
+    /// The detector this run uses: the one `detector` names, or the one this configuration
+    /// trains on the boxes (the file's, the review page's, or pseudo-boxes), trained now unless
+    /// it was before. Reads as much of the input as that needs (into `input.photos`).
+    async fn choose(&self, ctx: &StageCtx, mut prepared: Prepared, input: &mut Input, device: Device, loader: &Arc<Loader>) -> Result<Chosen> {
+        let handle = tokio::runtime::Handle::current();
+        let (batch, depth) = (self.train.batch_size.max(8), self.prefetch);
+        // Boxes drawn on the review page (table `boxes`): over the file's, or instead of
+        // pseudo-boxes once there are enough.
+        let drawn = if self.detector.is_some() { Default::default() } else { lake::boxes::latest(&ctx.lake).await? };
+        let mut drawn_note = String::new();
+        let (det, info, trained, detector_id, unmatched, ended) = match &self.detector {
+            // A detector trained before: loaded, nothing to gather first.
+            Some(named) => {
+                let detector_id = match prepared.take::<Pinned>() {
+                    Some(Pinned(id)) => id,
+                    None => resolve_detector(&ctx.lake, named).await?,
+                };
+                let dir = lake::models::model_dir(&ctx.lake, &detector_id).await?;
+                let (weights, info_file) = (dir.local.join(WEIGHTS), dir.local.join(INFO));
+                let text = std::fs::read_to_string(&info_file).map_err(|e| {
+                    Error::Other(format!("detector `{detector_id}` (from `detector = \"{named}\"`): {} cannot be read: {e}", info_file.display()))
+                })?;
+                let info: DetectorInfo = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", info_file.display())))?;
+                let det = Detector::load(&info.spec, &weights, device).map_err(|e| Error::Other(format!("detector `{detector_id}`: {e}")))?;
+                (det, info, false, detector_id, 0, false)
+            }
+            // No boxes: every photo is gathered (ids and sizes), then a seeded sample of them
+            // gives the pseudo-boxes the detector trains on.
+            None if self.boxes.is_empty() => {
+                while let Some(b) = input.rows.try_next().await? {
+                    input.photos.extend(frames(&self.table, &b)?);
+                    hashes(&self.table, &b, input.keyed, &mut input.hash_of)?;
+                }
+                if input.photos.is_empty() {
+                    return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
+                }
+                input.photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
+                // Enough boxes drawn on the review page: the detector trains on them.
+                let (drawn, n_drawn) = with_drawn(Vec::new(), &drawn, &input.photos);
+                let source = if n_drawn >= self.min_drawn_boxes {
+                    drawn_note = format!("; trained on {n_drawn} boxes drawn on the review page");
+                    Source::Drawn(drawn)
+                } else {
+                    if n_drawn > 0 {
+                        drawn_note = format!("; {n_drawn} boxes drawn on the review page, pseudo-boxes until there are {}", self.min_drawn_boxes);
+                    }
+                    let sample = pseudo_sample(&input.photos, self.pseudo_photos, self.train.seed);
+                    Source::Pseudo { photos: sample, min_peak: self.pseudo_min_peak, level: self.pseudo_level }
+                };
+                let (det, info, trained, detector_id) = self.detector_for(ctx, source, device, loader, &handle, batch, depth).await?;
+                (det, info, trained, detector_id, 0, true)
+            }
+            None => {
+                let bytes = match prepared.take::<bytes::Bytes>() {
+                    Some(b) => b,
+                    None => fetch(&self.boxes).await?,
+                };
+                // The photos arrive as the table is written (streamed from its producer) or
+                // from the committed table. The detector needs every photo its boxes name: rows
+                // are gathered (ids and sizes only, no pixels) until each box row names a
+                // gathered photo by its exact id, or the input ends; then detection runs as
+                // rows keep coming. With the photos' content hashes (an `images`-like input),
+                // photos detected on an earlier run by the same detector are not detected again.
+                // With boxes drawn on the review page, the whole input is gathered first (they
+                // can name any photo).
+                let (boxed, unmatched, ended) = loop {
+                    let Some(b) = input.rows.try_next().await? else {
+                        input.photos.sort_by(|a, b| a.0.uri.cmp(&b.0.uri));
+                        let (boxed, unmatched, _) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &input.photos)?;
+                        break (boxed, unmatched, true);
+                    };
+                    input.photos.extend(frames(&self.table, &b)?);
+                    hashes(&self.table, &b, input.keyed, &mut input.hash_of)?;
+                    if !drawn.is_empty() {
+                        continue;
+                    }
+                    let (boxed, unmatched, by_name) = match_boxes(&bytes, &self.boxes, &self.boxes_photo_column, &input.photos)?;
+                    if unmatched == 0 && by_name == 0 && !boxed.is_empty() {
+                        break (boxed, unmatched, false);
+                    }
+                };
+                let (boxed, n_drawn) = with_drawn(boxed, &drawn, &input.photos);
+                if n_drawn > 0 {
+                    drawn_note = format!("; {n_drawn} of its boxes drawn on the review page");
+                }
+                if input.photos.is_empty() {
+                    return Err(Error::Other(format!("table `{}` is empty: nothing to detect in", self.table)));
+                }
+                if boxed.is_empty() {
+                    return Err(Error::Other(format!(
+                        "boxes file `{}`: none of its {unmatched} rows names a photo of table `{}`",
+                        self.boxes, self.table
+                    )));
+                }
+                let (det, info, trained, detector_id) =
+                    self.detector_for(ctx, Source::Drawn(boxed), device, loader, &handle, batch, depth).await?;
+                (det, info, trained, detector_id, unmatched, ended)
+            }
+        };
+        Ok(Chosen { det, info, trained, detector_id, unmatched, ended, drawn_note })
+    }
+
     /// The detector trained by this configuration on `source`'s boxes: the one published before
     /// when there is one (its id hashes the configuration and the boxes, or the pseudo-boxes'
     /// sample), else trained now and published whole.
@@ -419,6 +446,13 @@ impl DetectStage {
         if let Some(info) = existing.filter(|_| weights.is_file()) {
             let det = Detector::load(&self.spec, &weights, device).map_err(|e| Error::Other(e.to_string()))?;
             return Ok((det, info, false, detector_id));
+        }
+        if let Some(k) = ctx.shard() {
+            return Err(Error::Other(format!(
+                "detector `{detector_id}` is not trained yet, and shard {k} does not train it alone: `pipeline run --executor ray` trains it before the shards start; \
+                 for shards run by hand, run `pipeline worker FILE --stage {} --before --run RUN` once first",
+                ctx.name
+            )));
         }
         ctx.progress.set_message(match &source {
             Source::Drawn(boxed) => format!("{detector_id}: training on {} boxes", boxed.len()),
@@ -473,6 +507,28 @@ pub fn pseudo_sample(photos: &[(Photo, u32, u32)], n: usize, seed: u64) -> Vec<P
 
 /// The detector a `detector` option names, resolved when the stage is prepared.
 struct Pinned(String);
+
+/// The input of a run as [`DetectStage::choose`] leaves it: the rows still to come, the photos
+/// read so far, their content hashes.
+struct Input {
+    rows: engine::dag::BatchStream,
+    photos: Vec<(Photo, u32, u32)>,
+    hash_of: HashMap<String, String>,
+    keyed: bool,
+}
+
+/// The detector a run uses, and how it got it.
+struct Chosen {
+    det: Detector,
+    info: DetectorInfo,
+    trained: bool,
+    detector_id: String,
+    /// Box rows that name no photo of the input.
+    unmatched: usize,
+    /// Whether the input was read to its end.
+    ended: bool,
+    drawn_note: String,
+}
 
 /// The detector id `named` stands for: `current:NAME` is the detector of the model promoted
 /// last under NAME (an error when that model was trained on whole photos); anything else is a
@@ -857,6 +913,18 @@ impl Stage for DetectStage {
 
     fn streams(&self, table: &str) -> bool {
         table == self.table
+    }
+
+    fn shards(&self) -> bool {
+        true
+    }
+
+    fn wants_gpu(&self, run_device: Option<DeviceChoice>) -> bool {
+        train::pick_device(run_device.unwrap_or(self.device).as_str()).is_ok_and(|d| d.is_cuda())
+    }
+
+    fn before_shards<'a>(&'a self, ctx: &'a StageCtx) -> BoxFuture<'a, Result<()>> {
+        Box::pin(DetectStage::before_shards(self, ctx))
     }
 
     fn prepare<'a>(&'a self, ctx: &'a StageCtx) -> BoxFuture<'a, Result<Prepared>> {

@@ -181,6 +181,10 @@ impl EmbedStage {
                     let (pid, uri, lab) = (c.strings("photo_id")?, c.strings("uri")?, c.strings("individual_id")?);
                     let hashes = if keyed { Some(c.strings("content_hash")?) } else { None };
                     for i in 0..b.num_rows() {
+                        // A shard embeds the photos it owns.
+                        if !ctx.owns(uri.value(i)) {
+                            continue;
+                        }
                         total += 1;
                         let hash = hashes.as_ref().filter(|h| h.is_valid(i)).map(|h| h.value(i));
                         if let Some(h) = hash {
@@ -286,41 +290,26 @@ impl EmbedStage {
         let mut version = sink.finish().await?.version;
         loader.flush_or_warn(&ctx.name).await;
         // Photos that left the input leave the table.
-        let gone: Vec<&String> = if incremental { have.keys().filter(|u| !seen_uris.contains(*u)).collect() } else { Vec::new() };
-        if !gone.is_empty() {
-            if let Some(mut out) = ctx.lake.open(&self.output).await? {
-                for chunk in gone.chunks(1000) {
-                    let list = chunk.iter().map(|u| format!("'{}'", u.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
-                    out.delete(&format!("uri IN ({list})")).await.map_err(|e| Error::lance(&self.output, e))?;
-                }
-                version = out.version().version;
+        let gone: Vec<&String> = if incremental { have.keys().filter(|u| !seen_uris.contains(*u) && ctx.owns(u)).collect() } else { Vec::new() };
+        for chunk in gone.chunks(1000) {
+            let list = chunk.iter().map(|u| format!("'{}'", u.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
+            if let Some(v) = ctx.delete_where(&self.output, &format!("uri IN ({list})")).await? {
+                version = v;
             }
         }
         let relabelled: usize = relabel.values().map(Vec::len).sum();
-        if relabelled > 0 {
-            if let Some(out) = ctx.lake.open(&self.output).await? {
-                let mut out = Arc::new(out);
-                for (label, uris) in &relabel {
-                    let value = label.as_deref().map_or("NULL".to_string(), lake::tables::sql_string);
-                    for chunk in uris.chunks(1000) {
-                        let list = chunk.iter().map(|u| lake::tables::sql_string(u)).collect::<Vec<_>>().join(", ");
-                        let lerr = |e| Error::lance(&self.output, e);
-                        let job = lance::dataset::UpdateBuilder::new(out.clone())
-                            .update_where(&format!("uri IN ({list})"))
-                            .map_err(lerr)?
-                            .set("individual_id", &value)
-                            .map_err(lerr)?
-                            .build()
-                            .map_err(lerr)?;
-                        out = job.execute().await.map_err(lerr)?.new_dataset;
-                    }
+        for (label, uris) in &relabel {
+            let value = label.as_deref().map_or("NULL".to_string(), lake::tables::sql_string);
+            for chunk in uris.chunks(1000) {
+                let list = chunk.iter().map(|u| lake::tables::sql_string(u)).collect::<Vec<_>>().join(", ");
+                if let Some(v) = ctx.update_where(&self.output, &format!("uri IN ({list})"), "individual_id", &value).await? {
+                    version = v;
                 }
-                version = out.version().version;
             }
         }
         // Reused embeddings whose old name left the input: the photo was renamed or moved.
         // (Counted once per old name: a photo renamed and copied is one move and one copy.)
-        let moved = reuse.iter().map(|(_, old)| old).filter(|old| !seen_uris.contains(*old)).collect::<std::collections::HashSet<_>>().len();
+        let moved = reuse.iter().map(|(_, old)| old).filter(|old| !seen_uris.contains(*old) && ctx.owns(old)).collect::<std::collections::HashSet<_>>().len();
         let how = if incremental {
             let relabelled = if relabelled > 0 { format!(", {relabelled} relabelled") } else { String::new() };
             let reused = match (reuse.len(), moved) {
@@ -461,6 +450,14 @@ impl Stage for EmbedStage {
 
     fn streams(&self, table: &str) -> bool {
         table == self.table || self.crops.as_deref() == Some(table)
+    }
+
+    fn shards(&self) -> bool {
+        true
+    }
+
+    fn wants_gpu(&self, run_device: Option<engine::config::Device>) -> bool {
+        train::pick_device(run_device.unwrap_or(self.device).as_str()).is_ok_and(|d| d.is_cuda())
     }
 
     fn run<'a>(&'a self, ctx: &'a StageCtx, _: Prepared) -> BoxFuture<'a, Result<Outcome>> {

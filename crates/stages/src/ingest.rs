@@ -210,7 +210,6 @@ impl IngestConfig {
             (0, 0, 0) => String::new(),
             (same, new, bad) => format!("; people's decisions: {same} same as a known individual, {new} new individuals, {bad} bad photos"),
         };
-        let listed = objects.len() as u64;
         let etag = |m: &ObjectMeta| self.tag(m);
         // How rows name their photo: relative to the lake when both were written relative,
         // unless the lake already records this source's photos by absolute URI (a lake made
@@ -235,6 +234,9 @@ impl IngestConfig {
         let gone_uris: std::collections::HashSet<String> =
             image_uris.iter().filter(|u| u.starts_with(&format!("{mine}/")) && !current.contains_key(*u)).cloned().collect();
         let gone = delete_gone(ctx, &format!("{mine}/"), &current, [("images", image_uris), ("rejects", reject_uris)]).await?;
+        // A shard does its part of the listing (every object's URI is one shard's).
+        let objects: Vec<ObjectMeta> = objects.into_iter().filter(|m| ctx.owns(&uri_of(m))).collect();
+        let listed = objects.len() as u64;
 
         let images_schema = Catalog::builtin("images");
         let mut images = ctx.sink("images", images_schema.clone(), WriteKind::Merge { keys: vec!["uri".into()], update_existing: true }).await?;
@@ -268,7 +270,7 @@ impl IngestConfig {
                         ids.is_valid(i).then(|| ids.value(i).to_string())
                     };
                     let old_label = ids.is_valid(i).then(|| ids.value(i).to_string());
-                    changed.push(still_listed && new_label != old_label);
+                    changed.push(still_listed && new_label != old_label && ctx.owns(uris.value(i)));
                     new_ids.push(new_label);
                 }
                 if changed.iter().any(|c| *c) {
@@ -428,10 +430,9 @@ impl IngestConfig {
         let mut written = BTreeMap::from([("images".to_string(), img.version), ("rejects".to_string(), rej.version)]);
         // An object that used to be rejected and now reads fine (it was replaced) leaves rejects.
         if !decoded_uris.is_empty() {
-            if let Some(mut ds) = ctx.lake.open("rejects").await? {
-                let list = decoded_uris.iter().map(|u| format!("'{}'", u.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
-                ds.delete(&format!("uri IN ({list})")).await.map_err(|e| Error::lance("rejects", e))?;
-                written.insert("rejects".into(), ds.version().version);
+            let list = decoded_uris.iter().map(|u| format!("'{}'", u.replace('\'', "''"))).collect::<Vec<_>>().join(", ");
+            if let Some(v) = ctx.delete_where("rejects", &format!("uri IN ({list})")).await? {
+                written.insert("rejects".into(), v);
             }
         }
         Ok(Outcome {
@@ -611,14 +612,14 @@ async fn retryable_rejects(ctx: &StageCtx) -> Result<usize> {
 async fn delete_gone(ctx: &StageCtx, mine: &str, current: &HashMap<String, String>, tables: [(&str, Vec<String>); 2]) -> Result<u64> {
     let mut gone_images = 0u64;
     for (table, uris) in tables {
-        let gone: Vec<&String> = uris.iter().filter(|u| u.starts_with(mine) && !current.contains_key(*u)).collect();
+        // A shard removes the rows of the URIs it owns.
+        let gone: Vec<&String> = uris.iter().filter(|u| u.starts_with(mine) && !current.contains_key(*u) && ctx.owns(u)).collect();
         if gone.is_empty() {
             continue;
         }
-        let Some(mut ds) = ctx.lake.open(table).await? else { continue };
         for chunk in gone.chunks(1000) {
             let list = chunk.iter().map(|u| lake::tables::sql_string(u)).collect::<Vec<_>>().join(", ");
-            ds.delete(&format!("uri IN ({list})")).await.map_err(|e| Error::lance(table, e))?;
+            ctx.delete_where(table, &format!("uri IN ({list})")).await?;
         }
         if table == "images" {
             gone_images = gone.len() as u64;
@@ -923,6 +924,10 @@ impl Stage for IngestConfig {
             writes: ["images", "rejects"].iter().map(|t| (t.to_string(), lake::Catalog::builtin(t))).collect(),
             ..Default::default()
         }))
+    }
+
+    fn shards(&self) -> bool {
+        true
     }
 
     fn prepare<'a>(&'a self, ctx: &'a StageCtx) -> BoxFuture<'a, Result<Prepared>> {

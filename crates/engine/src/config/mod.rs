@@ -134,6 +134,11 @@ pub struct Plan {
     pub storage_options: HashMap<String, String>,
     pub catalog: Catalog,
     pub stages: Vec<StagePlan>,
+    /// `[pipeline] executor`: where map stages run (`local`, `ray`, `ray=HOST:PORT`);
+    /// `pipeline run --executor` overrides it.
+    pub executor: Option<String>,
+    /// `[pipeline] shards`: shards per map stage on Ray.
+    pub shards: Option<u32>,
 }
 
 impl Plan {
@@ -155,7 +160,7 @@ impl Plan {
     }
 }
 
-const PIPELINE_KEYS: &[&str] = &["name", "description", "lake", "schemas", "storage_options", "storage"];
+const PIPELINE_KEYS: &[&str] = &["name", "description", "lake", "schemas", "storage_options", "storage", "executor", "shards"];
 
 /// `[pipeline.storage]`: how object stores (the photos' and the lake's) are talked to, as the
 /// storage options object_store and Lance read: `retries` of a failed request (5xx, throttling,
@@ -213,6 +218,7 @@ pub async fn compile(path: &Path, text: &str, sets: &[String], registry: &Regist
     let mut lake_at = Loc::Unknown;
     let mut schemas_dir: Option<PathBuf> = None;
     let mut storage_options = HashMap::new();
+    let (mut executor, mut shards) = (None, None);
     let root_table = root.as_table().map(|t| t.to_vec()).unwrap_or_default();
     for (key, _, _) in &root_table {
         if key != "pipeline" && key != "stages" {
@@ -237,6 +243,14 @@ pub async fn compile(path: &Path, text: &str, sets: &[String], registry: &Regist
             storage_options.extend(storage_settings(node, k.reporter()));
         }
         k.str("description");
+        if let Some((e, at)) = k.str_at("executor") {
+            if e == "local" || e == "ray" || e.strip_prefix("ray=").is_some_and(|a| !a.is_empty()) {
+                executor = Some(e);
+            } else {
+                k.reporter().error(&at, None, format!("executor `{e}`: write `local`, `ray` or `ray=HOST:PORT`"));
+            }
+        }
+        shards = k.int("shards", 1, 100_000).map(|n| n as u32);
         k.finish(PIPELINE_KEYS);
     }
     // Default: the repository's schemas/ folder next to pipelines/.
@@ -433,6 +447,8 @@ pub async fn compile(path: &Path, text: &str, sets: &[String], registry: &Regist
         storage_options,
         catalog,
         stages: stages_out,
+        executor,
+        shards,
     })
 }
 

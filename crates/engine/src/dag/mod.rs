@@ -59,6 +59,9 @@ pub struct StageCtx {
     registered: Mutex<Vec<String>>,
     /// The input fingerprint as the run leaves it ([`Self::leave_fingerprint`]).
     fingerprint_after: Mutex<Option<String>>,
+    /// Running as one shard of the stage (`pipeline worker`): its writes are staged, not
+    /// committed (see [`crate::shard`]).
+    staging: Option<lake::staging::Staging>,
 }
 
 /// The reading end of a streamed edge.
@@ -95,6 +98,13 @@ impl StageCtx {
     /// the run. The stages that stream the table get its batches as they are sent, and when this
     /// stage streams from others the commit waits for theirs.
     pub async fn sink(&self, table: &str, schema: SchemaRef, kind: WriteKind) -> Result<TableSink> {
+        if let Some(staging) = &self.staging {
+            let mut sink = self.lake.staged_sink(table, schema, kind, staging.clone());
+            if let Some((_, rows)) = self.fail_after.as_ref().filter(|(t, _)| t == table) {
+                sink = sink.fail_after(*rows);
+            }
+            return Ok(sink);
+        }
         let readers = self.taps.lock().map_err(|_| Error::Other("stage context poisoned".into()))?.remove(table);
         let mut sink = self.lake.sink(table, schema, kind.clone());
         if let Some(readers) = readers {
@@ -126,6 +136,7 @@ impl StageCtx {
     /// tables. Each id must be `<name>-...` for a model name the stage declared in its check;
     /// the stage stays up to date only while the models it registered are [present](lake::models::present).
     pub async fn register_model(&self, rows: arrow::array::RecordBatch) -> Result<u64> {
+        self.whole("registers a model")?;
         let ids = lake::tables::Columns::new(lake::models::TABLE, &rows).strings("model_id")?;
         let ids: Vec<String> = ids.iter().flatten().map(str::to_string).collect();
         for id in &ids {
@@ -149,6 +160,7 @@ impl StageCtx {
     /// `promotions`, committed like the stage's tables. Stages with `model = "current:NAME"`
     /// read that table, so their next run uses it.
     pub async fn promote_model(&self, id: &str, reason: &str, map_at_20: Option<f64>, replaced: Option<&str>) -> Result<u64> {
+        self.whole("promotes a model")?;
         if !self.registered.lock().map_err(|_| Error::Other("stage context poisoned".into()))?.iter().any(|r| r == id) {
             return Err(Error::Other(format!("stage `{}` promotes model `{id}`, which it did not register this run", self.name)));
         }
@@ -157,6 +169,79 @@ impl StageCtx {
         let mut sink = self.sink(lake::models::PROMOTIONS, schema, WriteKind::Append).await?;
         sink.send(row).await?;
         Ok(sink.finish().await?.version)
+    }
+
+    /// The shard this stage runs as (`pipeline worker --shard K/N`), if it runs as one.
+    pub fn shard(&self) -> Option<lake::staging::Shard> {
+        self.staging.as_ref().map(|s| s.shard())
+    }
+
+    /// Whether the photo (or object, or row) keyed `key` — its URI — is this run's to do:
+    /// always, unless the stage runs as a shard, which does the keys [its shard
+    /// owns](lake::staging::Shard::owns). A kind that [runs as shards](crate::stage::Stage::shards)
+    /// asks before it does a photo's work or touches its row.
+    pub fn owns(&self, key: &str) -> bool {
+        self.staging.as_ref().is_none_or(|s| s.shard().owns(key))
+    }
+
+    /// An error naming what a shard may not do (it sees only its part of the tables).
+    fn whole(&self, what: &str) -> Result<()> {
+        match self.shard() {
+            Some(k) => Err(Error::Other(format!("stage `{}` {what}, which it cannot do as shard {k}: it needs every photo", self.name))),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes the rows of `table` that `filter` (SQL) selects: now, or, for a shard, when the
+    /// shards' rows land ([`lake::staging::commit`]). The table's version after, when it was
+    /// changed now.
+    pub async fn delete_where(&self, table: &str, filter: &str) -> Result<Option<u64>> {
+        self.fix(lake::staging::Fixup::Delete { table: table.to_string(), filter: filter.to_string() }).await
+    }
+
+    /// Sets `column` to `value` (a SQL literal) in the rows of `table` that `filter` selects,
+    /// now or when the shards' rows land, as [`Self::delete_where`].
+    pub async fn update_where(&self, table: &str, filter: &str, column: &str, value: &str) -> Result<Option<u64>> {
+        let f = lake::staging::Fixup::Update { table: table.to_string(), filter: filter.to_string(), column: column.to_string(), value: value.to_string() };
+        self.fix(f).await
+    }
+
+    async fn fix(&self, fixup: lake::staging::Fixup) -> Result<Option<u64>> {
+        match &self.staging {
+            Some(s) => {
+                s.defer(fixup)?;
+                Ok(None)
+            }
+            None => fixup.apply(&self.lake).await,
+        }
+    }
+
+    /// A context for running one stage outside a run's DAG: nothing streamed, no faults, and
+    /// its writes staged when `staging` is given.
+    pub(crate) fn bare(stage: &StagePlan, run_id: &str, lake: Lake, device: Option<crate::config::Device>, staging: Option<lake::staging::Staging>) -> StageCtx {
+        StageCtx {
+            name: stage.name.clone(),
+            run_id: run_id.to_string(),
+            lake,
+            progress: ProgressBar::hidden(),
+            cancel: CancellationToken::new(),
+            resume: false,
+            device,
+            taps: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            producers: Vec::new(),
+            fail_after: None,
+            fetch_faults: Mutex::new(HashMap::new()),
+            models: stage.models.clone(),
+            registered: Mutex::new(Vec::new()),
+            fingerprint_after: Mutex::new(None),
+            staging,
+        }
+    }
+
+    /// The fingerprint the run leaves ([`Self::leave_fingerprint`]), if the stage left one.
+    pub(crate) fn fingerprint_left(&self) -> Option<String> {
+        self.fingerprint_after.lock().ok().and_then(|f| f.clone())
     }
 
     /// Records `fingerprint` in the ledger instead of the one `prepare` gave, when what the run
@@ -305,6 +390,8 @@ pub struct RunOptions {
     /// Fault injection, for tests of transient errors: fetching the object with this key
     /// (relative to its source) fails this many times in this run.
     pub fail_fetch: Vec<(String, u32)>,
+    /// Where the map stages run: in this process (None), or as shards on a Ray cluster.
+    pub executor: Option<crate::shard::RayOptions>,
 }
 
 /// How long an object-store lake's lease lasts unless its holder renews it (every third of it).
@@ -368,23 +455,7 @@ pub async fn source_fingerprints(plan: &Plan) -> Result<BTreeMap<String, String>
     let lake = Lake::new(plan.lake.clone(), plan.storage_options.clone(), plan.catalog.clone());
     let mut out = BTreeMap::new();
     for stage in plan.stages.iter().filter(|s| s.inputs.is_empty()) {
-        let ctx = StageCtx {
-            name: stage.name.clone(),
-            run_id: String::from("watch"),
-            lake: lake.clone(),
-            progress: ProgressBar::hidden(),
-            cancel: CancellationToken::new(),
-            resume: false,
-            device: None,
-            taps: Mutex::new(HashMap::new()),
-            streams: Mutex::new(HashMap::new()),
-            producers: Vec::new(),
-            fail_after: None,
-            fetch_faults: Mutex::new(HashMap::new()),
-            models: stage.models.clone(),
-            registered: Mutex::new(Vec::new()),
-            fingerprint_after: Mutex::new(None),
-        };
+        let ctx = StageCtx::bare(stage, "watch", lake.clone(), None, None);
         let prepared = stage.kind.prepare(&ctx).await.map_err(|e| e.in_stage(&stage.name))?;
         if let Some(f) = prepared.fingerprint {
             out.insert(stage.name.clone(), f);
@@ -449,7 +520,8 @@ async fn run_leased(
     }
     let mut taps: HashMap<String, HashMap<String, TapSenders>> = HashMap::new();
     let mut streams: HashMap<String, HashMap<String, StreamIn>> = HashMap::new();
-    for stage in &selected {
+    // Shards on a cluster read committed tables: no stage streams another's this run.
+    for stage in selected.iter().filter(|_| opts.executor.is_none()) {
         for (producer, table) in &stage.streamed {
             let Some(phase) = phases.get(producer) else { continue };
             let (tx, rx) = mpsc::channel(EDGE_CAPACITY);
@@ -462,7 +534,15 @@ async fn run_leased(
     let mut set: JoinSet<(StageReport, Option<Error>)> = JoinSet::new();
     // Without a terminal (cron, systemd), a timestamped line when each stage starts and ends.
     let log_lines = !opts.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let shared = Arc::new(Shared { lake: lake.clone(), run_id: run_id.clone(), pipeline, pipeline_hash: plan.hash.clone(), force: opts.force, log_lines });
+    let shared = Arc::new(Shared {
+        lake: lake.clone(),
+        run_id: run_id.clone(),
+        pipeline,
+        pipeline_hash: plan.hash.clone(),
+        force: opts.force,
+        log_lines,
+        executor: opts.executor.clone().map(|r| (plan.file.clone(), r)),
+    });
     for stage in &selected {
         let Some(tx) = senders.remove(&stage.name) else { continue };
         let streams = streams.remove(&stage.name).unwrap_or_default();
@@ -489,6 +569,7 @@ async fn run_leased(
             models: stage.models.clone(),
             registered: Mutex::new(Vec::new()),
             fingerprint_after: Mutex::new(None),
+            staging: None,
         };
         let stage = stage.clone();
         let shared = shared.clone();
@@ -544,6 +625,8 @@ struct Shared {
     pipeline_hash: String,
     force: bool,
     log_lines: bool,
+    /// The pipeline file and the cluster, when map stages run as shards on Ray.
+    executor: Option<(std::path::PathBuf, crate::shard::RayOptions)>,
 }
 
 async fn run_one(
@@ -699,7 +782,10 @@ async fn execute(shared: &Shared, stage: &StagePlan, ctx: &StageCtx, streaming: 
     }
     // Dependants that stream from this stage may start now.
     let _ = phase.send(Phase::Running);
-    let mut outcome = stage.kind.run(ctx, prepared).await?;
+    let mut outcome = match &shared.executor {
+        Some((file, ray)) if stage.kind.shards() => crate::shard::run_sharded(&shared.lake, file, ray, stage, ctx, fingerprint.as_deref(), &read).await?,
+        _ => stage.kind.run(ctx, prepared).await?,
+    };
     // What was read, as committed: a streamed table's version is known once its producer is.
     let read = if streaming { shared.lake.versions(&stage.reads).await? } else { read };
     // Record every table the stage owns, written this time or not, so the next up-to-date
