@@ -25,13 +25,9 @@ export AWS_ENDPOINT="http://127.0.0.1:$port" AWS_ACCESS_KEY_ID=test AWS_SECRET_A
 for _ in $(seq 50); do curl -s "$AWS_ENDPOINT" >/dev/null && break; sleep 0.2; done
 curl -s -X PUT "$AWS_ENDPOINT/bench" >/dev/null
 "$bin" demo-lake --out "$work/demo" --individuals "$individuals" --photos-per "$per" --width 2400 --height 1000 >/dev/null
-"$py" - "$work/demo" <<'PY'
-import os, sys, urllib.request
-root = sys.argv[1]
-for rel in ["labels.csv", "boxes.csv"] + ["photos/" + f for f in os.listdir(os.path.join(root, "photos"))]:
-    req = urllib.request.Request(f"{os.environ['AWS_ENDPOINT']}/bench/{rel}", data=open(os.path.join(root, rel), "rb").read(), method="PUT")
-    urllib.request.urlopen(req).read()
-PY
+for f in labels.csv boxes.csv $(cd "$work/demo" && ls photos/*); do
+  curl -s -f -T "$work/demo/$f" "$AWS_ENDPOINT/bench/$f" >/dev/null
+done
 photos=$(ls "$work/demo/photos" | wc -l)
 pipeline_for() {  # NAME -> a pipeline file whose lake is s3://bench/NAME
   sed -e "s#file://../data/lake#s3://bench/$1#" -e "s#file://../data/demo-lake/#s3://bench/#" \
