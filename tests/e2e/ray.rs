@@ -49,10 +49,13 @@ fn cluster(dir: &Path) -> Cluster {
     Cluster { child, address }
 }
 
-/// The fixture's pipeline with its photos, labels and lake in `bucket` (the lake under `lake`).
+/// The fixture's pipeline with its photos, labels and lake in `bucket` (the lake under `lake`),
+/// and a `sql` stage that maps `images` row by row (`sizes`).
 fn on_s3(f: &common::Fixture, bucket: &str, lake: &str) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(&f.pipeline)
-        .unwrap()
+    std::fs::write(f.dir.path().join("sizes.sql"), "SELECT photo_id, uri, width, height, width * height AS pixels FROM images WHERE width >= 600").unwrap();
+    let sizes = "\n[stages.sizes]\nkind = \"sql\"\ninputs = [\"ingest\"]\nquery = \"sizes.sql\"\n";
+    let text = std::fs::read_to_string(&f.pipeline).unwrap() + sizes;
+    let text = text
         .replace("file://lake", &format!("s3://{bucket}/{lake}"))
         .replace("file://demo-lake/photos", &format!("s3://{bucket}/photos"))
         .replace("file://demo-lake/labels.csv", &format!("s3://{bucket}/labels.csv"))
@@ -66,6 +69,10 @@ async fn digest(plan: &pipeline::config::Plan) -> Vec<String> {
     let lake = Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap());
     // The crop cache is a cache: which run filled which entry is not the data.
     pipeline::digest::digest(&lake).await.unwrap().iter().map(|l| l.to_string()).filter(|l| !l.starts_with("table crops ")).collect()
+}
+
+async fn lake_version(plan: &pipeline::config::Plan, table: &str) -> Option<u64> {
+    Lake::new(plan.lake.clone(), Default::default(), Catalog::load(None).unwrap()).version(table).await.unwrap()
 }
 
 fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
@@ -99,6 +106,8 @@ async fn ingest_detect_and_embed_as_shards_on_ray_give_the_tables_of_a_local_run
     let local = pipeline::load(&on_s3(&f, "survey", "local-lake"), &[]).await.unwrap();
     let report = dag::run(&local, &RunOptions { quiet: true, until: Some("embed".into()), ..Default::default() }).await.unwrap();
     assert!(report.stages.iter().all(|s| s.status == Status::Succeeded), "{report:#?}");
+    let report = dag::run(&local, &RunOptions { quiet: true, until: Some("sizes".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(report.stage("sizes").unwrap().status, Status::Succeeded, "{report:#?}");
 
     // On Ray: two nodes, three shards per map stage; the first embed shard to have written its
     // files is killed before it keeps them, and Ray runs it again.
@@ -117,6 +126,10 @@ async fn ingest_detect_and_embed_as_shards_on_ray_give_the_tables_of_a_local_run
     for stage in ["usable", "clean", "train"] {
         assert!(!report.stage(stage).unwrap().summary.contains("shards"), "{stage} runs on the driver");
     }
+    // A query that maps one table row by row runs as shards too.
+    let sizes = dag::run(&plan, &RunOptions { until: Some("sizes".into()), ..opts.clone() }).await.unwrap();
+    let s = sizes.stage("sizes").unwrap();
+    assert!(s.status == Status::Succeeded && s.summary.starts_with("3 shards on Ray ("), "{sizes:#?}");
     assert!(killed_once.exists(), "an embed shard was killed mid-shard");
     let (want, got) = (digest(&local).await, digest(&plan).await);
     for table in ["images", "rejects", "detections", "embeddings"] {
@@ -124,10 +137,10 @@ async fn ingest_detect_and_embed_as_shards_on_ray_give_the_tables_of_a_local_run
     }
     // Ingest's tables, and what the driver derives from them alone, are the same to the bit.
     let exact = |lines: &[String]| -> Vec<String> {
-        lines.iter().filter(|l| ["images", "rejects", "clean", "train"].iter().any(|t| l.starts_with(&format!("table {t} rows ")))).cloned().collect()
+        lines.iter().filter(|l| ["images", "rejects", "clean", "train", "sizes"].iter().any(|t| l.starts_with(&format!("table {t} rows ")))).cloned().collect()
     };
     assert_eq!(exact(&got), exact(&want), "ingest's tables made by shards on Ray are those of a local run, row for row");
-    assert_eq!(exact(&want).len(), 4);
+    assert_eq!(exact(&want).len(), 5);
     // Detections and embeddings: the same rows (every photo once, the same detector and model),
     // the numbers equal but for libtorch's arithmetic, which depends on how photos are batched
     // (3 shards batch them otherwise than one process) and, through the detector's boxes, on
@@ -171,6 +184,11 @@ async fn ingest_detect_and_embed_as_shards_on_ray_give_the_tables_of_a_local_run
     let again = dag::run(&plan, &opts).await.unwrap();
     assert!(again.stages.iter().all(|s| s.status == Status::UpToDate), "{again:#?}");
     drop(c);
+    // A cluster that is not there is said at once, and nothing is committed.
+    let images = lake_version(&plan, "images").await;
+    let (code, out) = cli(&["run", "-q", ray_file.to_str().unwrap(), "--until", "ingest", "--force", "--executor", "ray=127.0.0.1:1"], &[]);
+    assert!(code != 0 && out.contains("no Ray cluster answers at 127.0.0.1:1") && out.contains("nothing was committed"), "{out}");
+    assert_eq!(lake_version(&plan, "images").await, images);
 
     // By hand (as a Slurm array or a Kubernetes indexed Job would): a shard killed before it
     // finished is not committed; a run's shards never land with another run's; a failing commit

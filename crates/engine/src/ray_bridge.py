@@ -18,12 +18,18 @@ dies is retried by Ray as well. A retried shard replaces what the failed attempt
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 
 def emit(**event):
     print(json.dumps(event), flush=True)
+
+
+def fail(error):
+    emit(event="failed", shard=None, error=error)
+    sys.exit(3)
 
 
 def main():
@@ -35,7 +41,18 @@ def main():
         # there only); see shared/notes/ray.md.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    try:
+        import ray
+    except ImportError as e:
+        fail(f"the Ray Python package is not installed for {sys.executable} ({e}): scripts/setup.sh installs it "
+             "into the project's venv, or set PIPELINE_PYTHON to a Python that has it")
+    if address:
+        # Ray itself waits minutes for a cluster that is not there; a missing one is said at once.
+        h, _, p = address.rpartition(":")
+        try:
+            socket.create_connection((h.strip("[]"), int(p)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            fail(f"no Ray cluster answers at {address} ({e}): start one (`ray start --head`) or give its GCS address, HOST:PORT")
 
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     if address:
@@ -48,9 +65,7 @@ def main():
     emit(event="connected", nodes=len(alive), cpus=res.get("CPU", 0), gpus=res.get("GPU", 0))
     if spec["num_gpus"] > res.get("GPU", 0):
         # Ray would keep such a task pending for ever.
-        emit(event="failed", shard=None,
-             error=f"stage `{spec['stage']}` runs on CUDA and asks one GPU per shard, but the Ray cluster has {res.get('GPU', 0)}")
-        sys.exit(3)
+        fail(f"stage `{spec['stage']}` runs on CUDA and asks one GPU per shard, but the Ray cluster has {res.get('GPU', 0)}")
 
     @ray.remote
     def shard(index, argv, env):

@@ -379,7 +379,7 @@ fn run_bridge(spec: &serde_json::Value, stage: &str, cancel: &tokio_util::sync::
         s
     });
     let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
-    let (mut done, mut failed, mut nodes) = (0u32, None::<String>, 0u64);
+    let (mut done, mut failed, mut nodes) = (0u32, None::<(Option<u64>, String)>, 0u64);
     let mut seen_nodes = std::collections::HashSet::new();
     for line in stdout.lines() {
         if cancel.is_cancelled() {
@@ -403,7 +403,8 @@ fn run_bridge(spec: &serde_json::Value, stage: &str, cancel: &tokio_util::sync::
                 }
             }
             Some("failed") => {
-                failed = Some(ev.get("error").and_then(|e| e.as_str()).unwrap_or("failed").to_string());
+                let error = ev.get("error").and_then(|e| e.as_str()).unwrap_or("failed").to_string();
+                failed = Some((ev.get("shard").and_then(|s| s.as_u64()), error));
             }
             _ => {}
         }
@@ -413,8 +414,10 @@ fn run_bridge(spec: &serde_json::Value, stage: &str, cancel: &tokio_util::sync::
     if cancel.is_cancelled() {
         return Err(Error::Cancelled("cancelled while its shards ran on Ray; nothing of them was committed".into()));
     }
-    if let Some(f) = failed {
-        return Err(Error::Other(format!("a shard failed on Ray after its retries, nothing was committed: {f}")));
+    match failed {
+        Some((Some(_), f)) => return Err(Error::Other(format!("a shard failed on Ray after its retries, nothing was committed: {f}"))),
+        Some((None, f)) => return Err(Error::Other(format!("Ray: {f}; nothing was committed"))),
+        None => {}
     }
     if !status.success() {
         let tail: String = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");

@@ -228,12 +228,18 @@ impl SqlConfig {
     pub async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
         let output = self.output.clone().unwrap_or_else(|| ctx.name.clone());
         let session = ctx.lake.session().await?;
-        let streamed = self.maps.get().cloned().flatten().filter(|t| ctx.is_streamed(t));
+        // The table it maps row by row, read as its producer writes it, or, for a shard, the
+        // rows of the committed table that the shard owns.
+        let streamed = self.maps.get().cloned().flatten().filter(|t| ctx.is_streamed(t) || ctx.shard().is_some());
         let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         if let Some(t) = &streamed {
             // The table as its producer writes it, in place of the committed one.
             let schema = ctx.lake.catalog().get(t).ok_or_else(|| Error::Other(format!("table `{t}` has no declared schema to stream with")))?;
-            let part = Streamed { schema: schema.clone(), table: t.clone(), rows: Mutex::new(Some(ctx.read(t, &[]))), counted: counted.clone() };
+            let rows = match ctx.shard() {
+                None => ctx.read(t, &[]),
+                Some(shard) => owned_rows(ctx, t, &schema, shard)?,
+            };
+            let part = Streamed { schema: schema.clone(), table: t.clone(), rows: Mutex::new(Some(rows)), counted: counted.clone() };
             let table = StreamingTable::try_new(schema, vec![Arc::new(part)])?;
             session.deregister_table(t.as_str())?;
             session.register_table(t.as_str(), Arc::new(table))?;
@@ -264,6 +270,25 @@ impl SqlConfig {
             ..Default::default()
         })
     }
+}
+
+/// The rows of `table` that `shard` owns, by their photo's URI (or id): a row-wise query over
+/// them gives the shard's part of the result.
+fn owned_rows(ctx: &StageCtx, table: &str, schema: &SchemaRef, shard: lake::staging::Shard) -> Result<engine::dag::BatchStream> {
+    let key = ["uri", "photo_id"].into_iter().find(|k| schema.field_with_name(k).is_ok()).ok_or_else(|| {
+        Error::Other(format!("stage `{}` cannot split the rows of table `{table}` into shards: it has no `uri` or `photo_id` column", ctx.name))
+    })?;
+    use arrow::array::Array;
+    let t = table.to_string();
+    Ok(ctx
+        .read(table, &[])
+        .map(move |b| {
+            let b = b?;
+            let keys = lake::tables::Columns::new(&t, &b).strings(key)?;
+            let mine: arrow::array::BooleanArray = (0..b.num_rows()).map(|i| Some(keys.is_valid(i) && shard.owns(keys.value(i)))).collect();
+            Ok(arrow::compute::filter_record_batch(&b, &mine)?)
+        })
+        .boxed())
 }
 
 /// The table a plan maps row by row, if it does: it scans one table, and has only
@@ -372,6 +397,11 @@ impl Stage for SqlConfig {
 
     fn streams(&self, table: &str) -> bool {
         self.maps.get().is_some_and(|t| t.as_deref() == Some(table))
+    }
+
+    /// A query that maps one table row by row runs as shards, each over its rows.
+    fn shards(&self) -> bool {
+        self.maps.get().is_some_and(|t| t.is_some())
     }
 
     fn run<'a>(&'a self, ctx: &'a StageCtx, _: Prepared) -> BoxFuture<'a, Result<Outcome>> {
