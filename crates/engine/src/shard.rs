@@ -198,6 +198,27 @@ fn outcome_of(metas: &[ShardMeta], landed: &staging::Landed, count: u32, how: &s
     }
 }
 
+/// Checks the `count` shards of `stage` in run `run_id` against the stage, the input versions
+/// `read` and the outside inputs `fingerprint` (None: the first shard's), then lands them; the
+/// stage's outcome, and the fingerprint it leaves for the ledger.
+async fn land(
+    lake: &Lake,
+    stage: &StagePlan,
+    run_id: &str,
+    count: u32,
+    fingerprint: Option<&str>,
+    read: &BTreeMap<String, u64>,
+    how: &str,
+) -> Result<(Outcome, Option<String>)> {
+    let shards = staging::manifests(lake, run_id, &stage.name).await?;
+    let first = shards.values().next().and_then(|m| m.meta.get("fingerprint").and_then(|f| f.as_str().map(str::to_string)));
+    let expected = fingerprint.map(str::to_string).or(first);
+    // A missing shard is reported by the commit, with the runs staged beside.
+    let (metas, after) = if shards.len() as u32 == count { merged(stage, run_id, count, &shards, expected.as_deref(), read)? } else { (Vec::new(), None) };
+    let landed = staging::commit(lake, run_id, &stage.name, count).await?;
+    Ok((outcome_of(&metas, &landed, count, how), after.or(expected)))
+}
+
 /// `pipeline commit`: lands the `count` shards of `stage` in run `run_id` and records the stage
 /// in the ledger. Holds the lake's lease while it does.
 pub async fn commit(plan: &Plan, stage: &str, run_id: &str, count: u32) -> Result<Outcome> {
@@ -208,44 +229,20 @@ pub async fn commit(plan: &Plan, stage: &str, run_id: &str, count: u32) -> Resul
     let lease = lake::lease::Lease::acquire(lake.root(), lake.options(), holder, crate::dag::LEASE_TTL, lake::lease::Wait::No).await?;
     let started_at = Utc::now();
     let result = async {
-        let shards = staging::manifests(&lake, run_id, stage).await?;
-        let read = lake.versions(&st.reads).await?;
-        // The shards must agree on what they saw outside the lake; the first one's is the stage's.
-        let fingerprint = shards.values().next().and_then(|m| m.meta.get("fingerprint").and_then(|f| f.as_str().map(str::to_string)));
-        // A missing shard is reported by the commit, with the runs staged beside.
-        let (metas, after) = if shards.len() as u32 == count { merged(st, run_id, count, &shards, fingerprint.as_deref(), &read)? } else { (Vec::new(), None) };
         lease.check()?;
-        let landed = staging::commit(&lake, run_id, stage, count).await?;
-        let mut outcome = outcome_of(&metas, &landed, count, "committed");
+        let read = lake.versions(&st.reads).await?;
+        let (mut outcome, fingerprint) = land(&lake, st, run_id, count, None, &read, "committed").await?;
         for (t, v) in lake.versions(&st.writes).await? {
             outcome.written.entry(t).or_insert(v);
         }
-        Ok::<_, Error>((outcome, fingerprint, after, read))
+        Ok::<_, Error>((outcome, fingerprint, read))
     }
     .await;
-    let entry = |status: Status, error: Option<String>| Entry {
-        run_id: run_id.to_string(),
-        pipeline: plan.name.clone(),
-        pipeline_hash: plan.hash.clone(),
-        stage: stage.to_string(),
-        kind: st.kind_name.clone(),
-        config_hash: st.config_hash.clone(),
-        input_fingerprint: None,
-        status,
-        started_at,
-        ended_at: Utc::now(),
-        rows_in: 0,
-        rows_out: 0,
-        tables_read: BTreeMap::new(),
-        tables_written: BTreeMap::new(),
-        error,
-        summary: String::new(),
-        changes: Changes::default(),
-    };
+    let entry = |status: Status, error: Option<String>| Entry { status, error, ..Entry::begun(run_id, &plan.name, &plan.hash, st, started_at) };
     let out = match result {
-        Ok((outcome, fingerprint, after, read)) => {
+        Ok((outcome, fingerprint, read)) => {
             let mut e = entry(Status::Succeeded, None);
-            e.input_fingerprint = after.or(fingerprint);
+            e.input_fingerprint = fingerprint;
             e.rows_in = outcome.rows_in;
             e.rows_out = outcome.rows_out;
             e.tables_read = read;
@@ -287,13 +284,11 @@ pub(crate) async fn run_sharded(
     let events = tokio::task::spawn_blocking(move || run_bridge(&spec, &name, &cancel))
         .await
         .map_err(|e| Error::Other(format!("the Ray bridge panicked: {e}")))??;
-    let shards = staging::manifests(lake, &ctx.run_id, &stage.name).await?;
-    let (metas, after) = merged(stage, &ctx.run_id, count, &shards, fingerprint, read)?;
-    let landed = staging::commit(lake, &ctx.run_id, &stage.name, count).await?;
-    if let Some(f) = after {
+    let (outcome, left) = land(lake, stage, &ctx.run_id, count, fingerprint, read, &format!("on Ray ({events})")).await?;
+    if let Some(f) = left {
         ctx.leave_fingerprint(f);
     }
-    Ok(outcome_of(&metas, &landed, count, &format!("on Ray ({events})")))
+    Ok(outcome)
 }
 
 /// The bridge's orders for one stage.

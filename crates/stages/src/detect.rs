@@ -190,29 +190,29 @@ impl DetectStage {
         Ok(Prepared { fingerprint: Some(fingerprint), state: Some(Box::new(bytes)) })
     }
 
-    /// The columns of the input it reads, and whether they include content hashes.
-    fn input_columns(&self, ctx: &StageCtx) -> (bool, &'static [&'static str]) {
+    /// What a run starts from: its input (with content hashes when the table has them), the
+    /// device and the photo loader.
+    fn start(&self, ctx: &StageCtx) -> Result<(Input, Device, Arc<Loader>)> {
         let keyed = ctx.lake.catalog().get(&self.table).is_some_and(|s| s.field_with_name("content_hash").is_ok());
-        (keyed, if keyed { &["photo_id", "uri", "width", "height", "content_hash"] } else { &["photo_id", "uri", "width", "height"] })
+        let columns: &[&str] = if keyed { &["photo_id", "uri", "width", "height", "content_hash"] } else { &["photo_id", "uri", "width", "height"] };
+        let input = Input { rows: ctx.read(&self.table, columns), photos: Vec::new(), hash_of: HashMap::new(), keyed };
+        let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
+        let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
+        Ok((input, device, loader))
     }
 
     /// What a sharded run does once on the driver: the detector every shard then loads (trained
     /// now when this configuration has not trained it on these boxes yet).
     pub async fn before_shards(&self, ctx: &StageCtx) -> Result<()> {
         let prepared = self.prepare(ctx).await?;
-        let (keyed, columns) = self.input_columns(ctx);
-        let mut input = Input { rows: ctx.read(&self.table, columns), photos: Vec::new(), hash_of: HashMap::new(), keyed };
-        let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
-        let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
+        let (mut input, device, loader) = self.start(ctx)?;
         self.choose(ctx, prepared, &mut input, device, &loader).await?;
         Ok(())
     }
 
     pub async fn run(&self, ctx: &StageCtx, prepared: Prepared) -> Result<Outcome> {
-        let (keyed, columns) = self.input_columns(ctx);
-        let mut input = Input { rows: ctx.read(&self.table, columns), photos: Vec::new(), hash_of: HashMap::new(), keyed };
-        let device = train::pick_device(ctx.device.unwrap_or(self.device).as_str()).map_err(Error::Other)?;
-        let loader = Arc::new(Loader::new(self.spec.input_size, self.loader_threads, 0, ctx.lake.options().clone()).in_lake(ctx.lake.root()));
+        let (mut input, device, loader) = self.start(ctx)?;
+        let keyed = input.keyed;
         let handle = tokio::runtime::Handle::current();
         let (batch, depth) = (self.train.batch_size.max(8), self.prefetch);
         let Chosen { det, info, trained, detector_id, unmatched, mut ended, drawn_note } = self.choose(ctx, prepared, &mut input, device, &loader).await?;

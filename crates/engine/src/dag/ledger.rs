@@ -53,6 +53,32 @@ pub struct Entry {
     pub changes: crate::stage::Changes,
 }
 
+impl Entry {
+    /// The row of `stage` in run `run_id` as it starts: failed until told otherwise, nothing
+    /// read, written or counted yet.
+    pub fn begun(run_id: &str, pipeline: &str, pipeline_hash: &str, stage: &crate::config::StagePlan, started_at: DateTime<Utc>) -> Entry {
+        Entry {
+            run_id: run_id.to_string(),
+            pipeline: pipeline.to_string(),
+            pipeline_hash: pipeline_hash.to_string(),
+            stage: stage.name.clone(),
+            kind: stage.kind_name.clone(),
+            config_hash: stage.config_hash.clone(),
+            input_fingerprint: None,
+            status: Status::Failed,
+            started_at,
+            ended_at: Utc::now(),
+            rows_in: 0,
+            rows_out: 0,
+            tables_read: BTreeMap::new(),
+            tables_written: BTreeMap::new(),
+            error: None,
+            summary: String::new(),
+            changes: Default::default(),
+        }
+    }
+}
+
 /// What an earlier successful run of a stage saw and left.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LastSuccess {

@@ -680,25 +680,7 @@ async fn run_one(
     };
     report.seconds = started.elapsed().as_secs_f64();
     let mut error = None;
-    let mut entry = Entry {
-        run_id: shared.run_id.clone(),
-        pipeline: shared.pipeline.clone(),
-        pipeline_hash: shared.pipeline_hash.clone(),
-        stage: stage.name.clone(),
-        kind: stage.kind_name.as_str().to_string(),
-        config_hash: stage.config_hash.clone(),
-        input_fingerprint: None,
-        status: Status::Failed,
-        started_at,
-        ended_at: Utc::now(),
-        rows_in: 0,
-        rows_out: 0,
-        tables_read: BTreeMap::new(),
-        tables_written: BTreeMap::new(),
-        error: None,
-        summary: String::new(),
-        changes: Default::default(),
-    };
+    let mut entry = Entry::begun(&shared.run_id, &shared.pipeline, &shared.pipeline_hash, stage, started_at);
     match result {
         Ok(done) => {
             report.status = done.status;
