@@ -12,7 +12,7 @@
 //! | `GET /review/queue?limit=200` | photos awaiting a decision, newest first, and how many in all |
 //! | `GET /review/photos/{photo_id}?individuals=5` | what is proposed for a photo: candidate individuals with their closest photos, its crop, its decisions |
 //! | `GET /review/boxes?limit=200` | photos whose boxes to draw or correct: the detector's least sure first, without a drawn box |
-//! | `POST /boxes` (JSON) | records a drawn box: `{"photo_id", "box": [x0, y0, x1, y1]}` (fractions of the frame); 201 |
+//! | `POST /boxes` (JSON) | records a drawn box: `{"photo_id", "box": [x0, y0, x1, y1]}` (fractions of the frame), or `{"photo_id", "no_subject": true}`; 201 |
 //! | `POST /decisions` (JSON) | records a decision: `{"photo_id", "decision": same\|new\|unsure\|bad\|undo, "individual_id", "model_id", "proposal"}`; 201 |
 //!
 //! Both `/similar` routes take `expand` and `alpha` (α-query expansion) and `geometric=N`: the
@@ -547,7 +547,9 @@ async fn unknown_photo(api: &Api, id: &str) -> Option<Response> {
 struct BoxBody {
     photo_id: String,
     #[serde(rename = "box")]
-    bbox: [f32; 4],
+    bbox: Option<[f32; 4]>,
+    /// True: the photo shows no subject at all (then no `box`).
+    no_subject: Option<bool>,
     who: Option<String>,
 }
 
@@ -558,7 +560,13 @@ async fn draw_box(State(api): State<Shared>, req: Request) -> Response {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let d = match lake::boxes::DrawnBox::new(&b.photo_id, b.bbox, &who) {
+    let d = match (b.bbox, b.no_subject.unwrap_or(false)) {
+        (Some(bbox), false) => lake::boxes::DrawnBox::new(&b.photo_id, bbox, &who),
+        (None, true) => lake::boxes::DrawnBox::no_subject(&b.photo_id, &who),
+        (Some(_), true) => return err(StatusCode::BAD_REQUEST, format!("photo `{}`: a box and `no_subject` contradict each other; send one", b.photo_id)),
+        (None, false) => return err(StatusCode::BAD_REQUEST, format!("photo `{}`: send a `box` [x0, y0, x1, y1], or `\"no_subject\": true`", b.photo_id)),
+    };
+    let d = match d {
         Ok(d) => d,
         Err(e) => return err(StatusCode::BAD_REQUEST, e.to_string()),
     };

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, Float32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{Array, AsArray, BooleanArray, Float32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 
 use crate::{Catalog, Error, Lake, Result, WriteKind, tables};
 
@@ -19,9 +19,10 @@ pub const TABLE: &str = "boxes";
 pub struct DrawnBox {
     pub box_id: String,
     pub photo_id: String,
-    /// `[x0, y0, x1, y1]`, fractions of the displayed frame.
+    /// `[x0, y0, x1, y1]`, fractions of the displayed frame; None: the person said the photo
+    /// shows no subject.
     #[serde(rename = "box")]
-    pub bbox: [f32; 4],
+    pub bbox: Option<[f32; 4]>,
     pub who: String,
     /// Microseconds since the epoch, UTC.
     pub drawn_at: i64,
@@ -51,10 +52,17 @@ impl DrawnBox {
         Ok(DrawnBox {
             box_id: uuid::Uuid::new_v4().simple().to_string(),
             photo_id: photo_id.to_string(),
-            bbox,
+            bbox: Some(bbox),
             who: who.trim().to_string(),
             drawn_at: chrono::Utc::now().timestamp_micros(),
         })
+    }
+
+    /// A person's word, now, that photo `photo_id` shows no subject at all.
+    pub fn no_subject(photo_id: &str, who: &str) -> Result<DrawnBox> {
+        let mut d = DrawnBox::new(photo_id, [0.0, 0.0, 1.0, 1.0], who)?;
+        d.bbox = None;
+        Ok(d)
     }
 }
 
@@ -63,7 +71,7 @@ pub async fn append(lake: &Lake, rows: &[DrawnBox]) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
-    let coord = |i: usize| -> Arc<dyn Array> { Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.bbox[i]))) };
+    let coord = |i: usize| -> Arc<dyn Array> { Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.bbox.map_or(0.0, |b| b[i])))) };
     let batch = RecordBatch::try_new(
         Catalog::builtin(TABLE),
         vec![
@@ -75,6 +83,7 @@ pub async fn append(lake: &Lake, rows: &[DrawnBox]) -> Result<()> {
             coord(3),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.who.as_str()))),
             Arc::new(TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.drawn_at)).with_timezone("UTC")),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.bbox.is_some())))),
         ],
     )?;
     let schema = lake.catalog().get(TABLE).unwrap_or_else(|| Catalog::builtin(TABLE));
@@ -92,6 +101,8 @@ pub async fn latest(lake: &Lake) -> Result<BTreeMap<String, DrawnBox>> {
         let c = tables::Columns::new(TABLE, &b);
         let (ids, photos, who) = (c.strings("box_id")?, c.strings("photo_id")?, c.strings("who")?);
         let v = [c.f32s("x0")?, c.f32s("y0")?, c.f32s("x1")?, c.f32s("y1")?];
+        // A table written before `subject`: every row is a box.
+        let subject = b.column_by_name("subject").and_then(|c| c.as_boolean_opt().cloned());
         let at = b
             .column_by_name("drawn_at")
             .and_then(|a| a.as_primitive_opt::<arrow::datatypes::TimestampMicrosecondType>().cloned())
@@ -100,7 +111,10 @@ pub async fn latest(lake: &Lake) -> Result<BTreeMap<String, DrawnBox>> {
             all.push(DrawnBox {
                 box_id: ids.value(i).to_string(),
                 photo_id: photos.value(i).to_string(),
-                bbox: [v[0].value(i), v[1].value(i), v[2].value(i), v[3].value(i)],
+                bbox: match &subject {
+                    Some(s) if s.is_valid(i) && !s.value(i) => None,
+                    _ => Some([v[0].value(i), v[1].value(i), v[2].value(i), v[3].value(i)]),
+                },
                 who: who.value(i).to_string(),
                 drawn_at: at.value(i),
             });
@@ -117,8 +131,13 @@ pub fn digest(latest: &BTreeMap<String, DrawnBox>) -> String {
     for (photo, d) in latest {
         h.update(photo.as_bytes());
         h.update(&[0]);
-        for v in d.bbox {
-            h.update(&v.to_le_bytes());
+        match d.bbox {
+            Some(b) => b.iter().for_each(|v| {
+                h.update(&v.to_le_bytes());
+            }),
+            None => {
+                h.update(b"no subject");
+            }
         }
     }
     h.finalize().to_hex().to_string()
@@ -158,5 +177,14 @@ mod tests {
         assert_eq!(l["a.jpg"], a2);
         assert_eq!(l["b.jpg"], b);
         assert_ne!(digest(&l), before);
+        // b shows no subject after all: that is its latest word, and the digest follows.
+        let mut none = DrawnBox::no_subject("b.jpg", "ben").unwrap();
+        none.drawn_at = 4;
+        append(&lake, std::slice::from_ref(&none)).await.unwrap();
+        let l2 = latest(&lake).await.unwrap();
+        assert_eq!(l2["b.jpg"].bbox, None);
+        assert_eq!(l2["b.jpg"], none);
+        assert_ne!(digest(&l2), digest(&l));
+        assert!(DrawnBox::no_subject(" ", "ben").is_err());
     }
 }

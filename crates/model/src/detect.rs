@@ -138,12 +138,14 @@ impl Detector {
 }
 
 /// Training targets on a `g`×`g` grid for `boxes`: objectness `[N,G,G]` (1 for positive cells)
-/// and distances `[N,4,G,G]` (left, top, right, bottom from each cell's centre).
-pub fn targets(boxes: &[[f32; 4]], g: i64) -> (Tensor, Tensor) {
+/// and distances `[N,4,G,G]` (left, top, right, bottom from each cell's centre). A photo without
+/// a subject (None) has no positive cell and no distances to learn.
+pub fn targets(boxes: &[Option<[f32; 4]>], g: i64) -> (Tensor, Tensor) {
     let gs = g as usize;
     let mut obj = vec![0f32; boxes.len() * gs * gs];
     let mut reg = vec![0f32; boxes.len() * 4 * gs * gs];
     for (n, b) in boxes.iter().enumerate() {
+        let Some(b) = b else { continue };
         let (bcx, bcy) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
         let (rx, ry) = ((b[2] - b[0]) / 2.0 * CENTRE_RADIUS, (b[3] - b[1]) / 2.0 * CENTRE_RADIUS);
         let centre_cell = (((bcy * g as f32) as usize).min(gs - 1), ((bcx * g as f32) as usize).min(gs - 1));
@@ -369,13 +371,13 @@ pub struct HeadTrainConfig {
 }
 
 /// Trains `head` on cached feature maps `feats` (`[N,C,G,G]`, on the head's device) with their
-/// `boxes`; Adam with decoupled weight decay, cosine-annealed learning rate, batches shuffled
+/// `boxes` (None: a photo that shows no subject); Adam with decoupled weight decay, cosine-annealed learning rate, batches shuffled
 /// by (seed, epoch). Returns the mean loss of each epoch.
 pub fn train_head(
     vs: &nn::VarStore,
     head: &Head,
     feats: &Tensor,
-    boxes: &[[f32; 4]],
+    boxes: &[Option<[f32; 4]>],
     cfg: &HeadTrainConfig,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<f64>, String> {
@@ -421,7 +423,7 @@ mod tests {
     fn targets_mark_the_centre_of_the_box() {
         // A box over the middle of a 4x4 grid: cells (1..3, 1..3) have centres inside its
         // central half; distances are measured from each cell's centre.
-        let (obj, reg) = targets(&[[0.25, 0.25, 0.75, 0.75]], 4);
+        let (obj, reg) = targets(&[Some([0.25, 0.25, 0.75, 0.75])], 4);
         let o = Vec::<f32>::try_from(obj.flatten(0, -1)).unwrap();
         let expect: Vec<f32> = (0..16).map(|c| if [5, 6, 9, 10].contains(&c) { 1.0 } else { 0.0 }).collect();
         assert_eq!(o, expect);
@@ -431,10 +433,15 @@ mod tests {
         assert!((at(0) - 0.125).abs() < 1e-6 && (at(1) - 0.125).abs() < 1e-6);
         assert!((at(2) - 0.375).abs() < 1e-6 && (at(3) - 0.375).abs() < 1e-6);
         // A box smaller than a cell still has its centre cell positive.
-        let (obj, _) = targets(&[[0.6, 0.1, 0.65, 0.15]], 4);
+        let (obj, _) = targets(&[Some([0.6, 0.1, 0.65, 0.15])], 4);
         let o = Vec::<f32>::try_from(obj.flatten(0, -1)).unwrap();
         assert_eq!(o.iter().sum::<f32>(), 1.0);
         assert_eq!(o[2], 1.0, "row 0, column 2 holds (0.625, 0.125)");
+        // No subject: nothing positive, nothing to regress.
+        let (obj, reg) = targets(&[None, Some([0.25, 0.25, 0.75, 0.75])], 4);
+        assert_eq!(obj.select(0, 0).sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(reg.select(0, 0).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(obj.select(0, 1).sum(Kind::Float).double_value(&[]), 4.0);
     }
 
     #[test]
@@ -442,7 +449,7 @@ mod tests {
         // Outputs that are the targets themselves (logits ±10, distances through the inverse
         // sigmoid) decode to the box, with a score near 1; all-negative outputs score near 0.
         let b = [0.2, 0.3, 0.7, 0.8];
-        let (obj, reg) = targets(&[b], 6);
+        let (obj, reg) = targets(&[Some(b)], 6);
         let logit = obj * 20.0 - 10.0;
         let r = reg.clamp(1e-4, 1.0 - 1e-4);
         let inv = (&r / (r.ones_like() - &r)).log();
@@ -559,6 +566,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let head = Head::new(&(vs.root() / "head"), c, 16);
         let cfg = HeadTrainConfig { epochs: 60, batch_size: 16, lr: 3e-3, weight_decay: 1e-4, seed: 1 };
+        let train_b: Vec<Option<[f32; 4]>> = train_b.into_iter().map(Some).collect();
         let hist = train_head(&vs, &head, &train_f, &train_b, &cfg, &|| false).unwrap();
         assert!(hist.last().unwrap() < &(hist[0] * 0.5), "loss fell: {hist:?}");
         let d = {

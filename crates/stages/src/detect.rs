@@ -215,7 +215,7 @@ impl DetectStage {
         let keyed = input.keyed;
         let handle = tokio::runtime::Handle::current();
         let (batch, depth) = (self.train.batch_size.max(8), self.prefetch);
-        let Chosen { det, info, trained, detector_id, unmatched, mut ended, drawn_note } = self.choose(ctx, prepared, &mut input, device, &loader).await?;
+        let Chosen { det, info, trained, detector_id, unmatched, mut ended, drawn_note, no_subject, people_drew } = self.choose(ctx, prepared, &mut input, device, &loader).await?;
         let Input { mut rows, photos, mut hash_of, .. } = input;
         // A detector loaded with its own input size reads photos at that size.
         let loader = if info.spec.input_size == self.spec.input_size {
@@ -244,7 +244,8 @@ impl DetectStage {
             // A shard detects in the photos it owns.
             let drained: Vec<Photo> = pending.drain(..pending.len().min(CHUNK)).filter(|p| ctx.owns(&p.uri)).collect();
             // Rows of photos detected before, unchanged since: carried over as they are.
-            let (again, todo): (Vec<Photo>, Vec<Photo>) = drained.into_iter().partition(|p| earlier.has(hash_of.get(&p.uri)));
+            let (again, todo): (Vec<Photo>, Vec<Photo>) =
+                drained.into_iter().partition(|p| earlier.has(hash_of.get(&p.uri)) && !people_drew.contains(&p.photo_id));
             if !again.is_empty() {
                 let kept = earlier.rows(&again, &hash_of)?;
                 found += earlier.found(&kept);
@@ -266,7 +267,14 @@ impl DetectStage {
             .await
             .map_err(|e| Error::Other(format!("detection panicked: {e}")))?;
             det = Some(d);
-            let dets = res?;
+            let mut dets = res?;
+            // A person's "no subject" is the photo's detection: score 0, whatever the detector
+            // thought (its box is kept, for the record).
+            for (p, d) in chunk.iter().zip(dets.iter_mut()) {
+                if no_subject.contains(&p.photo_id) {
+                    d.score = 0.0;
+                }
+            }
             found += dets.iter().filter(|d| d.score >= 0.5).count();
             total += chunk.len();
             let chunk_hashes: Vec<Option<&str>> = chunk.iter().map(|p| hash_of.get(&p.uri).map(String::as_str)).collect();
@@ -295,7 +303,7 @@ impl DetectStage {
                 if reused > 0 { format!(" ({} detected now, {reused} on an earlier run)", total - reused) } else { String::new() },
                 if trained { "trained" } else if self.detector.is_some() { "(the current model's), trained" } else { "reused, trained" },
                 if unmatched > 0 { format!("; {unmatched} box rows name no photo of `{}`", self.table) } else { String::new() },
-            ),
+            ) + &if no_subject.is_empty() { String::new() } else { format!("; photos said on the review page to show no subject: {}", no_subject.len()) },
             changes: engine::stage::Changes { new: Some((total - reused) as u64), ..Default::default() },
         })
     }
@@ -311,6 +319,8 @@ impl DetectStage {
         // Boxes drawn on the review page (table `boxes`): over the file's, or instead of
         // pseudo-boxes once there are enough.
         let drawn = if self.detector.is_some() { Default::default() } else { lake::boxes::latest(&ctx.lake).await? };
+        let no_subject: std::collections::HashSet<String> = drawn.values().filter(|d| d.bbox.is_none()).map(|d| d.photo_id.clone()).collect();
+        let people_drew: std::collections::HashSet<String> = drawn.keys().cloned().collect();
         let mut drawn_note = String::new();
         let (det, info, trained, detector_id, unmatched, ended) = match &self.detector {
             // A detector trained before: loaded, nothing to gather first.
@@ -401,7 +411,7 @@ impl DetectStage {
                 (det, info, trained, detector_id, unmatched, ended)
             }
         };
-        Ok(Chosen { det, info, trained, detector_id, unmatched, ended, drawn_note })
+        Ok(Chosen { det, info, trained, detector_id, unmatched, ended, drawn_note, no_subject, people_drew })
     }
 
     /// The detector trained by this configuration on `source`'s boxes: the one published before
@@ -424,8 +434,13 @@ impl DetectStage {
             Source::Drawn(boxed) => {
                 for (p, b) in boxed {
                     h.update(p.uri.as_bytes());
-                    for v in b {
-                        h.update(&v.to_le_bytes());
+                    match b {
+                        Some(b) => b.iter().for_each(|v| {
+                            h.update(&v.to_le_bytes());
+                        }),
+                        None => {
+                            h.update(b"no subject");
+                        }
                     }
                 }
             }
@@ -482,8 +497,9 @@ pub const PSEUDO_LEVEL: f64 = 0.5;
 
 /// What a detector trains on.
 pub enum Source {
-    /// Boxes drawn by people (the boxes file), as fractions of the frame.
-    Drawn(Vec<(Photo, [f32; 4])>),
+    /// Boxes drawn by people (the boxes file, the review page), as fractions of the frame; None
+    /// where a person said the photo shows no subject.
+    Drawn(Vec<(Photo, Option<[f32; 4]>)>),
     /// Photos to find pseudo-boxes on ([`detect::pseudo_boxes`]).
     Pseudo { photos: Vec<Photo>, min_peak: f32, level: f32 },
 }
@@ -528,6 +544,11 @@ struct Chosen {
     /// Whether the input was read to its end.
     ended: bool,
     drawn_note: String,
+    /// Photos a person said show no subject (review page): their detections say so.
+    no_subject: std::collections::HashSet<String>,
+    /// Photos with anything drawn on the review page: never carried over from an earlier run
+    /// (what a person said may have changed since, with the same detector).
+    people_drew: std::collections::HashSet<String>,
 }
 
 /// The detector id `named` stands for: `current:NAME` is the detector of the model promoted
@@ -629,19 +650,20 @@ fn match_boxes(bytes: &[u8], file: &str, photo_col: &str, photos: &[(Photo, u32,
     Ok((out, unmatched, by_name))
 }
 
-/// `boxed` with the boxes drawn on the review page laid over it: a photo's drawn box replaces
-/// its box from the file, and a photo only drawn is added. Only photos of `photos` count.
-/// Returns the boxes, in URI order, and how many of them were drawn.
+/// `boxed` (the file's boxes) with the boxes drawn on the review page laid over it: a photo's
+/// drawn box (or its "no subject", None) replaces its box from the file, and a photo only drawn
+/// is added. Only photos of `photos` count. Returns the boxes, in URI order, and how many of
+/// them were drawn.
 fn with_drawn(
-    mut boxed: Vec<(Photo, [f32; 4])>,
+    boxed: Vec<(Photo, [f32; 4])>,
     drawn: &std::collections::BTreeMap<String, lake::boxes::DrawnBox>,
     photos: &[(Photo, u32, u32)],
-) -> (Vec<(Photo, [f32; 4])>, usize) {
+) -> (Vec<(Photo, Option<[f32; 4]>)>, usize) {
     let mut n = 0;
-    boxed.retain(|(p, _)| !drawn.contains_key(&p.photo_id));
+    let mut boxed: Vec<(Photo, Option<[f32; 4]>)> = boxed.into_iter().filter(|(p, _)| !drawn.contains_key(&p.photo_id)).map(|(p, b)| (p, Some(b))).collect();
     for (p, _, _) in photos {
         if let Some(d) = drawn.get(&p.photo_id) {
-            boxed.push((p.clone(), vision::clamp_box(d.bbox)));
+            boxed.push((p.clone(), d.bbox.map(vision::clamp_box)));
             n += 1;
         }
     }
@@ -706,12 +728,22 @@ fn train_detector(
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let held_out = |n: usize| if n >= 5 { ((n as f64 * val_fraction).round() as usize).min(n - 2) } else { 0 };
     let (history, train_photos, val, pseudo) = match source {
-        Source::Drawn(mut boxed) => {
+        Source::Drawn(drawn) => {
+            // Boxes are held out to measure the detector by; photos without a subject all train
+            // (they teach it what is not a subject).
+            let (mut boxed, empty): (Vec<(Photo, [f32; 4])>, Vec<Photo>) = {
+                let (with, without): (Vec<_>, Vec<_>) = drawn.into_iter().partition(|(_, b)| b.is_some());
+                (with.into_iter().filter_map(|(p, b)| Some((p, b?))).collect(), without.into_iter().map(|(p, _)| p).collect())
+            };
+            if boxed.is_empty() {
+                return Err(Error::Other(format!("no box to train the detector on: all {} photos drawn were marked without a subject", empty.len())));
+            }
             boxed.shuffle(&mut rng);
             let (val, tr) = boxed.split_at(held_out(boxed.len()));
-            let tr_photos: Arc<Vec<Photo>> = Arc::new(tr.iter().map(|(p, _)| p.clone()).collect());
-            let mut tr_boxes: Vec<[f32; 4]> = tr.iter().map(|(_, b)| *b).collect();
-            tr_boxes.extend(tr.iter().map(|(_, b)| detect::hflip_box(b)));
+            let tr_photos: Arc<Vec<Photo>> = Arc::new(tr.iter().map(|(p, _)| p.clone()).chain(empty.iter().cloned()).collect());
+            let plain: Vec<Option<[f32; 4]>> = tr.iter().map(|(_, b)| Some(*b)).chain(empty.iter().map(|_| None)).collect();
+            let mut tr_boxes = plain.clone();
+            tr_boxes.extend(plain.iter().map(|b| b.as_ref().map(detect::hflip_box)));
             let feats = features(&det, loader, &tr_photos, batch, true, handle, depth, cancelled)?;
             let history = detect::train_head(&det.head_vs, &det.head, &feats, &tr_boxes, cfg, cancelled).map_err(Error::Other)?;
             drop(feats);
@@ -719,7 +751,7 @@ fn train_detector(
             let val_photos: Arc<Vec<Photo>> = Arc::new(val.iter().map(|(p, _)| p.clone()).collect());
             let found = if val.is_empty() { Vec::new() } else { detect_photos(&det, loader, &val_photos, batch, handle, depth, cancelled)? };
             let val: Vec<(Detection, [f32; 4])> = found.into_iter().zip(val.iter().map(|(_, b)| *b)).collect();
-            (history, tr.len(), val, None)
+            (history, tr.len() + empty.len(), val, None)
         }
         Source::Pseudo { photos, min_peak, level } => {
             let n = photos.len();
@@ -738,8 +770,8 @@ fn train_detector(
             boxed.shuffle(&mut rng);
             let (val, tr) = boxed.split_at(held_out(boxed.len()));
             let rows: Vec<i64> = tr.iter().map(|&k| k as i64).chain(tr.iter().map(|&k| (k + n) as i64)).collect();
-            let mut tr_boxes: Vec<[f32; 4]> = tr.iter().map(|&k| found.boxes[k].unwrap_or_default()).collect();
-            tr_boxes.extend(tr.iter().map(|&k| detect::hflip_box(&found.boxes[k].unwrap_or_default())));
+            let mut tr_boxes: Vec<Option<[f32; 4]>> = tr.iter().map(|&k| found.boxes[k]).collect();
+            tr_boxes.extend(tr.iter().map(|&k| found.boxes[k].as_ref().map(detect::hflip_box)));
             let tr_feats = feats.index_select(0, &Tensor::from_slice(&rows).to_device(feats.device()));
             let history = detect::train_head(&det.head_vs, &det.head, &tr_feats, &tr_boxes, cfg, cancelled).map_err(Error::Other)?;
             drop(tr_feats);
@@ -970,13 +1002,19 @@ mod tests {
         .into_iter()
         .map(|(p, b)| (p.to_string(), lake::boxes::DrawnBox::new(p, b, "ana").unwrap()))
         .collect();
-        let (boxed, n) = with_drawn(file, &drawn, &frames());
+        let (boxed, n) = with_drawn(file.clone(), &drawn, &frames());
         assert_eq!(n, 2, "the photo not in the table does not count");
-        let got: Vec<(&str, [f32; 4])> = boxed.iter().map(|(p, b)| (p.photo_id.as_str(), *b)).collect();
-        assert_eq!(got, vec![("a/IMG_1.jpg", [0.1, 0.1, 0.4, 0.4]), ("b/IMG_2.jpg", [0.5, 0.5, 0.9, 0.9])]);
+        let got: Vec<(&str, Option<[f32; 4]>)> = boxed.iter().map(|(p, b)| (p.photo_id.as_str(), *b)).collect();
+        assert_eq!(got, vec![("a/IMG_1.jpg", Some([0.1, 0.1, 0.4, 0.4])), ("b/IMG_2.jpg", Some([0.5, 0.5, 0.9, 0.9]))]);
+        // A photo said to show no subject replaces its box too: it trains as one without.
+        let mut none = drawn.clone();
+        none.insert("a/IMG_1.jpg".into(), lake::boxes::DrawnBox::no_subject("a/IMG_1.jpg", "ana").unwrap());
+        let (boxed, n) = with_drawn(file.clone(), &none, &frames());
+        assert_eq!(n, 2);
+        assert_eq!(boxed.iter().find(|(p, _)| p.photo_id == "a/IMG_1.jpg").unwrap().1, None);
         // No drawn boxes: the file's, unchanged.
-        let (file, _) = parse_boxes(csv.as_bytes(), "boxes.csv", "photo", &frames()).unwrap();
-        assert_eq!(with_drawn(file.clone(), &Default::default(), &frames()), (file, 0));
+        let want: Vec<(Photo, Option<[f32; 4]>)> = file.iter().map(|(p, b)| (p.clone(), Some(*b))).collect();
+        assert_eq!(with_drawn(file, &Default::default(), &frames()), (want, 0));
     }
 
     #[test]
