@@ -11,10 +11,12 @@
 //!   cache;
 //! * `GET /review/photos/{id}` over unlabelled photos (embedding lookup, 100 nearest, proposals,
 //!   decisions);
-//! * `POST /decisions`.
+//! * `POST /decisions`;
+//! * `GET /photos/{id}/thumbnail?side=256` of photos of 4000×3000 JPEG files (the first
+//!   `--thumbs` photos point at 20 such files, each photo with its own content hash): the
+//!   first request of each (decoded, then kept in the lake) and the second (read back).
 //!
-//! Prints p50, p95 and p99 per route. Thumbnails are not timed (there are no photo files): they
-//! decode one photo each, whatever the lake's size.
+//! Prints p50, p95 and p99 per route.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,7 +52,22 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let n: usize = arg(&args, "--photos", 100_000);
     let requests: usize = arg(&args, "--requests", 300);
+    let thumbs: usize = arg(&args, "--thumbs", 100);
     let dir = tempfile::tempdir().expect("temp dir");
+    // Camera-sized photos for the thumbnails: 20 files of 4000×3000 (smooth gradients and noise,
+    // JPEG quality 90).
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(&photos).expect("photos dir");
+    for f in 0..20u32 {
+        let img = image::RgbImage::from_fn(4000, 3000, |x, y| {
+            let n = ((x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503) ^ f) >> 7) as u8 & 31;
+            image::Rgb([((x / 16) as u8).wrapping_add(n), ((y / 12) as u8).wrapping_add(n), (f * 12) as u8])
+        });
+        let mut out = std::io::BufWriter::new(std::fs::File::create(photos.join(format!("{f}.jpg"))).expect("photo"));
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).expect("encode");
+    }
+    let uri_of = |i: usize| if i < thumbs { format!("file://{}/{}.jpg", photos.display(), i % 20) } else { format!("file:///nowhere/P{i:07}.jpg") };
+    let hash_of = |i: usize| (i < thumbs).then(|| blake3::hash(format!("photo {i}").as_bytes()).to_hex().to_string());
     let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).expect("catalog"));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let model = "bench-0123456789ab";
@@ -82,13 +99,13 @@ async fn main() {
                 schema,
                 vec![
                     Arc::new(StringArray::from_iter_values(rows.iter().map(|&i| id(i)))),
-                    Arc::new(StringArray::from_iter_values(rows.iter().map(|&i| format!("file:///nowhere/{}", id(i))))),
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|&i| uri_of(i)))),
                     Arc::new(StringArray::from_iter(rows.iter().map(|&i| label(i)))),
                     Arc::new(StringArray::from_iter_values(rows.iter().map(|_| model))),
                     Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "none"))),
                     Arc::new(vectors),
                     Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "bench"))),
-                    Arc::new(StringArray::from_iter(rows.iter().map(|_| None::<&str>))),
+                    Arc::new(StringArray::from_iter(rows.iter().map(|&i| hash_of(i)))),
                 ],
             )
             .expect("embeddings batch"),
@@ -165,6 +182,15 @@ async fn main() {
         }
         cached.push(get("/review/queue?limit=200".into()).await);
     }
+    // Thumbnails: each photo's first request decodes its 12-MP file and keeps the result in the
+    // lake; the second reads it back.
+    let (mut decoded, mut kept) = (Vec::new(), Vec::new());
+    for i in 0..thumbs {
+        decoded.push(get(format!("/photos/{}/thumbnail?side=256", id(i))).await);
+    }
+    for i in 0..thumbs {
+        kept.push(get(format!("/photos/{}/thumbnail?side=256", id(i))).await);
+    }
     server.abort();
     println!("| route ({n} photos) | requests | p50 ms | p95 ms | p99 ms |");
     println!("|---|---|---|---|---|");
@@ -173,6 +199,8 @@ async fn main() {
         ("GET /review/queue, cached", cached),
         ("GET /review/photos/{id}", photo),
         ("POST /decisions", posted),
+        ("GET /photos/{id}/thumbnail, first (decoded from 4000×3000)", decoded),
+        ("GET /photos/{id}/thumbnail, again (kept in the lake)", kept),
     ] {
         let len = ms.len();
         let (a, b, c) = percentiles(ms);

@@ -658,11 +658,11 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let keep = chrono::Duration::milliseconds((keep_days * 86_400_000.0) as i64);
             let done = lake.vacuum(keep).await;
             lease.release().await;
-            println!("{:<16} {:>10} {:>10} {:>9} {:>12} {:>5}", "table", "fragments", "compacted", "versions", "bytes freed", "tags");
+            println!("{:<16} {:>10} {:>10} {:>9} {:>12} {:>5} {:>8}", "table", "fragments", "compacted", "versions", "bytes freed", "tags", "removed");
             for v in done? {
                 println!(
-                    "{:<16} {:>4} -> {:<3} {:>10} {:>9} {:>12} {:>5}",
-                    v.table, v.fragments_before, v.fragments_after, v.compacted, v.versions_removed, v.bytes_removed, v.tags_dropped
+                    "{:<16} {:>4} -> {:<3} {:>10} {:>9} {:>12} {:>5} {:>8}",
+                    v.table, v.fragments_before, v.fragments_after, v.compacted, v.versions_removed, v.bytes_removed, v.tags_dropped, v.rows_removed
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -172,10 +172,17 @@ impl Tokens {
 struct Api {
     service: Arc<Service>,
     limits: Limits,
-    /// The review queue, made once per version of the served table and of `decisions`.
+    /// The served table's photos without a label, newest first: read once per version of it.
+    unlabelled: tokio::sync::Mutex<Option<(u64, Arc<Vec<answer::review::Waiting>>)>>,
+    /// Those awaiting a decision, made again (in memory) once per version of either table.
     queue: tokio::sync::Mutex<Option<((u64, Option<u64>), Arc<Vec<answer::review::Waiting>>)>>,
+    /// Every decision by photo, brought up to date by reading only what was appended since.
+    decisions: tokio::sync::Mutex<Arc<lake::decisions::History>>,
     /// The crops of the served model (answer::local::model_crops), by model id.
     crops: tokio::sync::Mutex<Option<(String, Arc<HashMap<String, [f32; 4]>>)>>,
+    /// The served model's detections least sure first (the box queue before drawn boxes), by
+    /// model id, read again when its detections table changes.
+    boxes: tokio::sync::Mutex<Option<(String, Arc<answer::review::BoxCandidates>)>>,
     /// Table `proposals` by photo, made once per version of it.
     proposals: tokio::sync::Mutex<Arc<answer::review::ProposalIndex>>,
 }
@@ -271,12 +278,16 @@ async fn similar_id(State(api): State<Shared>, Path(id): Path<String>, Query(p):
         Err(r) => return r,
     };
     let now = s.now();
-    match answer::similar_to_id(&now.ds, &now.source, &id, k, x).await {
-        Ok(Some(mut a)) => match answer::rerank_geometric(&s.lake, &mut a, None, geo).await {
+    let found = match now.embedding_of(&id).await {
+        Ok(f) => f,
+        Err(e) => return internal("the lookup", e),
+    };
+    let Some(found) = found else { return err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)) };
+    match answer::similar_to_found(&now.ds, &now.source, found, k, x).await {
+        Ok(mut a) => match answer::rerank_geometric(&s.lake, &mut a, None, geo).await {
             Ok(()) => Json(a).into_response(),
             Err(e) => internal("the geometric re-ranking", e),
         },
-        Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => internal("the search", e),
     }
 }
@@ -323,16 +334,28 @@ async fn similar_upload(State(api): State<Shared>, Query(p): Query<KParam>, body
     }
 }
 
-/// The bytes of photo `id` of the served table; the error answer when it has none or they
-/// cannot be read.
-async fn photo_bytes(api: &Api, id: &str, what: &str) -> std::result::Result<Vec<u8>, Response> {
+/// Where photo `id` of the served table is (its URI) and its bytes' content hash (None for a
+/// table that does not record it); the error answer when the table has no such photo.
+async fn photo_of(api: &Api, id: &str) -> std::result::Result<(String, Option<String>), Response> {
     let s = &api.service;
-    let hit = match lake::vector::embedding_of(&s.now().ds, id).await {
-        Ok(Some((_, h))) => h,
-        Ok(None) => return Err(err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table))),
+    let now = s.now();
+    let hashed = now.ds.schema().field("content_hash").is_some();
+    let columns: &[&str] = if hashed { &["uri", "content_hash"] } else { &["uri"] };
+    let row = match now.rows.take(&now.ds, id, columns).await {
+        Ok(Some(b)) if b.num_rows() == 1 => b,
+        Ok(_) => return Err(err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table))),
         Err(e) => return Err(internal("the lookup", e)),
     };
-    answer::read_photo(&s.lake.locate(&hit.uri), s.lake.options()).await.map_err(|e| {
+    let c = lake::tables::Columns::new(&s.table, &row);
+    let uri = c.strings("uri").map_err(|e| internal("the lookup", e))?.value(0).to_string();
+    let hash = if hashed { c.strings("content_hash").map_err(|e| internal("the lookup", e))?.iter().next().flatten().map(str::to_string) } else { None };
+    Ok((uri, hash))
+}
+
+/// The bytes of the photo at `uri` (photo `id`); the error answer when they cannot be read.
+async fn photo_bytes(api: &Api, id: &str, uri: &str, what: &str) -> std::result::Result<Vec<u8>, Response> {
+    let s = &api.service;
+    answer::read_photo(&s.lake.locate(uri), s.lake.options()).await.map_err(|e| {
         tracing::warn!("{what} of `{id}`: {e}");
         err(StatusCode::NOT_FOUND, format!("photo `{id}` cannot be read from the collection (moved or deleted?)"))
     })
@@ -349,12 +372,34 @@ async fn thumbnail(State(api): State<Shared>, Path(id): Path<String>, Query(p): 
         Some(s) if (32..=2048).contains(&s) => s,
         Some(s) => return err(StatusCode::BAD_REQUEST, format!("side = {s}: must be 32..2048")),
     };
-    let bytes = match photo_bytes(&api, &id, "thumbnail").await {
+    let (uri, hash) = match photo_of(&api, &id).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let lake = &api.service.lake;
+    let jpeg = |jpg: Vec<u8>| ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=3600")], jpg).into_response();
+    // Made before (by this server or another): read back, not decoded again.
+    if let Some(h) = &hash {
+        match lake::thumbnails::get(lake, h, side).await {
+            Ok(Some(jpg)) => return jpeg(jpg),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("thumbnail of `{id}` from the lake: {e}"),
+        }
+    }
+    let bytes = match photo_bytes(&api, &id, &uri, "thumbnail").await {
         Ok(b) => b,
         Err(r) => return r,
     };
     match tokio::task::spawn_blocking(move || answer::thumbnail(&bytes, side)).await {
-        Ok(Ok(jpg)) => ([(header::CONTENT_TYPE, "image/jpeg")], jpg).into_response(),
+        Ok(Ok(jpg)) => {
+            if let Some(h) = &hash {
+                // Kept for the next request; a lake this server cannot write to only costs a decode.
+                if let Err(e) = lake::thumbnails::put(lake, h, side, jpg.clone()).await {
+                    tracing::warn!("keeping the thumbnail of `{id}`: {e}");
+                }
+            }
+            jpeg(jpg)
+        }
         Ok(Err(e)) => err(StatusCode::UNPROCESSABLE_ENTITY, format!("photo `{id}`: {e}")),
         Err(e) => internal("the thumbnail", e),
     }
@@ -362,7 +407,11 @@ async fn thumbnail(State(api): State<Shared>, Path(id): Path<String>, Query(p): 
 
 /// The photo's own bytes, with the type its first bytes say (the review page's zoom).
 async fn photo_image(State(api): State<Shared>, Path(id): Path<String>) -> Response {
-    let bytes = match photo_bytes(&api, &id, "image").await {
+    let uri = match photo_of(&api, &id).await {
+        Ok((u, _)) => u,
+        Err(r) => return r,
+    };
+    let bytes = match photo_bytes(&api, &id, &uri, "image").await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -398,6 +447,21 @@ fn limit_of(p: &QueueParam) -> std::result::Result<usize, Response> {
     }
 }
 
+/// Every decision by photo, up to date: what was appended since the last request is read, no
+/// more (lake::decisions::History).
+async fn decisions(api: &Api) -> std::result::Result<Arc<lake::decisions::History>, Response> {
+    let mut held = api.decisions.lock().await;
+    // Copied only when a request still holds the previous one.
+    let h = Arc::make_mut(&mut held);
+    match h.refresh(&api.service.lake).await {
+        Ok(_) => Ok(held.clone()),
+        Err(e) => {
+            *held = Default::default();
+            Err(internal("reading the decisions", e))
+        }
+    }
+}
+
 /// Photos awaiting a decision, newest first: `{"total", "offset", "photos": [{photo_id,
 /// ingested_at}], "model_id"}`. Made once per version of the table and of `decisions`.
 async fn review_queue(State(api): State<Shared>, Query(p): Query<QueueParam>) -> Response {
@@ -408,23 +472,34 @@ async fn review_queue(State(api): State<Shared>, Query(p): Query<QueueParam>) ->
     };
     let offset = p.offset.unwrap_or(0);
     let now = s.now();
-    let decided = match s.lake.open(lake::decisions::TABLE).await {
-        Ok(d) => d.map(|d| d.version().version),
-        Err(e) => return internal("reading the decisions", e),
+    let decided = match decisions(&api).await {
+        Ok(d) => d,
+        Err(r) => return r,
     };
-    let key = (now.version, decided);
+    let key = (now.version, decided.version);
     let queue = {
         let mut cached = api.queue.lock().await;
         match &*cached {
             Some((k, q)) if *k == key => q.clone(),
-            _ => match answer::review::queue(&s.lake, &now.ds, &s.table).await {
-                Ok(q) => {
-                    let q = Arc::new(q);
-                    *cached = Some((key, q.clone()));
-                    q
-                }
-                Err(e) => return internal("the review queue", e),
-            },
+            _ => {
+                let unlabelled = {
+                    let mut u = api.unlabelled.lock().await;
+                    match &*u {
+                        Some((v, list)) if *v == now.version => list.clone(),
+                        _ => match answer::review::unlabelled(&s.lake, &now.ds, &s.table).await {
+                            Ok(list) => {
+                                let list = Arc::new(list);
+                                *u = Some((now.version, list.clone()));
+                                list
+                            }
+                            Err(e) => return internal("the review queue", e),
+                        },
+                    }
+                };
+                let q = Arc::new(answer::review::awaiting(&unlabelled, &decided));
+                *cached = Some((key, q.clone()));
+                q
+            }
         }
     };
     let page: Vec<_> = queue.iter().skip(offset).take(limit).collect();
@@ -473,7 +548,11 @@ async fn review_photo(State(api): State<Shared>, Path(id): Path<String>, Query(p
         }
         cached.clone()
     };
-    match answer::review::proposal(&s.lake, &now.ds, &now.source, &id, n, &crops, &proposals).await {
+    let decided = match decisions(&api).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    match answer::review::proposal(&now, &id, n, &crops, &proposals, &decided).await {
         Ok(Some(p)) => Json(p).into_response(),
         Ok(None) => err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table)),
         Err(e) => internal("the proposal", e),
@@ -489,13 +568,35 @@ async fn review_boxes(State(api): State<Shared>, Query(p): Query<QueueParam>) ->
         Err(r) => return r,
     };
     let now = s.now();
-    match answer::review::box_queue(&s.lake, &now.model_id).await {
-        Ok((detector, q)) => {
-            let page: Vec<_> = q.iter().skip(p.offset.unwrap_or(0)).take(limit).collect();
-            Json(serde_json::json!({ "total": q.len(), "detector_id": detector, "photos": page, "model_id": now.model_id })).into_response()
+    // The detector's detections, least sure first: read again when the model or its
+    // detections change, not on every request.
+    let all = {
+        let mut cached = api.boxes.lock().await;
+        let current = match cached.as_ref() {
+            Some((m, c)) if *m == now.model_id => match &c.table {
+                Some((t, v)) => match s.lake.version(t).await {
+                    Ok(now_v) => now_v == Some(*v),
+                    Err(e) => return internal("the box queue", e),
+                },
+                None => true,
+            },
+            _ => false,
+        };
+        if !current {
+            match answer::review::box_candidates(&s.lake, &now.model_id).await {
+                Ok(c) => *cached = Some((now.model_id.clone(), Arc::new(c))),
+                Err(e) => return internal("the box queue", e),
+            }
         }
-        Err(e) => internal("the box queue", e),
-    }
+        cached.as_ref().map(|(_, c)| c.clone()).unwrap_or_default()
+    };
+    let drawn = match lake::boxes::latest(&s.lake).await {
+        Ok(d) => d,
+        Err(e) => return internal("reading the drawn boxes", e),
+    };
+    let q = answer::review::without_drawn(&all, &drawn);
+    let page: Vec<_> = q.iter().skip(p.offset.unwrap_or(0)).take(limit).collect();
+    Json(serde_json::json!({ "total": q.len(), "detector_id": all.detector, "photos": page, "model_id": now.model_id })).into_response()
 }
 
 /// Who a writing request acts for: the token's holder (403 for a read-only token), or, without
@@ -533,12 +634,11 @@ fn created<T: serde::Serialize>(appended: Result<()>, row: T, what: &str) -> Res
 }
 
 /// Whether the served table has photo `id`: None when it does, else the answer to give.
-async fn unknown_photo(api: &Api, id: &str) -> Option<Response> {
+fn unknown_photo(api: &Api, id: &str) -> Option<Response> {
     let s = &api.service;
-    match lake::vector::embedding_of(&s.now().ds, id).await {
-        Ok(Some(_)) => None,
-        Ok(None) => Some(err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table))),
-        Err(e) => Some(internal("the lookup", e)),
+    match s.now().rows.row(id) {
+        Some(_) => None,
+        None => Some(err(StatusCode::NOT_FOUND, format!("no photo `{id}` in `{}`", s.table))),
     }
 }
 
@@ -570,7 +670,7 @@ async fn draw_box(State(api): State<Shared>, req: Request) -> Response {
         Ok(d) => d,
         Err(e) => return err(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    if let Some(r) = unknown_photo(&api, &d.photo_id).await {
+    if let Some(r) = unknown_photo(&api, &d.photo_id) {
         return r;
     }
     let appended = lake::boxes::append(&api.service.lake, std::slice::from_ref(&d)).await;
@@ -607,7 +707,7 @@ async fn decide(State(api): State<Shared>, req: Request) -> Response {
         Ok(d) => d,
         Err(e) => return err(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    if let Some(r) = unknown_photo(&api, &d.photo_id).await {
+    if let Some(r) = unknown_photo(&api, &d.photo_id) {
         return r;
     }
     let appended = lake::decisions::append(&api.service.lake, std::slice::from_ref(&d)).await;
@@ -656,7 +756,16 @@ async fn refused(timeout: Duration, e: tower::BoxError) -> Response {
 /// The API's routes over `service`, with `limits`.
 pub fn router(service: Arc<Service>, limits: Limits) -> Router {
     let (timeout, uploads) = (limits.timeout, limits.uploads.max(1));
-    let api = Arc::new(Api { service, limits: limits.clone(), queue: Default::default(), crops: Default::default(), proposals: Default::default() });
+    let api = Arc::new(Api {
+        service,
+        limits: limits.clone(),
+        unlabelled: Default::default(),
+        queue: Default::default(),
+        decisions: Default::default(),
+        boxes: Default::default(),
+        crops: Default::default(),
+        proposals: Default::default(),
+    });
     let upload = axum::routing::post(similar_upload).layer(
         ServiceBuilder::new()
             .layer(HandleErrorLayer::new(move |e| refused(timeout, e)))

@@ -6,10 +6,10 @@ use std::collections::{HashMap, HashSet};
 
 use arrow::array::{Array, AsArray};
 use lake::decisions::{self, Decision, Kind};
-use lake::vector::{self, Expansion, Source};
+use lake::vector::{self, Expansion};
 use lake::{Lake, tables};
 
-use crate::{Error, Result};
+use crate::{Error, Result, Snapshot};
 
 /// Neighbours searched to gather a photo's candidate individuals.
 pub const NEIGHBOURS: usize = 100;
@@ -26,19 +26,22 @@ pub struct Waiting {
 
 /// The photos of the served table `ds` (of `table`) that await a decision: no label there, and
 /// no decision about them that still counts (none, or the latest is an undo). Newest ingested
-/// first, then by id.
+/// first, then by id. ([`unlabelled`] then [`awaiting`]; a server keeps the first per version
+/// of the table and answers each request with the second.)
 pub async fn queue(lake: &Lake, ds: &lance::Dataset, table: &str) -> Result<Vec<Waiting>> {
+    let mut decided = decisions::History::default();
+    decided.refresh(lake).await?;
+    Ok(awaiting(&unlabelled(lake, ds, table).await?, &decided))
+}
+
+/// The photos of the served table `ds` (of `table`) without a label, newest ingested first
+/// (when `images` recorded them; a photo it does not have sorts last), then by id.
+pub async fn unlabelled(lake: &Lake, ds: &lance::Dataset, table: &str) -> Result<Vec<Waiting>> {
     let mut unlabelled: HashSet<String> = HashSet::new();
     for b in tables::rows_where(ds, table, "individual_id IS NULL", Some(&["photo_id"])).await? {
         let ids = tables::Columns::new(table, &b).strings("photo_id")?;
         unlabelled.extend(ids.iter().flatten().map(str::to_string));
     }
-    for (photo, d) in decisions::latest(lake).await? {
-        if d.kind != Kind::Undo {
-            unlabelled.remove(&photo);
-        }
-    }
-    // When each was ingested (the images table; a photo it does not have sorts last).
     let mut at: HashMap<String, i64> = HashMap::new();
     if let Some(images) = lake.open("images").await? {
         for b in tables::rows_where(&images, "images", "individual_id IS NULL", Some(&["photo_id", "ingested_at"])).await? {
@@ -63,6 +66,12 @@ pub async fn queue(lake: &Lake, ds: &lance::Dataset, table: &str) -> Result<Vec<
             ingested_at: t.and_then(chrono::DateTime::from_timestamp_micros).map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         })
         .collect())
+}
+
+/// Those of `unlabelled` that await a decision: none about them counts (none, or the latest
+/// is an undo). In memory: no table is read.
+pub fn awaiting(unlabelled: &[Waiting], decided: &decisions::History) -> Vec<Waiting> {
+    unlabelled.iter().filter(|w| decided.of_photo(&w.photo_id).last().is_none_or(|d| d.kind == Kind::Undo)).cloned().collect()
 }
 
 /// An individual the pipeline proposes for a photo.
@@ -158,20 +167,20 @@ impl ProposalIndex {
     }
 }
 
-/// The candidate individuals of `photo_id` in `ds` (searched through `src`): the individuals of
+/// The candidate individuals of `photo_id` in the served table `snap`: the individuals of
 /// its [`NEIGHBOURS`] nearest photos in the order of their best, at most `individuals`, each
 /// with its [`PHOTOS_PER_CANDIDATE`] closest photos. None when the table has no such photo.
 pub async fn proposal(
-    lake: &Lake,
-    ds: &lance::Dataset,
-    src: &Source,
+    snap: &Snapshot,
     photo_id: &str,
     individuals: usize,
     crops: &HashMap<String, [f32; 4]>,
     proposals: &ProposalIndex,
+    decided: &decisions::History,
 ) -> Result<Option<Proposal>> {
-    let Some((v, me)) = vector::embedding_of(ds, photo_id).await? else { return Ok(None) };
-    let hits = vector::similar(src, &v, NEIGHBOURS, Expansion::OFF, Some(&me.uri)).await?;
+    let Some((v, me)) = snap.embedding_of(photo_id).await? else { return Ok(None) };
+    let hits = vector::similar(&snap.source, &v, NEIGHBOURS, Expansion::OFF, Some(&me.uri)).await?;
+    let hits = without_bad(hits, decided);
     let candidates: Vec<Candidate> = vector::by_individual(hits.iter().map(|h| (h.individual_id.as_deref(), h.similarity())))
         .into_iter()
         .take(individuals)
@@ -189,15 +198,21 @@ pub async fn proposal(
     };
     Ok(Some(Proposal {
         photo_id: me.photo_id.clone(),
-        model_id: crate::similar::model_of(ds).await?,
+        model_id: snap.model_id.clone(),
         label: me.individual_id.clone(),
         crop: crops.get(&me.photo_id).copied(),
         candidates,
         proposed,
         proposed_by,
         text,
-        decisions: decisions::of_photo(lake, &me.photo_id).await?,
+        decisions: decided.of_photo(&me.photo_id).to_vec(),
     }))
+}
+
+/// `hits` less the photos whose latest decision calls them bad: they show no candidate, even
+/// before the next run takes their label away.
+pub fn without_bad(hits: Vec<vector::Hit>, decided: &decisions::History) -> Vec<vector::Hit> {
+    hits.into_iter().filter(|h| decided.of_photo(&h.photo_id).last().is_none_or(|d| d.kind != Kind::Bad)).collect()
 }
 
 /// A photo whose box a person should look at: what the detector found, and how sure it was.
@@ -215,10 +230,27 @@ pub struct BoxWaiting {
 /// detector is least sure about (lowest score first), without a box drawn on the review page;
 /// with the detector's id. Empty, with None, when the model reads whole photos.
 pub async fn box_queue(lake: &Lake, model_id: &str) -> Result<(Option<String>, Vec<BoxWaiting>)> {
-    let Ok((id, dir)) = lake::models::resolve_model(lake, model_id).await else { return Ok((None, Vec::new())) };
-    let Ok((spec, _)) = model::train::model_files(&dir, &id) else { return Ok((None, Vec::new())) };
-    let Some(c) = &spec.crop else { return Ok((None, Vec::new())) };
+    let all = box_candidates(lake, model_id).await?;
     let drawn = lake::boxes::latest(lake).await?;
+    Ok((all.detector.clone(), without_drawn(&all, &drawn)))
+}
+
+/// Every detection of the detector model `model_id` crops with, least sure first (what
+/// [`box_queue`] filters): read once per version of the detections table by a server.
+#[derive(Debug, Default)]
+pub struct BoxCandidates {
+    /// The detector, None when the model reads whole photos.
+    pub detector: Option<String>,
+    /// The table of its detections, and the version read.
+    pub table: Option<(String, u64)>,
+    pub photos: Vec<BoxWaiting>,
+}
+
+/// The detections of `model_id`'s detector, least sure first ([`BoxCandidates`]).
+pub async fn box_candidates(lake: &Lake, model_id: &str) -> Result<BoxCandidates> {
+    let Ok((id, dir)) = lake::models::resolve_model(lake, model_id).await else { return Ok(BoxCandidates::default()) };
+    let Ok((spec, _)) = model::train::model_files(&dir, &id) else { return Ok(BoxCandidates::default()) };
+    let Some(c) = &spec.crop else { return Ok(BoxCandidates::default()) };
     let ds = tables::open_existing(lake, &c.table, " (run the detect stage that writes it)").await?;
     let filter = format!("detector_id = {}", tables::sql_string(&c.detector));
     let mut out = Vec::new();
@@ -227,9 +259,6 @@ pub async fn box_queue(lake: &Lake, model_id: &str) -> Result<(Option<String>, V
         let (ids, score) = (col.strings("photo_id")?, col.f32s("score")?);
         let v = [col.f32s("x0")?, col.f32s("y0")?, col.f32s("x1")?, col.f32s("y1")?];
         for i in 0..b.num_rows() {
-            if drawn.contains_key(ids.value(i)) {
-                continue;
-            }
             out.push(BoxWaiting {
                 photo_id: ids.value(i).to_string(),
                 score: score.value(i),
@@ -238,5 +267,39 @@ pub async fn box_queue(lake: &Lake, model_id: &str) -> Result<(Option<String>, V
         }
     }
     out.sort_by(|a, b| a.score.total_cmp(&b.score).then_with(|| a.photo_id.cmp(&b.photo_id)));
-    Ok((Some(c.detector.clone()), out))
+    Ok(BoxCandidates { detector: Some(c.detector.clone()), table: Some((c.table.clone(), ds.version().version)), photos: out })
+}
+
+/// Those of `all` without a box drawn on the review page. In memory.
+pub fn without_drawn(all: &BoxCandidates, drawn: &std::collections::BTreeMap<String, lake::boxes::DrawnBox>) -> Vec<BoxWaiting> {
+    all.photos.iter().filter(|w| !drawn.contains_key(&w.photo_id)).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bad_photo_shows_no_candidate_until_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), lake::Catalog::default());
+        let hit = |p: &str| vector::Hit { photo_id: p.into(), uri: format!("u/{p}"), individual_id: Some("W1".into()), distance: 0.1 };
+        let hits = || vec![hit("a.jpg"), hit("b.jpg"), hit("c.jpg")];
+        let ids = |h: Vec<vector::Hit>| h.into_iter().map(|h| h.photo_id).collect::<Vec<_>>();
+        let mut decided = decisions::History::default();
+        decided.refresh(&lake).await.unwrap();
+        assert_eq!(ids(without_bad(hits(), &decided)), ["a.jpg", "b.jpg", "c.jpg"]);
+        let mut bad = Decision::new("b.jpg", Kind::Bad, None, "ana").unwrap();
+        bad.decided_at = 1;
+        let mut unsure = Decision::new("c.jpg", Kind::Unsure, None, "ana").unwrap();
+        unsure.decided_at = 2;
+        decisions::append(&lake, &[bad, unsure]).await.unwrap();
+        decided.refresh(&lake).await.unwrap();
+        assert_eq!(ids(without_bad(hits(), &decided)), ["a.jpg", "c.jpg"]);
+        let mut undo = Decision::new("b.jpg", Kind::Undo, None, "ana").unwrap();
+        undo.decided_at = 3;
+        decisions::append(&lake, &[undo]).await.unwrap();
+        decided.refresh(&lake).await.unwrap();
+        assert_eq!(ids(without_bad(hits(), &decided)), ["a.jpg", "b.jpg", "c.jpg"]);
+    }
 }

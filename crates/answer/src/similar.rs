@@ -457,18 +457,23 @@ fn neighbours(ds: &lance::Dataset, hits: Vec<Hit>) -> Vec<Neighbour> {
 /// URI, itself excluded, with query expansion `x` (off: `Expansion::OFF`); None when no photo
 /// has that id.
 pub async fn similar_to_id(ds: &lance::Dataset, src: &Source, id: &str, k: usize, x: Expansion) -> Result<Option<Similar>> {
-    let Some((v, me)) = vector::embedding_of(ds, id).await? else { return Ok(None) };
+    let Some(found) = vector::embedding_of(ds, id).await? else { return Ok(None) };
+    Ok(Some(similar_to_found(ds, src, found, k, x).await?))
+}
+
+/// [`similar_to_id`] of a photo already found in `ds` (its embedding and row).
+pub async fn similar_to_found(ds: &lance::Dataset, src: &Source, (v, me): (Vec<f32>, Hit), k: usize, x: Expansion) -> Result<Similar> {
     let hits = vector::similar(src, &v, k, x, Some(&me.uri)).await?;
     let model_id = model_of(ds).await?;
     let root = ds.uri().trim_end_matches('/').rsplit_once('/').map(|(r, _)| r.to_string()).unwrap_or_default();
-    Ok(Some(Similar {
+    Ok(Similar {
         query: me.photo_id.clone(),
         in_collection: true,
         model_id,
         geometric: None,
         neighbours: neighbours(ds, hits),
         query_uri: Some(lake::store::locate(&root, &me.uri)),
-    }))
+    })
 }
 
 /// The `k` nearest photos to an embedding, with query expansion `x`.
@@ -576,6 +581,16 @@ pub struct Snapshot {
     pub source: Source,
     pub version: u64,
     pub model_id: String,
+    /// Its photos by id and URI ([`vector::RowIndex`]): a lookup is one take, not a scan.
+    pub rows: vector::RowIndex,
+}
+
+impl Snapshot {
+    /// The embedding and row of the photo with this id (else this URI); None when the table
+    /// has no such photo.
+    pub async fn embedding_of(&self, id: &str) -> Result<Option<(Vec<f32>, Hit)>> {
+        Ok(self.rows.embedding_of(&self.ds, id).await?)
+    }
 }
 
 impl Service {
@@ -637,7 +652,8 @@ async fn snapshot(lake: &Lake, table: &str, device: Device, search: &vector::Sea
         },
     };
     let source = Source::for_serving(ds.clone(), table, search, None).await?;
-    Ok(Snapshot { ds, embedder, no_embedder, source, version, model_id })
+    let rows = vector::RowIndex::build(&ds).await?;
+    Ok(Snapshot { ds, embedder, no_embedder, source, version, model_id, rows })
 }
 
 #[cfg(test)]

@@ -36,6 +36,30 @@ pub async fn prune_orphans(lake: &Lake) -> Result<u64> {
     CropCache::prune_orphans_of(lake).await
 }
 
+/// The content hashes of every photo some table of the lake (but the crop cache) still has;
+/// None when no table records content hashes (nothing tells what is gone).
+pub async fn live_hashes(lake: &Lake) -> Result<Option<std::collections::HashSet<String>>> {
+    let mut keep = std::collections::HashSet::new();
+    let mut any = false;
+    for t in lake.tables().await? {
+        if t == TABLE {
+            continue;
+        }
+        let Some(ds) = lake.open(&t).await? else { continue };
+        if ds.schema().field("content_hash").is_none() {
+            continue;
+        }
+        any = true;
+        crate::tables::scan_each(&ds, &t, &["content_hash"], |c| {
+            let h = c.strings("content_hash")?;
+            keep.extend(h.iter().flatten().map(str::to_string));
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(any.then_some(keep))
+}
+
 /// The cache key of the pixels of photo bytes `content_hash`, cropped to `crop` (None: whole),
 /// at `side`, by the decoders `decoder` names (`vision::pixels_version`). Crop coordinates are
 /// rounded to 1e-6 of the frame, far below a pixel of any photo.
@@ -220,28 +244,10 @@ impl CropCache {
     /// Deletes the rows whose photo bytes no other table of the lake records (in a
     /// `content_hash` column): photos deleted or replaced. Nothing when no table records any.
     pub async fn prune_orphans_of(lake: &Lake) -> Result<u64> {
-        let mut keep = std::collections::HashSet::new();
-        let mut any = false;
-        for t in lake.tables().await? {
-            if t == TABLE {
-                continue;
-            }
-            let Some(ds) = lake.open(&t).await? else { continue };
-            if ds.schema().field("content_hash").is_none() {
-                continue;
-            }
-            any = true;
-            crate::tables::scan_each(&ds, &t, &["content_hash"], |c| {
-                let h = c.strings("content_hash")?;
-                keep.extend(h.iter().flatten().map(str::to_string));
-                Ok(())
-            })
-            .await?;
+        match live_hashes(lake).await? {
+            Some(keep) => CropCache::prune(lake, &keep).await,
+            None => Ok(0),
         }
-        if !any {
-            return Ok(0);
-        }
-        CropCache::prune(lake, &keep).await
     }
 
     /// Deletes the rows whose photo bytes are not in `keep` (content hashes of the photos the

@@ -188,8 +188,16 @@ pub async fn of_photo(lake: &Lake, photo_id: &str) -> Result<Vec<Decision>> {
 
 async fn read(lake: &Lake, filter: &str) -> Result<Vec<Decision>> {
     let Some(ds) = lake.open(TABLE).await? else { return Ok(Vec::new()) };
+    let mut out = rows_of(tables::rows_where(&ds, TABLE, filter, None).await?)?;
+    // Stable: rows of one instant keep the order the scan gave (the order they were written).
+    out.sort_by_key(|d| d.decided_at);
+    Ok(out)
+}
+
+/// The decisions in `batches`, in their order.
+fn rows_of(batches: Vec<RecordBatch>) -> Result<Vec<Decision>> {
     let mut out = Vec::new();
-    for b in tables::rows_where(&ds, TABLE, filter, None).await? {
+    for b in batches {
         let c = tables::Columns::new(TABLE, &b);
         let (ids, photos, kinds, inds, who, models, props) = (
             c.strings("decision_id")?,
@@ -223,9 +231,81 @@ async fn read(lake: &Lake, filter: &str) -> Result<Vec<Decision>> {
             });
         }
     }
-    // Stable: rows of one instant keep the order the scan gave (the order they were written).
-    out.sort_by_key(|d| d.decided_at);
     Ok(out)
+}
+
+/// Every decision of the lake by photo, kept by a server and brought up to date by reading only
+/// what was appended since ([`History::refresh`]): the table is append-only, so a version's new
+/// rows are its new fragments. A fragment read before that is gone or changed (`pipeline
+/// vacuum` compacts them) makes it read the table again whole. So the review page's answers
+/// after a decision cost one small read, not a scan of every decision.
+#[derive(Debug, Default, Clone)]
+pub struct History {
+    /// The version of the table read; None before it exists.
+    pub version: Option<u64>,
+    /// The fragments read, as they were.
+    read: Vec<lance::table::format::Fragment>,
+    by_photo: std::collections::HashMap<String, Vec<Decision>>,
+}
+
+impl History {
+    /// Reads what was appended since the last call; true when anything was.
+    pub async fn refresh(&mut self, lake: &Lake) -> Result<bool> {
+        let Some(ds) = lake.open(TABLE).await? else {
+            let had = self.version.is_some();
+            *self = History::default();
+            return Ok(had);
+        };
+        let version = ds.version().version;
+        if Some(version) == self.version {
+            return Ok(false);
+        }
+        let now: Vec<lance::table::format::Fragment> = ds.manifest().fragments.iter().cloned().collect();
+        let kept = self.read.iter().all(|f| now.contains(f));
+        if !kept {
+            *self = History::default();
+        }
+        let new: Vec<lance::table::format::Fragment> = now.iter().filter(|f| !self.read.contains(f)).cloned().collect();
+        if !new.is_empty() {
+            let lerr = |e| Error::lance(TABLE, e);
+            let mut scan = ds.scan();
+            scan.with_fragments(new.clone());
+            let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(scan.try_into_stream().await.map_err(lerr)?).await.map_err(lerr)?;
+            let mut touched = std::collections::HashSet::new();
+            for d in rows_of(batches)? {
+                touched.insert(d.photo_id.clone());
+                self.by_photo.entry(d.photo_id.clone()).or_default().push(d);
+            }
+            // Stable: a photo's rows of one instant keep the order they were written in.
+            for p in touched {
+                if let Some(v) = self.by_photo.get_mut(&p) {
+                    v.sort_by_key(|d| d.decided_at);
+                }
+            }
+        }
+        self.read = now;
+        self.version = Some(version);
+        Ok(true)
+    }
+
+    /// The decisions about `photo_id`, in the order they were made.
+    pub fn of_photo(&self, photo_id: &str) -> &[Decision] {
+        self.by_photo.get(photo_id).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The latest decision of each photo that has one.
+    pub fn latest(&self) -> impl Iterator<Item = &Decision> {
+        self.by_photo.values().filter_map(|v| v.last())
+    }
+
+    /// How many decisions it holds.
+    pub fn len(&self) -> usize {
+        self.by_photo.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_photo.is_empty()
+    }
 }
 
 /// The latest decision of every photo that has one, by photo id.
@@ -248,7 +328,8 @@ pub fn effects_digest(latest: &BTreeMap<String, Decision>) -> String {
     let mut h = blake3::Hasher::new();
     for (photo, d) in latest {
         let e = match d.effect() {
-            Effect::Label(l) => format!("label:{l}"),
+            // The kind too: `images.decision` records it (same and new name a label alike).
+            Effect::Label(l) => format!("{}:{l}", d.kind.as_str()),
             Effect::NoLabel => "none".to_string(),
             Effect::Survey => continue,
         };
@@ -268,6 +349,12 @@ pub fn label(latest: &BTreeMap<String, Decision>, photo_id: &str, survey: Option
         Some(Effect::NoLabel) => None,
         Some(Effect::Survey) | None => survey,
     }
+}
+
+/// What a photo's latest decision says, as `images.decision` records it: `same`, `new` or
+/// `bad`; None when it has none that counts (none, cannot tell, undone).
+pub fn standing(latest: &BTreeMap<String, Decision>, photo_id: &str) -> Option<&'static str> {
+    latest.get(photo_id).filter(|d| matches!(d.kind, Kind::Same | Kind::New | Kind::Bad)).map(|d| d.kind.as_str())
 }
 
 /// Whether the lake's `images` has a photo `photo_id` (a decision about any other is refused).
@@ -346,10 +433,58 @@ mod tests {
         assert_eq!(label(&l, "e.jpg", Some("W6".into())).as_deref(), Some("W6"), "cannot tell keeps it");
         assert_eq!(label(&l, "f.jpg", Some("W7".into())).as_deref(), Some("W7"), "no decision");
         assert_eq!(counts(&l), (1, 1, 1));
+        assert_eq!(
+            ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"].map(|p| standing(&l, p)),
+            [Some("same"), Some("new"), Some("bad"), None, None, None],
+            "what images.decision records"
+        );
         // The digest follows what changes labels only.
         let after = effects_digest(&l);
         assert_ne!(before, after, "a's label changed");
+        // Same individual, another kind of decision: images.decision changes, so does the digest.
+        let mut renamed = l.clone();
+        renamed.get_mut("a.jpg").unwrap().kind = Kind::New;
+        assert_ne!(effects_digest(&renamed), after);
         append(&lake, &[d("g.jpg", Kind::Unsure, None)]).await.unwrap();
         assert_eq!(effects_digest(&latest(&lake).await.unwrap()), after, "cannot tell changes no label");
+    }
+
+    #[tokio::test]
+    async fn a_history_reads_only_what_was_appended_and_agrees_with_a_full_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::default());
+        let mut h = History::default();
+        assert!(!h.refresh(&lake).await.unwrap(), "no table, nothing read");
+        let mut at = 5_000_000i64;
+        let mut d = |p: &str, k: Kind, i: Option<&str>| {
+            at += 1;
+            let mut x = Decision::new(p, k, i, "ana").unwrap();
+            x.decided_at = at;
+            x
+        };
+        let first = vec![d("a.jpg", Kind::Same, Some("W1")), d("b.jpg", Kind::Bad, None)];
+        append(&lake, &first).await.unwrap();
+        assert!(h.refresh(&lake).await.unwrap());
+        assert_eq!(h.len(), 2);
+        let read_before = h.read.clone();
+        // One more decision at the same instant as a's first: it comes after it all the same.
+        let mut again = d("a.jpg", Kind::Undo, None);
+        again.decided_at = first[0].decided_at;
+        append(&lake, std::slice::from_ref(&again)).await.unwrap();
+        assert!(h.refresh(&lake).await.unwrap());
+        assert!(read_before.iter().all(|f| h.read.contains(f)) && h.read.len() == read_before.len() + 1, "one new fragment read");
+        assert_eq!(h.of_photo("a.jpg"), &[first[0].clone(), again.clone()]);
+        assert!(!h.refresh(&lake).await.unwrap(), "same version: nothing read");
+        let full = latest(&lake).await.unwrap();
+        let mine: BTreeMap<String, Decision> = h.latest().map(|d| (d.photo_id.clone(), d.clone())).collect();
+        assert_eq!(mine, full);
+        assert_eq!(h.of_photo("b.jpg"), of_photo(&lake, "b.jpg").await.unwrap().as_slice());
+        assert!(h.of_photo("zzz.jpg").is_empty());
+        // Compacted (vacuum): the fragments read are gone, so it reads the table again whole.
+        lake.vacuum(chrono::Duration::zero()).await.unwrap();
+        h.refresh(&lake).await.unwrap();
+        assert_eq!(h.len(), 3, "nothing counted twice after a compaction");
+        let mine: BTreeMap<String, Decision> = h.latest().map(|d| (d.photo_id.clone(), d.clone())).collect();
+        assert_eq!(mine, full);
     }
 }

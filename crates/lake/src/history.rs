@@ -55,14 +55,22 @@ impl Lake {
         Ok(ctx)
     }
 
-    /// Housekeeping of every table: drops the crop cache's rows of photos no table has any more
-    /// ([`crate::crops::prune_orphans`]), drops `run-*` tags older than `keep` (but each table's
+    /// Housekeeping of every table: drops the crop cache's rows and the thumbnails of photos no
+    /// table has any more ([`crate::crops::live_hashes`]), drops `run-*` tags older than `keep` (but each table's
     /// newest), compacts small fragments, and removes versions older than `keep` that no tag
     /// holds.
     pub async fn vacuum(&self, keep: chrono::Duration) -> Result<Vec<Vacuumed>> {
         let cutoff = chrono::Utc::now() - keep;
         let mut out = Vec::new();
-        let orphans = crate::crops::prune_orphans(self).await?;
+        // Cached crops and thumbnails of photos no table has any more.
+        let live = crate::crops::live_hashes(self).await?;
+        let (orphans, thumbnails) = match &live {
+            Some(keep) => (crate::crops::CropCache::prune(self, keep).await?, crate::thumbnails::prune(self, keep).await?),
+            None => (0, 0),
+        };
+        if thumbnails > 0 {
+            out.push(Vacuumed { table: crate::thumbnails::DIR.into(), rows_removed: thumbnails, ..Default::default() });
+        }
         for t in self.tables().await? {
             let rows_removed = if t == crate::crops::TABLE { orphans } else { 0 };
             let Some(mut ds) = self.open(&t).await? else { continue };
@@ -95,8 +103,9 @@ impl Lake {
     }
 }
 
-/// What [`Lake::vacuum`] did to one table.
-#[derive(Debug, Clone, PartialEq)]
+/// What [`Lake::vacuum`] did to one table (or to the thumbnails, [`crate::thumbnails::DIR`]:
+/// `rows_removed` thumbnails deleted).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Vacuumed {
     pub table: String,
     pub fragments_before: usize,

@@ -21,6 +21,7 @@ pub mod staging;
 pub mod store;
 pub mod stream;
 pub mod tables;
+pub mod thumbnails;
 pub mod vector;
 
 use std::collections::{BTreeMap, HashMap};

@@ -4,10 +4,12 @@
 //! questions are asked of a table without an index (`submit`, `serve`). Cosine distance
 //! everywhere: embeddings are unit length, so `distance = 1 − similarity`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, Float32Array, RecordBatch};
 use arrow::datatypes::Float32Type;
+use futures::TryStreamExt;
 use lance::Dataset;
 use lance::index::DatasetIndexExt;
 use lance_linalg::distance::DistanceType;
@@ -357,6 +359,69 @@ pub async fn embedding_of(ds: &Dataset, id: &str) -> Result<Option<(Vec<f32>, Hi
         return Ok(None);
     }
     Ok(Some((vector_at(&b, 0)?, hit_at(&b, 0)?)))
+}
+
+/// Photo id and URI → row of one version of an embeddings table, read once (two string
+/// columns), so that finding a photo is one take of its row instead of a filtered scan of the
+/// table (a server keeps one per version it serves). A photo id two rows share (two sources)
+/// finds the first of them, as [`embedding_of`] does; an id is looked up as a photo id first,
+/// then as a URI.
+#[derive(Debug, Default)]
+pub struct RowIndex {
+    by_id: HashMap<String, u64>,
+    by_uri: HashMap<String, u64>,
+}
+
+impl RowIndex {
+    pub async fn build(ds: &Dataset) -> Result<RowIndex> {
+        let lerr = |e: lance::Error| Error::Other(format!("indexing the photos of {}: {e}", ds.uri()));
+        let mut scan = ds.scan();
+        scan.project(&["photo_id", "uri"]).map_err(lerr)?;
+        scan.with_row_id();
+        let mut stream = scan.try_into_stream().await.map_err(lerr)?;
+        let mut ix = RowIndex::default();
+        while let Some(b) = stream.try_next().await.map_err(lerr)? {
+            let (ids, uris) = (column(&b, "photo_id")?.as_string::<i32>(), column(&b, "uri")?.as_string::<i32>());
+            let rows = column(&b, "_rowid")?
+                .as_primitive_opt::<arrow::datatypes::UInt64Type>()
+                .ok_or_else(|| Error::Other("`_rowid` is not a u64 column".into()))?;
+            for i in 0..b.num_rows() {
+                ix.by_id.entry(ids.value(i).to_string()).or_insert(rows.value(i));
+                ix.by_uri.entry(uris.value(i).to_string()).or_insert(rows.value(i));
+            }
+        }
+        Ok(ix)
+    }
+
+    /// The row of the photo with this id (else this URI).
+    pub fn row(&self, id: &str) -> Option<u64> {
+        self.by_id.get(id).or_else(|| self.by_uri.get(id)).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// `columns` of the photo with this id (else this URI) in `ds`, the version it was built
+    /// from: one row, or None.
+    pub async fn take(&self, ds: &Dataset, id: &str, columns: &[&str]) -> Result<Option<RecordBatch>> {
+        let Some(row) = self.row(id) else { return Ok(None) };
+        let lerr = |e: lance::Error| Error::Other(format!("lookup of `{id}`: {e}"));
+        let schema = ds.schema().project(columns).map_err(lerr)?;
+        Ok(Some(ds.take_rows(&[row], schema).await.map_err(lerr)?))
+    }
+
+    /// What [`embedding_of`] answers, by one take.
+    pub async fn embedding_of(&self, ds: &Dataset, id: &str) -> Result<Option<(Vec<f32>, Hit)>> {
+        match self.take(ds, id, &["photo_id", "uri", "individual_id", "embedding"]).await? {
+            Some(b) if b.num_rows() == 1 => Ok(Some((vector_at(&b, 0)?, hit_at(&b, 0)?))),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// Fraction of `exact` found in `approx` (recall@k of one query).

@@ -50,15 +50,18 @@ impl VacuumStage {
         let sum = |f: fn(&lake::history::Vacuumed) -> u64| done.iter().map(f).sum::<u64>();
         let (compacted, versions, bytes, tags) =
             (sum(|v| v.compacted as u64), sum(|v| v.versions_removed), sum(|v| v.bytes_removed), sum(|v| v.tags_dropped as u64));
-        let stale = sum(|v| v.rows_removed);
+        let thumbs = lake::thumbnails::DIR;
+        let stale: u64 = done.iter().filter(|v| v.table != thumbs).map(|v| v.rows_removed).sum();
         let stale = if stale > 0 { format!(", {stale} crops of photos no longer in the lake removed from the crop cache") } else { String::new() };
+        let gone: u64 = done.iter().filter(|v| v.table == thumbs).map(|v| v.rows_removed).sum();
+        let gone = if gone > 0 { format!(", {gone} thumbnails of photos no longer in the lake deleted") } else { String::new() };
         Ok(Outcome {
             rows_in: 0,
             rows_out: 0,
             written: BTreeMap::new(),
             summary: format!(
-                "{} tables: {compacted} small fragments compacted, {versions} versions older than {} days removed ({:.1} MB), {tags} run tags dropped{stale}",
-                done.len(),
+                "{} tables: {compacted} small fragments compacted, {versions} versions older than {} days removed ({:.1} MB), {tags} run tags dropped{stale}{gone}",
+                done.iter().filter(|v| v.table != thumbs).count(),
                 self.keep_days,
                 bytes as f64 / 1e6
             ),
