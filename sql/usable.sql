@@ -1,6 +1,6 @@
 -- usable: the photos worth looking at. Drops low-resolution, blurred, badly exposed and
--- subject-less photos (no fluke found by the detect stage), then exact and near duplicates
--- (keeping the best copy of each).
+-- subject-less photos (no fluke found by the detect stage) and photos a person called bad, then
+-- exact and near duplicates (keeping the best copy of each).
 -- Parameters ($name) come from the stage's `params` in the pipeline file.
 WITH good AS (
   SELECT * FROM images
@@ -9,6 +9,8 @@ WITH good AS (
     AND brightness BETWEEN $min_brightness AND $max_brightness
     AND clipped_dark <= $max_clipped AND clipped_bright <= $max_clipped
     AND photo_id IN (SELECT photo_id FROM detections WHERE score >= $min_subject_score)
+    -- A person called it a bad photo on the review page (images.decision; an undo takes it back).
+    AND (decision IS NULL OR decision <> 'bad')
 ),
 -- Exact duplicates share the content hash; the copy kept is the largest, then the first by name.
 ranked AS (

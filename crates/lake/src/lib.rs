@@ -200,6 +200,26 @@ impl Lake {
         Ok(ctx)
     }
 
+    /// Gives `table` the nullable columns its declared schema gained since it was written, as
+    /// nulls (metadata only: no data is rewritten), so queries written for the declared schema
+    /// run on a lake made before it. True when it added any. A declared column that is not
+    /// nullable cannot be added so: the table is left as it is (its next write says so).
+    pub async fn add_declared_columns(&self, table: &str) -> Result<bool> {
+        let (Some(declared), Some(mut ds)) = (self.catalog.get(table), self.open(table).await?) else { return Ok(false) };
+        let missing: Vec<arrow_schema::Field> =
+            declared.fields().iter().filter(|f| ds.schema().field(f.name()).is_none()).map(|f| f.as_ref().clone()).collect();
+        if missing.is_empty() || !missing.iter().all(|f| f.is_nullable()) {
+            return Ok(false);
+        }
+        // A `vector<float32, *>` column has no dimension until rows give it one.
+        if missing.iter().any(|f| matches!(f.data_type(), arrow_schema::DataType::FixedSizeList(_, d) if *d <= 0)) {
+            return Ok(false);
+        }
+        let add = lance::dataset::NewColumnTransform::AllNulls(Arc::new(arrow_schema::Schema::new(missing)));
+        ds.add_columns(add, None, None).await.map_err(|e| Error::lance(table, e))?;
+        Ok(true)
+    }
+
     /// Versions of the given tables (absent tables are left out).
     /// The version whose rows `table`'s latest version holds: the latest, less the compactions
     /// after it (`pipeline vacuum` rewrites fragments, not rows). What the ledger records, so a

@@ -206,6 +206,8 @@ impl IngestConfig {
         let label_of = |rel: &str| -> Option<String> {
             lake::decisions::label(&decided, rel, labels.as_ref().and_then(|l| l.get(rel).cloned()))
         };
+        // And what a person decided (`images.decision`: a bad photo leaves `usable`).
+        let decision_of = |rel: &str| lake::decisions::standing(&decided, rel);
         let decisions_note = match lake::decisions::counts(&decided) {
             (0, 0, 0) => String::new(),
             (same, new, bad) => format!("; people's decisions: {same} same as a known individual, {new} new individuals, {bad} bad photos"),
@@ -250,6 +252,8 @@ impl IngestConfig {
             let mut stream = ds.scan().try_into_stream().await.map_err(|e| Error::lance("images", e))?;
             while let Some(batch) = stream.try_next().await.map_err(|e| Error::lance("images", e))? {
                 let uris = batch.column_by_name("uri").map(|c| c.as_string::<i32>().clone());
+                // A table made before `images.decision`: no photo had one.
+                let decisions = batch.column_by_name("decision").map(|c| c.as_string::<i32>().clone());
                 let (Some(uris), Some(tags), Some(ids), Some(pids)) = (
                     uris,
                     batch.column_by_name("etag").map(|c| c.as_string::<i32>().clone()),
@@ -260,6 +264,7 @@ impl IngestConfig {
                 };
                 let mut changed = Vec::with_capacity(batch.num_rows());
                 let mut new_ids: Vec<Option<String>> = Vec::with_capacity(batch.num_rows());
+                let mut new_decisions: Vec<Option<&str>> = Vec::with_capacity(batch.num_rows());
                 for i in 0..batch.num_rows() {
                     let tag = tags.is_valid(i).then(|| tags.value(i).to_string());
                     known.insert(uris.value(i).to_string(), tag.unwrap_or_default());
@@ -270,15 +275,29 @@ impl IngestConfig {
                         ids.is_valid(i).then(|| ids.value(i).to_string())
                     };
                     let old_label = ids.is_valid(i).then(|| ids.value(i).to_string());
-                    changed.push(still_listed && new_label != old_label && ctx.owns(uris.value(i)));
+                    let new_decision = decision_of(pids.value(i));
+                    let old_decision = decisions.as_ref().and_then(|d| d.is_valid(i).then(|| d.value(i)));
+                    changed.push(still_listed && (new_label != old_label || new_decision != old_decision) && ctx.owns(uris.value(i)));
                     new_ids.push(new_label);
+                    new_decisions.push(new_decision);
                 }
                 if changed.iter().any(|c| *c) {
                     let mask = BooleanArray::from(changed);
-                    let idx = images_schema.index_of("individual_id")?;
-                    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-                    cols[idx] = Arc::new(StringArray::from(new_ids));
-                    let relabel = RecordBatch::try_new(batch.schema(), cols)?;
+                    // The row as it is, with its label and decision as they are now (and any
+                    // column declared since the row was written, null).
+                    let mut cols: Vec<ArrayRef> = Vec::with_capacity(images_schema.fields().len());
+                    for f in images_schema.fields() {
+                        cols.push(match f.name().as_str() {
+                            "individual_id" => Arc::new(StringArray::from(std::mem::take(&mut new_ids))),
+                            "decision" => Arc::new(StringArray::from(std::mem::take(&mut new_decisions))),
+                            name => match batch.column_by_name(name) {
+                                Some(c) => c.clone(),
+                                None if f.is_nullable() => arrow::array::new_null_array(f.data_type(), batch.num_rows()),
+                                None => return Err(Error::Schema { table: "images".into(), column: name.into(), detail: "missing in the earlier table".into() }),
+                            },
+                        });
+                    }
+                    let relabel = RecordBatch::try_new(images_schema.clone(), cols)?;
                     let relabel = arrow::compute::filter_record_batch(&relabel, &mask)?;
                     relabelled += relabel.num_rows() as u64;
                     images.send(relabel).await?;
@@ -375,6 +394,7 @@ impl IngestConfig {
                     }
                     img_rows.push(ImageRow {
                         individual_id: label_of(&rel),
+                        decision: decision_of(&rel),
                         photo_id: rel,
                         uri,
                         size_bytes: meta.size as i64,
@@ -410,7 +430,10 @@ impl IngestConfig {
             for chunk in known_bytes.chunks(self.batch_size) {
                 let rows: Vec<Carried> = chunk
                     .iter()
-                    .map(|(m, uri, had)| Carried { meta: m, uri: uri.clone(), label: label_of(&relative(&prefix, &m.location)), etag: etag(m), had })
+                    .map(|(m, uri, had)| {
+                        let rel = relative(&prefix, &m.location);
+                        Carried { meta: m, uri: uri.clone(), label: label_of(&rel), decision: decision_of(&rel), etag: etag(m), had }
+                    })
                     .collect();
                 images.send(carried_rows(&before, &rows, &prefix, &run_id).await?).await?;
             }
@@ -509,6 +532,7 @@ struct Carried<'a> {
     meta: &'a ObjectMeta,
     uri: String,
     label: Option<String>,
+    decision: Option<&'static str>,
     etag: String,
     had: &'a str,
 }
@@ -540,6 +564,7 @@ async fn carried_rows(before: &lance::Dataset, rows: &[Carried<'_>], prefix: &Ob
             "photo_id" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| relative(prefix, &r.meta.location)))),
             "uri" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.uri.as_str()))),
             "individual_id" => Arc::new(StringArray::from(rows.iter().map(|r| r.label.clone()).collect::<Vec<_>>())),
+            "decision" => Arc::new(StringArray::from(rows.iter().map(|r| r.decision).collect::<Vec<_>>())),
             "size_bytes" => Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.meta.size as i64))),
             "etag" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.etag.as_str()))),
             "last_modified" => ts(rows.iter().map(|r| r.meta.last_modified.timestamp_micros()).collect()),
@@ -846,6 +871,7 @@ struct ImageRow {
     photo_id: String,
     uri: String,
     individual_id: Option<String>,
+    decision: Option<&'static str>,
     size_bytes: i64,
     etag: String,
     last_modified: DateTime<Utc>,
@@ -894,6 +920,7 @@ fn image_batch(rows: &[ImageRow], run_id: &str) -> Result<RecordBatch> {
         ("phash", Arc::new(UInt64Array::from(rows.iter().map(|r| r.analysis.phash).collect::<Vec<_>>()))),
         ("ingested_at", ts(vec![now; rows.len()])),
         ("run_id", s(&|_| run_id.to_string())),
+        ("decision", Arc::new(StringArray::from(rows.iter().map(|r| r.decision).collect::<Vec<_>>()))),
     ];
     Ok(RecordBatch::try_from_iter(cols)?)
 }

@@ -740,6 +740,14 @@ struct Done {
 }
 
 async fn execute(shared: &Shared, stage: &StagePlan, ctx: &StageCtx, streaming: bool, phase: &watch::Sender<Phase>) -> Result<Done> {
+    // A table written before its declared schema gained a (nullable) column gets it, as
+    // nulls, before anything reads it: the stage then runs again once (its table changed) and
+    // fills it, and its readers' queries can name it meanwhile.
+    for t in &stage.writes {
+        if shared.lake.add_declared_columns(t).await? {
+            tracing::info!(stage = %stage.name, table = %t, "added the columns declared since the table was written");
+        }
+    }
     let prepared = stage.kind.prepare(ctx).await?;
     let fingerprint = prepared.fingerprint.clone();
     let read = shared.lake.versions(&stage.reads).await?;
