@@ -1,9 +1,10 @@
 //! People in the loop (#9): the review page in headless chromium, by keyboard alone (a "same as"
-//! and a "new individual" decision, a box corrected), and the HTTP API under it: the queue of
+//! and a "new individual" decision, a box corrected, a photo without a subject), and the HTTP API under it: the queue of
 //! photos awaiting a decision, what is proposed for one, decisions and boxes recorded with who
 //! made them (a read-only token refused), bad ones answered 400/404; then the next run labelling
-//! the photos as decided and training its detector with the drawn box, and an undo giving a
-//! photo back its survey label and its place in the queue.
+//! the photos as decided and training its detector with the drawn box, an undo giving a photo
+//! back its survey label and its place in the queue, and a photo called bad leaving `usable`.
+//! A photo said to show no subject scores 0 in `detections`. Thumbnails are kept in the lake.
 
 use arrow::array::AsArray;
 
@@ -99,8 +100,17 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     // Photos for the page: a large view and the photo's own bytes.
     let r = get(&format!("/photos/{a}/thumbnail?side=512"), viewer).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let img = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
+    let jpg = r.bytes().await.unwrap().to_vec();
+    let img = image::load_from_memory(&jpg).unwrap();
     assert_eq!(img.width().max(img.height()), 512);
+    // Kept in the lake by the photo's content, so it is decoded once (a second server would
+    // find it too), and served from there.
+    let hash = strings(&lake, &format!("SELECT content_hash FROM embeddings WHERE photo_id = '{a}'")).await[0][0].clone().unwrap();
+    let kept = std::path::PathBuf::from(lake.root().strip_prefix("file://").unwrap()).join("_thumbnails").join(&hash[..2]).join(format!("{hash}-512.jpg"));
+    assert_eq!(std::fs::read(&kept).unwrap(), jpg, "{}", kept.display());
+    std::fs::write(&kept, b"kept").unwrap();
+    assert_eq!(get(&format!("/photos/{a}/thumbnail?side=512"), viewer).await.unwrap().bytes().await.unwrap().to_vec(), b"kept".to_vec());
+    std::fs::write(&kept, &jpg).unwrap();
     let r = get(&format!("/photos/{a}/image"), viewer).await.unwrap();
     assert_eq!(r.headers()["content-type"], "image/jpeg");
     assert_eq!(r.bytes().await.unwrap().to_vec(), std::fs::read(f.dir.path().join("demo-lake/photos").join(&a)).unwrap());
@@ -189,8 +199,15 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     assert!(drawn[2] - drawn[0] > detector_box[2] - detector_box[0] || detector_box[2] > 0.97, "wider: {detector_box:?} -> {drawn:?}");
     chrome.press("Enter");
     chrome.wait_for(&format!("document.getElementById('status').textContent.startsWith('recorded: box of {boxed_photo} (by ana)')"), 30, "the box");
+    // The next least sure photo: `x` says it shows no subject at all.
+    chrome.wait_for(&format!("state.ready && state.queue.length > 0 && state.queue[state.at].photo_id !== {}", serde_json::json!(boxed_photo)), 30, "the next photo");
+    let empty_photo = chrome.eval("state.queue[state.at].photo_id").as_str().unwrap().to_string();
+    chrome.press("x");
+    chrome.wait_for(&format!("document.getElementById('status').textContent.startsWith('recorded: no subject in {empty_photo} (by ana)')"), 30, "no subject");
     drop(chrome);
-    let rows = strings(&lake, "SELECT photo_id, who, x0, y0, x1, y1 FROM boxes").await;
+    let said = strings(&lake, "SELECT photo_id, subject FROM boxes ORDER BY drawn_at").await;
+    assert_eq!(said, vec![vec![Some(boxed_photo.clone()), Some("true".into())], vec![Some(empty_photo.clone()), Some("false".into())]]);
+    let rows = strings(&lake, "SELECT photo_id, who, x0, y0, x1, y1 FROM boxes WHERE subject").await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0][..2], [Some(boxed_photo.clone()), Some("ana".into())]);
     let saved: Vec<f64> = rows[0][2..].iter().map(|v| v.as_deref().unwrap().parse().unwrap()).collect();
@@ -199,6 +216,12 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     let r = post_to("/boxes", serde_json::json!({ "photo_id": a, "box": [0.5, 0.1, 0.1, 0.5] }), ana).await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert!(r.text().await.unwrap().contains("inverted"));
+    let r = post_to("/boxes", serde_json::json!({ "photo_id": a, "box": [0.1, 0.1, 0.5, 0.5], "no_subject": true }), ana).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("contradict"));
+    let r = post_to("/boxes", serde_json::json!({ "photo_id": a }), ana).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("no_subject"));
     assert_eq!(post_to("/boxes", serde_json::json!({ "photo_id": "nope.jpg", "box": [0.1, 0.1, 0.5, 0.5] }), ana).await.unwrap().status().as_u16(), 404);
     let detector_before = strings(&lake, "SELECT DISTINCT detector_id FROM detections").await[0][0].clone();
     // Both left the queue at once.
@@ -220,7 +243,11 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     let r = pipeline::dag::run(&plan, &opts).await.unwrap();
     // ... and detect trains a new detector with the drawn box over the file's.
     let detect = r.stage("detect").unwrap();
-    assert!(detect.summary.contains("1 of its boxes drawn on the review page"), "{}", detect.summary);
+    assert!(detect.summary.contains("2 of its boxes drawn on the review page"), "{}", detect.summary);
+    assert!(detect.summary.contains("photos said on the review page to show no subject: 1"), "{}", detect.summary);
+    // A person's "no subject" is that photo's detection, so `usable` leaves it out.
+    assert_eq!(strings(&lake, &format!("SELECT score FROM detections WHERE photo_id = '{empty_photo}'")).await, vec![vec![Some("0.0".into())]]);
+    assert!(strings(&lake, &format!("SELECT photo_id FROM usable WHERE photo_id = '{empty_photo}'")).await.is_empty());
     let detector_after = strings(&lake, "SELECT DISTINCT detector_id FROM detections").await[0][0].clone();
     assert_ne!(detector_before, detector_after);
     let ingest = r.stage("ingest").unwrap();
@@ -233,6 +260,9 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     assert_eq!(label("images", b.clone()).await.as_deref(), Some("W-new-1"));
     assert_eq!(label("embeddings", a.clone()).await.as_deref(), Some(first.as_str()));
     assert_eq!(label("embeddings", b.clone()).await.as_deref(), Some("W-new-1"));
+    let decided = strings(&lake, &format!("SELECT photo_id, decision FROM images WHERE photo_id IN ('{a}', '{b}') ORDER BY photo_id")).await;
+    let want = |p: &String, d: &str| decided.iter().any(|r| r[0].as_ref() == Some(p) && r[1].as_deref() == Some(d));
+    assert!(want(&a, "same") && want(&b, "new"), "images.decision: {decided:?}");
     // Nothing new decided: nothing to do.
     let again = pipeline::dag::run(&plan, &opts).await.unwrap();
     assert_eq!(again.stage("ingest").unwrap().status, pipeline::dag::ledger::Status::UpToDate, "{again:#?}");
@@ -246,8 +276,19 @@ async fn decisions_made_on_the_review_page_become_the_next_runs_labels() {
     assert!(code != 0 && err.contains("no photo `nope.jpg`"), "{err}");
     let (code, _, err) = common::cli(&["decide", &a, "same", "--pipeline", pipe], f.dir.path());
     assert!(code != 0 && err.contains("needs an individual"), "{err}");
+    // And a labelled photo called bad: it loses its label and leaves `usable` (so nothing
+    // trains on it), while it stays in the collection.
+    let bad = keep[3..].iter().find(|p| **p != empty_photo).unwrap().clone();
+    assert!(!strings(&lake, &format!("SELECT photo_id FROM usable WHERE photo_id = '{bad}'")).await.is_empty());
+    let (code, out, err) = common::cli(&["decide", &bad, "bad", "--who", "ana", "--pipeline", pipe], f.dir.path());
+    assert_eq!(code, 0, "{out}{err}");
     let r = pipeline::dag::run(&plan, &opts).await.unwrap();
-    assert!(r.stage("ingest").unwrap().summary.contains("1 relabelled"), "{}", r.stage("ingest").unwrap().summary);
+    assert!(r.stage("ingest").unwrap().summary.contains("2 relabelled"), "{}", r.stage("ingest").unwrap().summary);
+    assert_eq!(label("images", bad.clone()).await, None);
+    assert_eq!(strings(&lake, &format!("SELECT decision FROM images WHERE photo_id = '{bad}'")).await[0][0].as_deref(), Some("bad"));
+    assert!(strings(&lake, &format!("SELECT photo_id FROM usable WHERE photo_id = '{bad}'")).await.is_empty(), "a bad photo is not usable");
+    assert_eq!(label("embeddings", bad.clone()).await, None, "still in the collection, unlabelled");
+    assert_eq!(strings(&lake, &format!("SELECT decision FROM images WHERE photo_id = '{a}'")).await[0][0], None, "undone");
     assert_eq!(label("images", a.clone()).await, None);
     assert_eq!(label("images", b.clone()).await.as_deref(), Some("W-new-1"));
     let q: serde_json::Value = get("/review/queue", ana).await.unwrap().text().await.map(|t| serde_json::from_str(&t).unwrap()).unwrap();
