@@ -24,18 +24,9 @@ pub struct Waiting {
     pub ingested_at: Option<String>,
 }
 
-/// The photos of the served table `ds` (of `table`) that await a decision: no label there, and
-/// no decision about them that still counts (none, or the latest is an undo). Newest ingested
-/// first, then by id. ([`unlabelled`] then [`awaiting`]; a server keeps the first per version
-/// of the table and answers each request with the second.)
-pub async fn queue(lake: &Lake, ds: &lance::Dataset, table: &str) -> Result<Vec<Waiting>> {
-    let mut decided = decisions::History::default();
-    decided.refresh(lake).await?;
-    Ok(awaiting(&unlabelled(lake, ds, table).await?, &decided))
-}
-
 /// The photos of the served table `ds` (of `table`) without a label, newest ingested first
-/// (when `images` recorded them; a photo it does not have sorts last), then by id.
+/// (when `images` recorded them; a photo it does not have sorts last), then by id: those that
+/// may await a decision ([`awaiting`] tells which do). A server reads it once per version.
 pub async fn unlabelled(lake: &Lake, ds: &lance::Dataset, table: &str) -> Result<Vec<Waiting>> {
     let mut unlabelled: HashSet<String> = HashSet::new();
     for b in tables::rows_where(ds, table, "individual_id IS NULL", Some(&["photo_id"])).await? {
@@ -226,17 +217,9 @@ pub struct BoxWaiting {
     pub bbox: [f32; 4],
 }
 
-/// The photos whose boxes people should draw or correct for model `model_id`: those its
-/// detector is least sure about (lowest score first), without a box drawn on the review page;
-/// with the detector's id. Empty, with None, when the model reads whole photos.
-pub async fn box_queue(lake: &Lake, model_id: &str) -> Result<(Option<String>, Vec<BoxWaiting>)> {
-    let all = box_candidates(lake, model_id).await?;
-    let drawn = lake::boxes::latest(lake).await?;
-    Ok((all.detector.clone(), without_drawn(&all, &drawn)))
-}
-
-/// Every detection of the detector model `model_id` crops with, least sure first (what
-/// [`box_queue`] filters): read once per version of the detections table by a server.
+/// Every detection of the detector model `model_id` crops with, least sure first: the photos
+/// whose boxes people should draw or correct, before those with a drawn box are left out
+/// ([`without_drawn`]). A server reads it once per version of the detections table.
 #[derive(Debug, Default)]
 pub struct BoxCandidates {
     /// The detector, None when the model reads whole photos.
@@ -301,5 +284,10 @@ mod tests {
         decisions::append(&lake, &[undo]).await.unwrap();
         decided.refresh(&lake).await.unwrap();
         assert_eq!(ids(without_bad(hits(), &decided)), ["a.jpg", "b.jpg", "c.jpg"]);
+        // The queue, in memory: b is back after its undo; c (cannot tell) is not; the order of
+        // the unlabelled list is kept.
+        let w = |p: &str| Waiting { photo_id: p.into(), ingested_at: None };
+        let queued: Vec<String> = awaiting(&[w("c.jpg"), w("b.jpg"), w("a.jpg")], &decided).into_iter().map(|w| w.photo_id).collect();
+        assert_eq!(queued, ["b.jpg", "a.jpg"]);
     }
 }

@@ -71,8 +71,18 @@ pub async fn append(lake: &Lake, rows: &[DrawnBox]) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
+    let batch = batch_of_rows(rows)?;
+    let schema = lake.catalog().get(TABLE).unwrap_or_else(|| Catalog::builtin(TABLE));
+    let mut sink = lake.sink(TABLE, schema, WriteKind::Append);
+    sink.send(batch).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+/// `rows` as a batch of the declared schema.
+fn batch_of_rows(rows: &[DrawnBox]) -> Result<RecordBatch> {
     let coord = |i: usize| -> Arc<dyn Array> { Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.bbox.map_or(0.0, |b| b[i])))) };
-    let batch = RecordBatch::try_new(
+    Ok(RecordBatch::try_new(
         Catalog::builtin(TABLE),
         vec![
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.box_id.as_str()))),
@@ -85,12 +95,7 @@ pub async fn append(lake: &Lake, rows: &[DrawnBox]) -> Result<()> {
             Arc::new(TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.drawn_at)).with_timezone("UTC")),
             Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.bbox.is_some())))),
         ],
-    )?;
-    let schema = lake.catalog().get(TABLE).unwrap_or_else(|| Catalog::builtin(TABLE));
-    let mut sink = lake.sink(TABLE, schema, WriteKind::Append);
-    sink.send(batch).await?;
-    sink.finish().await?;
-    Ok(())
+    )?)
 }
 
 /// The latest box of every photo that has one, by photo id.
@@ -186,5 +191,33 @@ mod tests {
         assert_eq!(l2["b.jpg"], none);
         assert_ne!(digest(&l2), digest(&l));
         assert!(DrawnBox::no_subject(" ", "ben").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_table_from_before_subject_gets_the_column_and_its_rows_stay_boxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::default());
+        // `boxes` as it was written before the `subject` column was declared.
+        let declared = Catalog::builtin(TABLE);
+        let old = Arc::new(arrow::datatypes::Schema::new(declared.fields().iter().filter(|f| f.name() != "subject").cloned().collect::<Vec<_>>()));
+        let d = DrawnBox::new("a.jpg", [0.1, 0.1, 0.5, 0.5], "ana").unwrap();
+        let full = batch_of_rows(std::slice::from_ref(&d)).unwrap();
+        let batch = RecordBatch::try_new(old.clone(), old.fields().iter().map(|f| full.column_by_name(f.name()).unwrap().clone()).collect()).unwrap();
+        let mut sink = lake.sink(TABLE, old, WriteKind::Append);
+        sink.send(batch).await.unwrap();
+        sink.finish().await.unwrap();
+        assert!(lake.open(TABLE).await.unwrap().unwrap().schema().field("subject").is_none());
+        assert_eq!(latest(&lake).await.unwrap()["a.jpg"].bbox, d.bbox, "an old row is a box");
+        assert!(lake.add_declared_columns(TABLE).await.unwrap(), "the declared column is added");
+        assert!(!lake.add_declared_columns(TABLE).await.unwrap(), "once");
+        let ds = lake.open(TABLE).await.unwrap().unwrap();
+        assert!(ds.schema().field("subject").is_some());
+        assert_eq!(ds.count_rows(None).await.unwrap(), 1);
+        assert_eq!(latest(&lake).await.unwrap()["a.jpg"], d, "its row reads as before (subject null: a box)");
+        // And new rows append beside it.
+        let mut none = DrawnBox::no_subject("b.jpg", "ana").unwrap();
+        none.drawn_at = d.drawn_at + 1;
+        append(&lake, std::slice::from_ref(&none)).await.unwrap();
+        assert_eq!(latest(&lake).await.unwrap()["b.jpg"].bbox, None);
     }
 }
