@@ -196,7 +196,8 @@ mod tests {
     #[tokio::test]
     async fn a_table_from_before_subject_gets_the_column_and_its_rows_stay_boxes() {
         let dir = tempfile::tempdir().unwrap();
-        let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::default());
+        // The declared schemas, as a pipeline's lake has them.
+        let lake = Lake::new(format!("file://{}", dir.path().display()), Default::default(), Catalog::load(None).unwrap());
         // `boxes` as it was written before the `subject` column was declared.
         let declared = Catalog::builtin(TABLE);
         let old = Arc::new(arrow::datatypes::Schema::new(declared.fields().iter().filter(|f| f.name() != "subject").cloned().collect::<Vec<_>>()));
