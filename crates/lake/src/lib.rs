@@ -206,18 +206,7 @@ impl Lake {
     /// nullable cannot be added so: the table is left as it is (its next write says so).
     pub async fn add_declared_columns(&self, table: &str) -> Result<bool> {
         let (Some(declared), Some(mut ds)) = (self.catalog.get(table), self.open(table).await?) else { return Ok(false) };
-        let missing: Vec<arrow_schema::Field> =
-            declared.fields().iter().filter(|f| ds.schema().field(f.name()).is_none()).map(|f| f.as_ref().clone()).collect();
-        if missing.is_empty() || !missing.iter().all(|f| f.is_nullable()) {
-            return Ok(false);
-        }
-        // A `vector<float32, *>` column has no dimension until rows give it one.
-        if missing.iter().any(|f| matches!(f.data_type(), arrow_schema::DataType::FixedSizeList(_, d) if *d <= 0)) {
-            return Ok(false);
-        }
-        let add = lance::dataset::NewColumnTransform::AllNulls(Arc::new(arrow_schema::Schema::new(missing)));
-        ds.add_columns(add, None, None).await.map_err(|e| Error::lance(table, e))?;
-        Ok(true)
+        add_null_columns(&mut ds, table, &declared).await
     }
 
     /// Versions of the given tables (absent tables are left out).
@@ -336,12 +325,7 @@ impl Lake {
         // per-stage counts, say) gets them as nulls first: metadata only, no data rewritten.
         let mut existing = existing;
         if let (WriteKind::Append | WriteKind::Merge { .. }, Some(ds), None) = (&kind, existing.as_mut(), &staged) {
-            let missing: Vec<arrow_schema::Field> =
-                stream_schema.fields().iter().filter(|f| ds.schema().field(f.name()).is_none()).map(|f| f.as_ref().clone()).collect();
-            if !missing.is_empty() && missing.iter().all(|f| f.is_nullable()) {
-                let add = lance::dataset::NewColumnTransform::AllNulls(Arc::new(arrow_schema::Schema::new(missing)));
-                ds.add_columns(add, None, None).await.map_err(|e| Error::lance(&table, e))?;
-            }
+            add_null_columns(ds, &table, &stream_schema).await?;
         }
         let stream: SendableRecordBatchStream = Box::pin(RecordBatchStreamAdapter::new(stream_schema.clone(), stream));
         if let Some(staging) = staged {
@@ -531,6 +515,20 @@ fn hamming_udf() -> datafusion::logical_expr::ScalarUDF {
         Ok(ColumnarValue::Array(Arc::new(out)))
     });
     create_udf("hamming", vec![DataType::UInt64, DataType::UInt64], DataType::Int32, Volatility::Immutable, fun)
+}
+
+/// Gives `ds` (table `table`) the columns of `schema` it lacks, as nulls (metadata only, no data
+/// rewritten), when all of them are nullable and none is a vector whose dimension is still
+/// open (`vector<float32, *>`: rows give it one). True when it added any.
+async fn add_null_columns(ds: &mut Dataset, table: &str, schema: &arrow_schema::Schema) -> Result<bool> {
+    let missing: Vec<arrow_schema::Field> = schema.fields().iter().filter(|f| ds.schema().field(f.name()).is_none()).map(|f| f.as_ref().clone()).collect();
+    let open_vector = |f: &arrow_schema::Field| matches!(f.data_type(), arrow_schema::DataType::FixedSizeList(_, d) if *d <= 0);
+    if missing.is_empty() || !missing.iter().all(|f| f.is_nullable() && !open_vector(f)) {
+        return Ok(false);
+    }
+    let add = lance::dataset::NewColumnTransform::AllNulls(Arc::new(arrow_schema::Schema::new(missing)));
+    ds.add_columns(add, None, None).await.map_err(|e| Error::lance(table, e))?;
+    Ok(true)
 }
 
 #[cfg(test)]
